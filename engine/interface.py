@@ -1,0 +1,78 @@
+"""The contract between the node and any kernel-standardization engine.
+
+The node hands an engine a whole series as a float32 volume in Hounsfield units and gets back a
+volume of the same shape, also in HU. Everything DICOM (decoding, storage representation, headers)
+stays outside the engine, so engines are pure array-in, array-out objects that can be tested
+without files or sockets, and the node does not care which engine it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+FloatVolume = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Sampling of a series volume, as read from the DICOM headers.
+
+    pixel_spacing_mm: (row spacing, column spacing) in mm, from PixelSpacing (0028,0030).
+    slice_positions_mm: position of each slice along the slice normal in mm, in volume order.
+    """
+
+    pixel_spacing_mm: tuple[float, float]
+    slice_positions_mm: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class EngineIdentity:
+    """Who made a derived series: written into its headers and logs.
+
+    name: engine kind, e.g. "linear-filter" or "ltdiff++".
+    version: software version of the code that ran it.
+    weights_sha256: hex SHA-256 of the weights file (the fitted filter or the network weights).
+    source_kernel / target_kernel: the kernel pair the weights were fitted for, e.g. "Br40d", "Bl64d".
+    """
+
+    name: str
+    version: str
+    weights_sha256: str
+    source_kernel: str
+    target_kernel: str
+
+    @property
+    def short(self) -> str:
+        """A compact, human-readable identity for headers: name, version and weights hash prefix."""
+        return f"{self.name} {self.version} w:{self.weights_sha256[:12]}"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A kernel-standardization engine.
+
+    Implementations must be safe to call from one worker thread at a time (the node serializes
+    work per device) and must not keep per-series state between calls.
+    """
+
+    @property
+    def identity(self) -> EngineIdentity: ...
+
+    def standardize(
+        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+    ) -> FloatVolume:
+        """Map a source-kernel volume [slices, rows, cols] in HU to a target-kernel-like volume.
+
+        The output has the same shape, dtype float32 and unit (HU). `seed` makes stochastic
+        engines reproducible; the node derives it from the series' UIDs. Deterministic engines
+        ignore it.
+        """
+        ...
+
+
+class EngineError(RuntimeError):
+    """An engine cannot process this input (wrong geometry, incompatible weights, ...)."""

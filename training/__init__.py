@@ -1,0 +1,1 @@
+"""Training and evaluation code that builds and judges the engines' weights."""
