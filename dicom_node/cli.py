@@ -1,0 +1,284 @@
+"""`ltdiff-node` command line: serve, check-config, echo, status, retry, standardize, phantom,
+train, demo. Every command is a function returning an exit code, so tests call them in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dicom_node import __version__
+from dicom_node.config import (
+    ConfigError,
+    DestinationConfig,
+    NodeConfig,
+    check_runtime,
+    load_config,
+    validate_ae_title,
+)
+from dicom_node.logs import configure_logging, get_logger
+
+log = get_logger("dicom_node.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as a configuration error
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, help="site configuration file (TOML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one configuration value (repeatable), e.g. --set listener.port=11113",
+    )
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import Node
+
+    config = _config(args)
+    configure_logging(config.log_format, config.log_level)
+    for warning in check_runtime(config):
+        log.warning("config.warning", message=warning)
+    Node(config).run_forever()
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from dicom_node.export import echo
+
+    config = _config(args)
+    warnings = check_runtime(config)
+    print(json.dumps(config.as_dict(), indent=2))
+    for dest in config.destinations:
+        ok, what = echo(dest, config.listener.ae_title)
+        if not ok:
+            warnings.append(f"destination {dest.name!r} ({dest.host}:{dest.port}) not reachable: {what}")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print("configuration is valid", file=sys.stderr)
+    return EXIT_OK
+
+
+def _parse_destination(spec: str, config: NodeConfig) -> DestinationConfig:
+    for d in config.destinations:
+        if d.name == spec:
+            return d
+    if "@" in spec and ":" in spec:
+        aet, hostport = spec.split("@", 1)
+        host, port = hostport.rsplit(":", 1)
+        return DestinationConfig(
+            name="cli", ae_title=validate_ae_title(aet, "DEST"), host=host, port=int(port)
+        )
+    names = [d.name for d in config.destinations]
+    raise ConfigError(f"DEST {spec!r}: not a configured destination {names} nor AET@host:port")
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.export import echo
+
+    config = _config(args)
+    dest = _parse_destination(args.destination, config)
+    ok, what = echo(dest, config.listener.ae_title)
+    print(f"{dest.ae_title}@{dest.host}:{dest.port}: {what}")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _fmt_time(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_node.store import JobStore
+
+    config = _config(args)
+    if not config.database_path.exists():
+        print(f"no database at {config.database_path}: the node has not run with this state_dir")
+        return EXIT_FAILURE
+    store = JobStore(config.database_path)
+    try:
+        report = store.status_report(limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(f"series: {report['series'] or 'none'}")
+    print(f"jobs:   {report['jobs'] or 'none'}")
+    print(f"exports: {report['exports'] or 'none'}")
+    if report["retrying"]:
+        print("retrying:")
+        for r in report["retrying"]:
+            print(
+                f"  job {r['job_id']} -> {r['destination']}: {r['instances']} instance(s), "
+                f"attempt {r['attempts']}, next at {_fmt_time(r['next_attempt'])}: {r['last_error']}"
+            )
+    if report["dead_letters"]:
+        print("dead letters (ltdiff-node retry JOB):")
+        for r in report["dead_letters"]:
+            print(f"  job {r['job_id']} -> {r['destination']}: {r['instances']} instance(s): {r['last_error']}")
+    print("recent jobs:")
+    for j in report["recent_jobs"]:
+        print(
+            f"  #{j['id']:<5} {j['kind']:<11} {j['state']:<10} rule={j['rule'] or '-'} "
+            f"in={j['n_instances']} out={j['n_out'] if j['n_out'] is not None else '-'} "
+            f"series={j['series_uid']} created={_fmt_time(j['created_at'])}"
+            + (f" error={j['error']}" if j["error"] else "")
+        )
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_node.store import JobStore
+
+    config = _config(args)
+    store = JobStore(config.database_path)
+    try:
+        print(store.retry_job(args.job))
+    except KeyError:
+        print(f"no job {args.job}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_standardize(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from dicom_node.worker import derived_options
+    from engine.pipeline import standardize_series, write_series
+    from engine.registry import load_engine
+
+    config = _config(args)
+    configure_logging("console" if sys.stdout.isatty() else config.log_format, config.log_level)
+    eng_cfg = config.engine(args.engine) if args.engine else config.engines[0]
+    engine = load_engine(eng_cfg.kind, eng_cfg.weights, args.device or eng_cfg.device)
+    by_series: dict[str, list[Path]] = defaultdict(list)
+    skipped = 0
+    for p in sorted(x for x in args.input.rglob("*") if x.is_file()):
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            by_series[str(ds.SeriesInstanceUID)].append(p)
+        except (pydicom.errors.InvalidDicomError, AttributeError, OSError):
+            skipped += 1
+    if not by_series:
+        print(f"no DICOM series found in {args.input}", file=sys.stderr)
+        return EXIT_FAILURE
+    failures = 0
+    for series_uid, paths in by_series.items():
+        t0 = time.monotonic()
+        try:
+            result = standardize_series(paths, engine, derived_options(config))
+        except (ValueError, RuntimeError) as exc:
+            failures += 1
+            print(f"series {series_uid}: FAILED: {exc}", file=sys.stderr)
+            continue
+        out = args.output / result.series_instance_uid
+        out.mkdir(parents=True, exist_ok=True)
+        write_series(result.datasets, out)
+        print(
+            f"series {series_uid}: {len(result.datasets)} image(s) -> {out} "
+            f"({engine.identity.short}, {time.monotonic() - t0:.1f} s)"
+        )
+    if skipped:
+        print(f"{skipped} non-DICOM file(s) ignored", file=sys.stderr)
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _forward(module: str, argv: list[str]) -> int:
+    import importlib
+
+    mod = importlib.import_module(module)
+    return int(mod.main(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ltdiff-node",
+        description="DICOM node that standardizes CT reconstruction kernels (Br40 -> Bl64-like).",
+    )
+    parser.add_argument("--version", action="version", version=f"ltdiff-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the node (C-STORE SCP, engine workers, export)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate and print the effective configuration")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("echo", help="C-ECHO a destination (configured name or AET@host:port)")
+    _add_config_args(p)
+    p.add_argument("destination", metavar="DEST")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("status", help="jobs, retries and dead letters")
+    _add_config_args(p)
+    p.add_argument("--limit", type=int, default=20, help="recent jobs to list")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="retry a failed job or its dead-letter exports")
+    _add_config_args(p)
+    p.add_argument("job", type=int, metavar="JOB")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("standardize", help="offline: standardize the series in IN_DIR into OUT_DIR")
+    _add_config_args(p)
+    p.add_argument("input", type=Path, metavar="IN_DIR")
+    p.add_argument("output", type=Path, metavar="OUT_DIR")
+    p.add_argument("--engine", help="engine name from the configuration (default: the first)")
+    p.add_argument("--device", help="override the engine's device (cpu, cuda, cuda:N)")
+    p.set_defaults(func=cmd_standardize)
+
+    sub.add_parser("phantom", help="write a synthetic phantom CT series (no patient data)",
+                   add_help=False)
+    sub.add_parser("train", help="fit engine weights from paired series (train linear ...)",
+                   add_help=False)
+    sub.add_parser("demo", help="end-to-end demo: node + archive + phantom series + PNG",
+                   add_help=False)
+    return parser
+
+
+_FORWARDED = {
+    "phantom": "dicom_node.phantom",
+    "demo": "dicom_node.demo",
+}
+_TRAIN = {"linear": "training.fit_linear"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _FORWARDED:
+        return _forward(_FORWARDED[argv[0]], argv[1:])
+    if argv and argv[0] == "train":
+        if len(argv) < 2 or argv[1] not in _TRAIN:
+            print(f"usage: ltdiff-node train {{{','.join(_TRAIN)}}} ...", file=sys.stderr)
+            return 2
+        return _forward(_TRAIN[argv[1]], argv[2:])
+    args = build_parser().parse_args(argv)
+    try:
+        result: Any = args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

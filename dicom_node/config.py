@@ -1,0 +1,560 @@
+"""Configuration: shipped defaults, then the site's TOML file, then command-line overrides.
+
+Parsed once at start-up into frozen dataclasses. Every invalid value raises `ConfigError` naming the
+key, the value and what is allowed, so a hospital admin can fix the file without reading code.
+`config/ltdiff-node.toml` in the repository documents every key with its default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from engine.registry import KNOWN_ENGINE_KINDS
+
+AE_TITLE_MAX = 16
+_AE_ALLOWED = re.compile(r"^[\x20-\x5b\x5d-\x7e]+$")  # default character repertoire, no backslash
+
+#: Header attributes a routing rule may match on (keyword -> what is matched).
+ROUTABLE_ATTRIBUTES = (
+    "Modality",
+    "ConvolutionKernel",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SeriesDescription",
+    "ImageType",
+    "BodyPartExamined",
+    "SOPClassUID",
+)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and what is allowed."""
+
+
+class UnmatchedAction(StrEnum):
+    """What the node does with a complete series that no routing rule matched."""
+
+    DISCARD = "discard"  # keep for retention_hours (for `status` and debugging), then delete
+    FORWARD = "forward"  # send the instances unchanged to the unmatched destinations
+
+
+class OtherStorage(StrEnum):
+    """What the SCP does with storage SOP classes other than CT and Enhanced CT."""
+
+    REJECT = "reject"  # not offered in association negotiation (sender sees a rejected context)
+    ACCEPT = "accept"  # stored and handled like an unmatched series
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str = "LTDIFF"
+    bind_address: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for the PACS by design
+    port: int = 11112
+    max_associations: int = 8
+    allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: any calling AE title
+    allowed_addresses: tuple[str, ...] = ()  # empty: any source address
+    other_storage: OtherStorage = OtherStorage.REJECT
+    network_timeout_s: float = 60.0
+    min_free_disk_mb: int = 1024  # below this, C-STORE answers Out of Resources (0xA700)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass(frozen=True)
+class AssemblyConfig:
+    stable_age_s: float = 60.0  # a series is complete after this long without a new instance
+    poll_interval_s: float = 1.0
+    use_expected_counts: bool = True  # complete early when ImagesInAcquisition is reached
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    name: str
+    engine: str  # name of an [engines.NAME] table
+    destinations: tuple[str, ...]
+    match: tuple[tuple[str, str], ...]  # (attribute keyword, regex); all must match
+    exclude: tuple[tuple[str, str], ...] = ()  # (attribute keyword, regex); any excludes
+
+
+@dataclass(frozen=True)
+class UnmatchedConfig:
+    action: UnmatchedAction = UnmatchedAction.DISCARD
+    destinations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str
+    kind: str = "linear-filter"
+    weights: Path | None = None  # None: the weights shipped with the package
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    max_attempts: int = 10
+    backoff_initial_s: float = 10.0
+    backoff_max_s: float = 900.0
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass(frozen=True)
+class DerivedConfig:
+    series_description_prefix: str = "STD "
+    series_number_offset: int = 1000
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    state_dir: Path = Path("/var/lib/ltdiff-node")
+    log_format: str = "auto"  # "json", "console" or "auto" (JSON unless stdout is a terminal)
+    log_level: str = "info"
+    retention_hours: float = 24.0  # spool/outbox files of finished or discarded series are kept
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
+    routes: tuple[RouteRule, ...] = ()
+    unmatched: UnmatchedConfig = field(default_factory=UnmatchedConfig)
+    engines: tuple[EngineConfig, ...] = ()
+    workers: tuple[str, ...] = ("cpu",)  # one engine worker per device listed
+    destinations: tuple[DestinationConfig, ...] = ()
+    derived: DerivedConfig = field(default_factory=DerivedConfig)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.state_dir / "outbox"
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "ltdiff-node.sqlite3"
+
+    def destination(self, name: str) -> DestinationConfig:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+    def engine(self, name: str) -> EngineConfig:
+        for eng in self.engines:
+            if eng.name == name:
+                return eng
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The effective configuration as plain data (for `check-config` and the start-up log)."""
+        return _plain(asdict(self))
+
+
+DEFAULT_ENGINES = (EngineConfig(name="linear"),)
+DEFAULT_ROUTES = (
+    RouteRule(
+        name="br40-to-bl64",
+        engine="linear",
+        destinations=(),
+        match=(("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
+        exclude=(("ImageType", r"LOCALIZER"),),
+    ),
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: small typed readers that name the key on every error.
+
+
+class _Table:
+    """A TOML table with its dotted path, so errors say `listener.port`, not just `port`."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path or 'top level'}: expected a table, got {data!r}")
+        self.data = dict(data)
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str) -> Any:
+        self.used.add(name)
+        return self.data[name]
+
+    def string(self, name: str, default: str) -> str:
+        if name not in self.data:
+            return default
+        value = self.raw(name)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected a string")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        if name not in self.data:
+            return default
+        value = self.raw(name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected true or false")
+        return value
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        if name not in self.data:
+            return default
+        value = self.raw(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected an integer from {lo} to {hi}")
+        return value
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        if name not in self.data:
+            return default
+        value = self.raw(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected a number from {lo} to {hi}")
+        return float(value)
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        if name not in self.data:
+            return default
+        value = self.raw(name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected a list of strings")
+        return tuple(value)
+
+    def path_or_none(self, name: str, base: Path) -> Path | None:
+        if name not in self.data:
+            return None
+        value = self.raw(name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected a file path")
+        p = Path(value)
+        return p if p.is_absolute() else base / p
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.string(name, default)
+        if value not in allowed:
+            raise ConfigError(
+                f"{self.key(name)} = {value!r}: expected one of {', '.join(map(repr, allowed))}"
+            )
+        return value
+
+    def table(self, name: str) -> _Table:
+        value = self.raw(name) if name in self.data else {}
+        return _Table(value, self.key(name))
+
+    def tables(self, name: str) -> list[_Table]:
+        if name not in self.data:
+            return []
+        value = self.raw(name)
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.key(name)}: expected an array of tables ([[{self.key(name)}]])")
+        return [_Table(v, f"{self.key(name)}[{i}]") for i, v in enumerate(value)]
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.path or 'top level'}: unknown key(s) {', '.join(unknown)} "
+                "(check the spelling against config/ltdiff-node.toml)"
+            )
+
+
+def validate_ae_title(value: str, key: str) -> str:
+    if not value.strip() or len(value) > AE_TITLE_MAX or not _AE_ALLOWED.match(value):
+        raise ConfigError(
+            f"{key} = {value!r}: an AE title is 1 to {AE_TITLE_MAX} printable ASCII characters, "
+            "no backslash, not only spaces"
+        )
+    return value
+
+
+def _regex(value: str, key: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{key} = {value!r}: not a valid regular expression ({exc})") from exc
+    return value
+
+
+def _tls(t: _Table, base: Path) -> TLSConfig:
+    tls = TLSConfig(
+        enabled=t.boolean("enabled", False),
+        certificate=t.path_or_none("certificate", base),
+        private_key=t.path_or_none("private_key", base),
+        ca_certificates=t.path_or_none("ca_certificates", base),
+        require_client_certificate=t.boolean("require_client_certificate", False),
+    )
+    t.reject_unknown()
+    if tls.enabled:
+        for name in ("certificate", "private_key"):
+            p = getattr(tls, name)
+            if p is None or not p.is_file():
+                raise ConfigError(f"{t.key(name)} = {p}: TLS is enabled, so this file must exist")
+        if tls.require_client_certificate and (
+            tls.ca_certificates is None or not tls.ca_certificates.is_file()
+        ):
+            raise ConfigError(
+                f"{t.key('ca_certificates')}: required (an existing file) when "
+                "require_client_certificate = true"
+            )
+    return tls
+
+
+def _match_pairs(t: _Table) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for attr in list(t.data):
+        value = t.raw(attr)
+        if attr not in ROUTABLE_ATTRIBUTES:
+            raise ConfigError(
+                f"{t.key(attr)}: cannot route on {attr!r}; allowed: {', '.join(ROUTABLE_ATTRIBUTES)}"
+            )
+        if not isinstance(value, str):
+            raise ConfigError(f"{t.key(attr)} = {value!r}: expected a regular expression string")
+        pairs.append((attr, _regex(value, t.key(attr))))
+    return tuple(pairs)
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig:
+    """Turn a parsed TOML document into a validated NodeConfig (no file-system side effects)."""
+    top = _Table(data, "")
+    node = top.table("node")
+    state_dir = node.path_or_none("state_dir", base_dir) or NodeConfig.state_dir
+    log_format = node.choice("log_format", "auto", ("auto", "json", "console"))
+    log_level = node.choice("log_level", "info", ("debug", "info", "warning", "error"))
+    workers = node.strings("workers", ("cpu",))
+    if not workers:
+        raise ConfigError(f"{node.key('workers')}: at least one worker device is needed")
+    for dev in workers:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
+            raise ConfigError(f"{node.key('workers')}: {dev!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    retention_hours = node.number("retention_hours", 24.0, 0.0, 24.0 * 3650)
+    node.reject_unknown()
+
+    lt = top.table("listener")
+    listener = ListenerConfig(
+        ae_title=validate_ae_title(lt.string("ae_title", "LTDIFF"), lt.key("ae_title")),
+        bind_address=lt.string("bind_address", ListenerConfig.bind_address),
+        port=lt.integer("port", 11112, 1, 65535),
+        max_associations=lt.integer("max_associations", 8, 1, 256),
+        allowed_calling_ae_titles=tuple(
+            validate_ae_title(v, lt.key("allowed_calling_ae_titles"))
+            for v in lt.strings("allowed_calling_ae_titles", ())
+        ),
+        allowed_addresses=lt.strings("allowed_addresses", ()),
+        other_storage=OtherStorage(
+            lt.choice("other_storage", "reject", tuple(o.value for o in OtherStorage))
+        ),
+        network_timeout_s=lt.number("network_timeout_s", 60.0, 1.0, 3600.0),
+        min_free_disk_mb=lt.integer("min_free_disk_mb", 1024, 0, 10**9),
+        tls=_tls(lt.table("tls"), base_dir),
+    )
+    lt.reject_unknown()
+
+    at = top.table("assembly")
+    assembly = AssemblyConfig(
+        stable_age_s=at.number("stable_age_s", 60.0, 0.1, 86400.0),
+        poll_interval_s=at.number("poll_interval_s", 1.0, 0.05, 60.0),
+        use_expected_counts=at.boolean("use_expected_counts", True),
+    )
+    at.reject_unknown()
+
+    engines: list[EngineConfig] = []
+    if top.has("engines"):
+        et = top.table("engines")
+        for name in list(et.data):
+            t = et.table(name)
+            eng = EngineConfig(
+                name=name,
+                kind=t.choice("kind", "linear-filter", KNOWN_ENGINE_KINDS),
+                weights=t.path_or_none("weights", base_dir),
+                device=t.string("device", "cpu"),
+            )
+            if eng.weights is not None and not eng.weights.is_file():
+                raise ConfigError(f"{t.key('weights')} = {eng.weights}: file not found")
+            t.reject_unknown()
+            engines.append(eng)
+    else:
+        engines = list(DEFAULT_ENGINES)
+
+    destinations: list[DestinationConfig] = []
+    for t in top.tables("destinations"):
+        name = t.string("name", "")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{t.key('name')} = {name!r}: expected letters, digits, _ . -")
+        dest = DestinationConfig(
+            name=name,
+            ae_title=validate_ae_title(t.string("ae_title", ""), t.key("ae_title")),
+            host=t.string("host", ""),
+            port=t.integer("port", 0, 1, 65535),
+            max_attempts=t.integer("max_attempts", 10, 1, 1000),
+            backoff_initial_s=t.number("backoff_initial_s", 10.0, 0.01, 86400.0),
+            backoff_max_s=t.number("backoff_max_s", 900.0, 0.01, 7 * 86400.0),
+            tls=_tls(t.table("tls"), base_dir),
+        )
+        if not dest.host:
+            raise ConfigError(f"{t.key('host')}: required (host name or IP address of the peer)")
+        if not t.has("port"):
+            raise ConfigError(f"{t.key('port')}: required (the peer's DICOM port)")
+        t.reject_unknown()
+        destinations.append(dest)
+    dest_names = [d.name for d in destinations]
+    if len(set(dest_names)) != len(dest_names):
+        raise ConfigError(f"destinations: names must be unique, got {dest_names}")
+
+    routes: list[RouteRule] = []
+    engine_names = [e.name for e in engines]
+    route_tables = top.tables("routes")
+    for t in route_tables:
+        rule = RouteRule(
+            name=t.string("name", f"rule{len(routes) + 1}"),
+            engine=t.string("engine", engine_names[0] if engine_names else ""),
+            destinations=t.strings("destinations", tuple(dest_names)),
+            match=_match_pairs(t.table("match")),
+            exclude=_match_pairs(t.table("exclude")),
+        )
+        t.reject_unknown()
+        routes.append(rule)
+    if not route_tables:
+        routes = [
+            RouteRule(r.name, r.engine, tuple(dest_names), r.match, r.exclude)
+            for r in DEFAULT_ROUTES
+        ]
+    for i, rule in enumerate(routes):
+        if rule.engine not in engine_names:
+            raise ConfigError(
+                f"routes[{i}].engine = {rule.engine!r}: no such engine; configured: {engine_names}"
+            )
+        for d in rule.destinations:
+            if d not in dest_names:
+                raise ConfigError(
+                    f"routes[{i}].destinations: {d!r} is not a configured destination "
+                    f"({dest_names or 'none configured'})"
+                )
+
+    ut = top.table("unmatched")
+    unmatched = UnmatchedConfig(
+        action=UnmatchedAction(
+            ut.choice("action", "discard", tuple(a.value for a in UnmatchedAction))
+        ),
+        destinations=ut.strings("destinations", ()),
+    )
+    ut.reject_unknown()
+    for d in unmatched.destinations:
+        if d not in dest_names:
+            raise ConfigError(f"unmatched.destinations: {d!r} is not a configured destination")
+    if unmatched.action is UnmatchedAction.FORWARD and not unmatched.destinations:
+        raise ConfigError("unmatched.destinations: required when unmatched.action = 'forward'")
+
+    dt = top.table("derived")
+    derived = DerivedConfig(
+        series_description_prefix=dt.string("series_description_prefix", "STD "),
+        series_number_offset=dt.integer("series_number_offset", 1000, 0, 100000),
+    )
+    dt.reject_unknown()
+    top.reject_unknown()
+
+    return NodeConfig(
+        state_dir=state_dir,
+        log_format=log_format,
+        log_level=log_level,
+        retention_hours=retention_hours,
+        listener=listener,
+        assembly=assembly,
+        routes=tuple(routes),
+        unmatched=unmatched,
+        engines=tuple(engines),
+        workers=workers,
+        destinations=tuple(destinations),
+        derived=derived,
+    )
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (value parsed as TOML, else taken as a string)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        parts = dotted.strip().split(".")
+        cursor = data
+        for part in parts[:-1]:
+            nxt = cursor.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a table")
+            cursor = nxt
+        cursor[parts[-1]] = value
+    return data
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> NodeConfig:
+    """Read the site's TOML file (optional), apply overrides and validate."""
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file {path} not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+        base = path.resolve().parent
+    env_state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    if env_state and "state_dir" not in data.get("node", {}):
+        data.setdefault("node", {})["state_dir"] = env_state.split(":")[0]
+    return parse_config(apply_overrides(data, overrides or []), base)
+
+
+def check_runtime(config: NodeConfig) -> list[str]:
+    """Checks that need the file system; raises ConfigError for fatal ones, returns warnings."""
+    for d in (config.state_dir, config.spool_dir, config.outbox_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"node.state_dir: cannot create {d} ({exc.strerror})") from exc
+        if not os.access(d, os.W_OK):
+            raise ConfigError(f"node.state_dir: {d} is not writable by this user")
+    warnings = []
+    if not config.destinations:
+        warnings.append("no [[destinations]] configured: standardized series stay in the outbox")
+    for route in config.routes:
+        if not route.destinations:
+            warnings.append(f"route {route.name!r} has no destinations")
+    return warnings

@@ -1,0 +1,263 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP.
+
+The C-STORE handler is a thin adapter (pynetdicom runs one thread per association): validate the
+identifiers, write the encoded bytes to the spool with fsync, record the instance in the database,
+return a status. It never decodes pixels and never runs an engine. Anything that prevents durable
+storage answers Out of Resources (0xA700), so the sender keeps its copy and retries.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import statuses
+from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage, TLSConfig
+from dicom_node.logs import get_logger
+from dicom_node.spool import Spool, SpoolError
+from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
+from dicom_node.uids import is_valid_uid
+from engine.derived import is_ltdiff_output
+
+log = get_logger("dicom_node.scp")
+
+#: Transfer syntaxes accepted on reception: uncompressed, deflate and the lossless and lossy
+#: compressed syntaxes that pydicom decodes with the pylibjpeg plugins when a series is processed.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+
+CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+
+
+def set_tcp_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle's algorithm (small PDUs otherwise wait ~40 ms)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            log.warning("net.nodelay_failed")
+
+
+def routing_header(ds: Dataset) -> dict[str, str]:
+    """The attributes routing rules may match, as strings (multi-valued joined by backslash)."""
+    header: dict[str, str] = {}
+    for kw in ROUTABLE_ATTRIBUTES:
+        value = ds.get(kw)
+        if value is None:
+            continue
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            header[kw] = "\\".join(str(v) for v in value)
+        else:
+            header[kw] = str(value)
+    return header
+
+
+def _expected_count(ds: Dataset) -> int | None:
+    value = ds.get("ImagesInAcquisition")
+    try:
+        n = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return n if n and n > 0 else None
+
+
+def make_ssl_context(tls: TLSConfig, server_side: bool) -> ssl.SSLContext:
+    purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
+    ctx = ssl.create_default_context(purpose, cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
+    if tls.certificate and tls.private_key:
+        ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if server_side:
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return ctx
+
+
+class StoreHandler:
+    """C-STORE: validate, spool durably, record, answer. Called on association threads."""
+
+    def __init__(self, spool: Spool, store: JobStore, on_stored: Callable[[], None] | None = None):
+        self.spool = spool
+        self.store = store
+        self.on_stored = on_stored
+
+    def __call__(self, event: evt.Event) -> int:
+        calling_ae = event.assoc.requestor.ae_title
+        assoc_id = event.assoc.native_id
+        try:
+            ds = event.dataset
+            sop_uid = ds.get("SOPInstanceUID")
+            series_uid = ds.get("SeriesInstanceUID")
+            study_uid = ds.get("StudyInstanceUID")
+            sop_class = ds.get("SOPClassUID")
+        except Exception as exc:  # noqa: BLE001 - any decode failure means "cannot understand"
+            log.warning(
+                "instance.rejected", reason="undecodable dataset", error=type(exc).__name__,
+                calling_ae=calling_ae, assoc=assoc_id,
+            )
+            return statuses.CANNOT_UNDERSTAND
+        if not all(is_valid_uid(u) for u in (sop_uid, series_uid, study_uid, sop_class)):
+            log.warning(
+                "instance.rejected", reason="missing or invalid UID (SOP instance, series, study "
+                "or SOP class)", calling_ae=calling_ae, assoc=assoc_id,
+            )
+            return statuses.CANNOT_UNDERSTAND_INVALID_UID
+        if sop_uid != event.request.AffectedSOPInstanceUID:
+            log.warning(
+                "instance.rejected", reason="SOPInstanceUID differs from the C-STORE request",
+                calling_ae=calling_ae, assoc=assoc_id, sop_uid=str(sop_uid),
+            )
+            return statuses.CANNOT_UNDERSTAND_UID_MISMATCH
+        if sop_class != event.request.AffectedSOPClassUID:
+            log.warning(
+                "instance.rejected", reason="SOPClassUID differs from the presentation context",
+                calling_ae=calling_ae, assoc=assoc_id, sop_uid=str(sop_uid),
+            )
+            return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        try:
+            if self.store.has_instance(sop_uid):
+                log.info("instance.duplicate", sop_uid=sop_uid, series_uid=series_uid,
+                         calling_ae=calling_ae)
+                return statuses.SUCCESS
+            data = event.encoded_dataset()
+            path = self.spool.store(series_uid, sop_uid, data)
+            outcome = self.store.record_instance(
+                InstanceRecord(
+                    sop_uid=sop_uid,
+                    series_uid=series_uid,
+                    study_uid=study_uid,
+                    sop_class_uid=sop_class,
+                    transfer_syntax=str(event.context.transfer_syntax),
+                    path=path,
+                    size_bytes=len(data),
+                    calling_ae=calling_ae,
+                    header=routing_header(ds),
+                    own_output=is_ltdiff_output(ds),
+                    expected_count=_expected_count(ds),
+                )
+            )
+        except SpoolError as exc:
+            log.error("instance.refused", reason=str(exc), status="0xA700",
+                      series_uid=series_uid, calling_ae=calling_ae)
+            return statuses.OUT_OF_RESOURCES
+        except sqlite3.Error as exc:
+            log.error("instance.refused", reason=f"database: {exc}", status="0xA700",
+                      series_uid=series_uid, calling_ae=calling_ae)
+            return statuses.OUT_OF_RESOURCES
+        if outcome is ReceiveOutcome.REOPENED:
+            log.info("series.reopened", series_uid=series_uid, sop_uid=sop_uid,
+                     reason="late instance after the series was complete")
+        elif outcome is ReceiveOutcome.DUPLICATE:
+            log.info("instance.duplicate", sop_uid=sop_uid, series_uid=series_uid)
+        if self.on_stored:
+            self.on_stored()
+        return statuses.SUCCESS
+
+
+def build_ae(cfg: ListenerConfig) -> AE:
+    ae = AE(ae_title=cfg.ae_title)
+    ae.maximum_associations = cfg.max_associations
+    ae.network_timeout = cfg.network_timeout_s
+    ae.acse_timeout = 30
+    ae.dimse_timeout = cfg.network_timeout_s
+    if cfg.allowed_calling_ae_titles:
+        ae.require_calling_aet = list(cfg.allowed_calling_ae_titles)
+    ae.add_supported_context(Verification)
+    classes: list[str] = list(CT_STORAGE_CLASSES)
+    if cfg.other_storage is OtherStorage.ACCEPT:
+        classes += [c.abstract_syntax for c in StoragePresentationContexts
+                    if c.abstract_syntax not in classes]
+    for uid in classes[:127]:  # 128 presentation contexts at most, one is Verification
+        ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_listener(
+    cfg: ListenerConfig, spool: Spool, store: JobStore, on_stored: Callable[[], None] | None = None
+) -> ThreadedAssociationServer:
+    """Start the SCP in background threads; returns the server (call .shutdown() to stop)."""
+    ae = build_ae(cfg)
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
+        (evt.EVT_C_STORE, StoreHandler(spool, store, on_stored)),
+        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_REJECTED, _log_rejected),
+    ]
+    ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None
+    server: ThreadedAssociationServer = ae.start_server(
+        (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    )
+    if cfg.allowed_addresses:
+        allowed = set(cfg.allowed_addresses)
+
+        def verify_request(request: Any, client_address: Any) -> bool:
+            host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+            if host in allowed:
+                return True
+            log.warning("association.refused", reason="source address not allowed", address=host)
+            return False
+
+        server.verify_request = verify_request  # type: ignore[method-assign]
+    return server
+
+
+def _log_rejected(event: evt.Event) -> None:
+    log.warning(
+        "association.rejected",
+        calling_ae=event.assoc.requestor.ae_title,
+        address=event.assoc.requestor.address,
+    )
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> bool:
+    """True once a TCP connection to host:port succeeds (used by tests and the demo)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False

@@ -1,0 +1,227 @@
+"""The running node: listener, scheduler (assembly + routing + settling + retention), engine
+workers and exporters, started and stopped together.
+
+Threads:
+- pynetdicom association threads: C-STORE into the spool (scp.StoreHandler);
+- scheduler: every poll interval, closes stable series, routes them (creating jobs), queues
+  forward jobs, settles exporting jobs (one canonical log line per series) and purges files past
+  retention;
+- one engine worker per configured device;
+- one exporter per destination.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from dicom_node.assembly import ready_series
+from dicom_node.config import NodeConfig, UnmatchedAction
+from dicom_node.export import Exporter
+from dicom_node.logs import get_logger
+from dicom_node.routing import decide
+from dicom_node.scp import start_listener
+from dicom_node.spool import Spool
+from dicom_node.store import JobKind, JobRow, JobState, JobStore
+from dicom_node.worker import EngineCache, EngineWorker, forward_job, remove_outbox
+
+log = get_logger("dicom_node.service")
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about readiness/stopping; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError:
+        log.warning("systemd.notify_failed")
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = JobStore(config.database_path)
+        self.spool = Spool(config.spool_dir, config.listener.min_free_disk_mb * 1024 * 1024)
+        self.stop_event = threading.Event()
+        self.scheduler_wake = threading.Event()
+        self.worker_wake = threading.Event()
+        self.export_wakes: dict[str, threading.Event] = {}
+        self.engines = EngineCache(config)
+        self.threads: list[threading.Thread] = []
+        self.server: Any = None
+        self._last_purge = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        requeued = self.store.requeue_interrupted()
+        log.info("node.starting", config=self.config.as_dict(), requeued_jobs=requeued)
+        self.server = start_listener(self.config.listener, self.spool, self.store)
+        self.threads.append(
+            threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True)
+        )
+        for i, device in enumerate(self.config.workers):
+            self.threads.append(
+                EngineWorker(device, i, self.store, self.config, self.engines, self.stop_event,
+                             self.worker_wake, self.scheduler_wake.set)
+            )
+        for dest in self.config.destinations:
+            wake = self.export_wakes.setdefault(dest.name, threading.Event())
+            self.threads.append(
+                Exporter(dest, self.store, self.config.listener.ae_title, self.stop_event, wake,
+                         self.scheduler_wake.set)
+            )
+        for t in self.threads:
+            t.start()
+        log.info("node.ready", ae_title=self.config.listener.ae_title, port=self.port,
+                 workers=list(self.config.workers),
+                 destinations=[d.name for d in self.config.destinations])
+        sd_notify("READY=1")
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1]) if self.server else self.config.listener.port
+
+    def stop(self) -> None:
+        sd_notify("STOPPING=1")
+        log.info("node.stopping")
+        if self.server is not None:
+            self.server.shutdown()
+        self.stop_event.set()
+        self.scheduler_wake.set()
+        self.worker_wake.set()
+        for w in self.export_wakes.values():
+            w.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        self.store.close()
+        log.info("node.stopped")
+
+    def run_forever(self) -> None:
+        stopped = threading.Event()
+
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            log.info("node.signal", signal=signal.Signals(signum).name)
+            stopped.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+        self.start()
+        try:
+            stopped.wait()
+        finally:
+            self.stop()
+
+    # ---- scheduler -------------------------------------------------------------------------
+
+    def _scheduler_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.schedule_once(time.time())
+            except Exception:  # noqa: BLE001 - the scheduler must survive and try again
+                log.exception("scheduler.error")
+            self.scheduler_wake.wait(self.config.assembly.poll_interval_s)
+            self.scheduler_wake.clear()
+
+    def schedule_once(self, now: float) -> None:
+        for ready in ready_series(self.store.receiving_series(), now, self.config.assembly):
+            self._route(ready.series.series_uid, ready.series.revision, ready.why, now)
+        self._run_forward_jobs()
+        for job, state in self.store.settle_exporting_jobs():
+            self._canonical_line(job, state)
+        if now - self._last_purge > 60:
+            self._last_purge = now
+            self._purge(now)
+
+    def _route(self, series_uid: str, revision: int, why: str, now: float) -> None:
+        series = self.store.series(series_uid)
+        if series is None:
+            return
+        decision = decide(series.header, self.config.routes, own_output=series.own_output)
+        common = {
+            "series_uid": series_uid,
+            "revision": revision,
+            "instances": series.n_instances,
+            "complete_because": why,
+            "modality": series.header.get("Modality", ""),
+            "kernel": series.header.get("ConvolutionKernel", ""),
+            "reason": decision.reason,
+        }
+        if decision.rule is not None:
+            job_id = self.store.complete_series(
+                series_uid, revision, job_kind=JobKind.STANDARDIZE, rule=decision.rule.name,
+                engine=decision.rule.engine, destinations=decision.rule.destinations, now=now,
+            )
+            log.info("series.routed", job=job_id, rule=decision.rule.name,
+                     engine=decision.rule.engine, **common)
+            self.worker_wake.set()
+        elif self.config.unmatched.action is UnmatchedAction.FORWARD and not series.own_output:
+            job_id = self.store.complete_series(
+                series_uid, revision, job_kind=JobKind.FORWARD, rule=None, engine=None,
+                destinations=self.config.unmatched.destinations, now=now,
+            )
+            log.info("series.routed", job=job_id, action="forward", **common)
+        else:
+            self.store.complete_series(
+                series_uid, revision, job_kind=None, rule=None, engine=None, destinations=(),
+                now=now,
+            )
+            log.info("series.routed", action="discard",
+                     retention_hours=self.config.retention_hours, **common)
+
+    def _run_forward_jobs(self) -> None:
+        while (job := self.store.claim_job("scheduler", (JobKind.FORWARD,))) is not None:
+            state = forward_job(job, self.store)
+            log.info("job.forwarding", job=job.id, series_uid=job.series_uid, state=state.value)
+            if state is JobState.DONE:
+                self._canonical_line(job, state)
+            for w in self.export_wakes.values():
+                w.set()
+
+    def _canonical_line(self, job: JobRow, state: JobState) -> None:
+        """One line per series at the end: slices, kernels, timings, status."""
+        outcome = self.store.job_outcome(job.id)
+        summary = outcome["summary"]
+        series = self.store.series(job.series_uid)
+        received = series.last_received if series else outcome["created_at"]
+        finished = outcome["finished_at"] or time.time()
+        log.info(
+            "series.done" if state is JobState.DONE else "series.failed",
+            job=job.id,
+            kind=job.kind.value,
+            series_uid=job.series_uid,
+            derived_series_uid=outcome["derived_series_uid"],
+            slices=summary.get("slices_out"),
+            kernel_in=series.header.get("ConvolutionKernel") if series else None,
+            kernel_out=summary.get("kernel_out"),
+            engine=summary.get("engine"),
+            processing_ms=summary.get("processing_ms"),
+            turnaround_ms=round((finished - received) * 1000, 1),
+            destinations=list(job.destinations),
+            status=state.value,
+            error=outcome["error"],
+        )
+
+    def _purge(self, now: float) -> None:
+        series_uids, job_ids = self.store.purgeable(now - self.config.retention_hours * 3600)
+        for uid in series_uids:
+            self.spool.remove_series(uid)
+            self.store.forget_series(uid)
+            log.info("retention.purged_series", series_uid=uid)
+        for job_id in job_ids:
+            remove_outbox(self.config.outbox_dir, job_id)
+            series_uid = self.store.mark_purged(job_id)
+            if series_uid is not None:  # no other job of the series is still open
+                self.spool.remove_series(series_uid)
+            log.info("retention.purged_job_files", job=job_id, source_removed=series_uid is not None)

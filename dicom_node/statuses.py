@@ -1,0 +1,19 @@
+"""Named DICOM status codes the node answers with (PS3.4 Annex B.2.3 and PS3.7 Annex C).
+
+Handlers return these constants, never bare numbers, so every failure path reads as what it means.
+"""
+
+from typing import Final
+
+SUCCESS: Final = 0x0000
+#: Refused: Out of Resources. The sender keeps its copy and retries later (disk full, spool
+#: unwritable, database unavailable).
+OUT_OF_RESOURCES: Final = 0xA700
+#: Error: Data Set does not match SOP Class.
+DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
+#: Error: Cannot understand (the C-STORE failure range is 0xC000-0xCFFF). Sub-codes say why.
+CANNOT_UNDERSTAND: Final = 0xC210
+CANNOT_UNDERSTAND_INVALID_UID: Final = 0xC211
+CANNOT_UNDERSTAND_UID_MISMATCH: Final = 0xC212
+#: Refused: SOP Class not supported (for instances of classes the site chose to reject).
+SOP_CLASS_NOT_SUPPORTED: Final = 0x0122

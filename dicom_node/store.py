@@ -1,0 +1,700 @@
+"""Persistent state of the node: series, instances, jobs and exports in SQLite (WAL).
+
+Every state change the node acknowledges to a peer is committed here with synchronous=FULL before
+the acknowledgement, so a restart resumes everything: a series still receiving keeps its idle
+clock, a queued or interrupted job is processed (again), an export sends only what is unsent.
+
+Job states: queued -> processing -> exporting -> done | failed (superseded when a late instance
+reopens a series before its job started). Series states: receiving -> complete | discarded.
+Export states: pending -> sent | dead (dead letter after the destination's max_attempts).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid     TEXT PRIMARY KEY,
+    study_uid      TEXT NOT NULL,
+    calling_ae     TEXT NOT NULL,
+    state          TEXT NOT NULL,
+    revision       INTEGER NOT NULL DEFAULT 0,
+    n_instances    INTEGER NOT NULL DEFAULT 0,
+    expected_count INTEGER,
+    first_received REAL NOT NULL,
+    last_received  REAL NOT NULL,
+    completed_at   REAL,
+    own_output     INTEGER NOT NULL DEFAULT 0,
+    header_json    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid         TEXT PRIMARY KEY,
+    series_uid      TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class_uid   TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    size_bytes      INTEGER NOT NULL,
+    received_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid         TEXT NOT NULL REFERENCES series(series_uid),
+    revision           INTEGER NOT NULL,
+    kind               TEXT NOT NULL,
+    rule               TEXT,
+    engine             TEXT,
+    destinations       TEXT NOT NULL,
+    state              TEXT NOT NULL,
+    created_at         REAL NOT NULL,
+    updated_at         REAL NOT NULL,
+    started_at         REAL,
+    finished_at        REAL,
+    worker             TEXT,
+    process_attempts   INTEGER NOT NULL DEFAULT 0,
+    derived_series_uid TEXT,
+    n_out              INTEGER,
+    summary_json       TEXT,
+    error              TEXT,
+    purged             INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS exports (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id        INTEGER NOT NULL REFERENCES jobs(id),
+    destination   TEXT NOT NULL,
+    sop_uid       TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path          TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  REAL NOT NULL,
+    last_error    TEXT,
+    sent_at       REAL,
+    UNIQUE(job_id, destination, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS exports_due ON exports(destination, state, next_attempt);
+"""
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    EXPORTING = "exporting"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class SeriesState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    DISCARDED = "discarded"
+
+
+class ExportState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class JobKind(StrEnum):
+    STANDARDIZE = "standardize"
+    FORWARD = "forward"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: Path
+    size_bytes: int
+    calling_ae: str
+    header: Mapping[str, str]
+    own_output: bool
+    expected_count: int | None
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    state: SeriesState
+    revision: int
+    n_instances: int
+    expected_count: int | None
+    first_received: float
+    last_received: float
+    own_output: bool
+    header: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    series_uid: str
+    revision: int
+    kind: JobKind
+    rule: str | None
+    engine: str | None
+    destinations: tuple[str, ...]
+    state: JobState
+    created_at: float
+    started_at: float | None
+    process_attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    id: int
+    job_id: int
+    destination: str
+    sop_uid: str
+    sop_class_uid: str
+    path: Path
+    attempts: int
+
+
+class ReceiveOutcome(StrEnum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    REOPENED = "reopened"  # a late instance for a series whose job was already created
+
+
+class JobStore:
+    """Thread-safe access to the node's database (one connection, serialized by a lock).
+
+    SQLite serializes writers anyway; one connection with a lock keeps transactions simple and
+    avoids a connection per short-lived association thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            str(path), timeout=30.0, check_same_thread=False, isolation_level=None
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._conn.execute(
+                "INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row["value"]) != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path}: database schema {row['value']} is not the schema {SCHEMA_VERSION} "
+                "this version of ltdiff-node uses"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, params).fetchall())
+
+    # ---- reception -------------------------------------------------------------------------
+
+    def has_instance(self, sop_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)))
+
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> ReceiveOutcome:
+        """Record a spooled instance; committed durably before the caller answers Success."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone():
+                return ReceiveOutcome.DUPLICATE
+            series = c.execute(
+                "SELECT state FROM series WHERE series_uid=?", (rec.series_uid,)
+            ).fetchone()
+            outcome = ReceiveOutcome.NEW
+            if series is None:
+                c.execute(
+                    "INSERT INTO series(series_uid, study_uid, calling_ae, state, n_instances, "
+                    "expected_count, first_received, last_received, own_output, header_json) "
+                    "VALUES(?,?,?,?,0,?,?,?,?,?)",
+                    (
+                        rec.series_uid,
+                        rec.study_uid,
+                        rec.calling_ae,
+                        SeriesState.RECEIVING.value,
+                        rec.expected_count,
+                        now,
+                        now,
+                        int(rec.own_output),
+                        json.dumps(dict(rec.header), sort_keys=True),
+                    ),
+                )
+            elif series["state"] != SeriesState.RECEIVING.value:
+                # Late instance: reopen the series. A job that has not started yet is superseded
+                # by the next revision; one already running finishes and the new revision
+                # reprocesses the whole series (derived UIDs are deterministic, so the PACS
+                # receives the same UIDs again plus the new images).
+                outcome = ReceiveOutcome.REOPENED
+                c.execute(
+                    "UPDATE series SET state=?, revision=revision+1, completed_at=NULL "
+                    "WHERE series_uid=?",
+                    (SeriesState.RECEIVING.value, rec.series_uid),
+                )
+                c.execute(
+                    "UPDATE jobs SET state=?, updated_at=?, error=? WHERE series_uid=? AND state=?",
+                    (
+                        JobState.SUPERSEDED.value,
+                        now,
+                        "superseded: late instance reopened the series",
+                        rec.series_uid,
+                        JobState.QUEUED.value,
+                    ),
+                )
+            c.execute(
+                "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, transfer_syntax, path, "
+                "size_bytes, received_at) VALUES(?,?,?,?,?,?,?)",
+                (
+                    rec.sop_uid,
+                    rec.series_uid,
+                    rec.sop_class_uid,
+                    rec.transfer_syntax,
+                    str(rec.path),
+                    rec.size_bytes,
+                    now,
+                ),
+            )
+            c.execute(
+                "UPDATE series SET n_instances=n_instances+1, last_received=?, "
+                "expected_count=COALESCE(?, expected_count) WHERE series_uid=?",
+                (now, rec.expected_count, rec.series_uid),
+            )
+            return outcome
+
+    # ---- assembly --------------------------------------------------------------------------
+
+    def receiving_series(self) -> list[SeriesRow]:
+        rows = self._query("SELECT * FROM series WHERE state=?", (SeriesState.RECEIVING.value,))
+        return [_series(r) for r in rows]
+
+    def series(self, series_uid: str) -> SeriesRow | None:
+        rows = self._query("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+        return _series(rows[0]) if rows else None
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        rows = self._query(
+            "SELECT path FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,)
+        )
+        return [Path(r["path"]) for r in rows]
+
+    def instances(self, series_uid: str) -> list[tuple[str, str, Path]]:
+        rows = self._query(
+            "SELECT sop_uid, sop_class_uid, path FROM instances WHERE series_uid=? ORDER BY sop_uid",
+            (series_uid,),
+        )
+        return [(r["sop_uid"], r["sop_class_uid"], Path(r["path"])) for r in rows]
+
+    def complete_series(
+        self,
+        series_uid: str,
+        revision: int,
+        *,
+        job_kind: JobKind | None,
+        rule: str | None,
+        engine: str | None,
+        destinations: tuple[str, ...],
+        now: float | None = None,
+    ) -> int | None:
+        """Close a series revision and create its job (None: discard). Returns the job id.
+
+        Does nothing (returns None) if the series changed revision meanwhile.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE series SET state=?, completed_at=? "
+                "WHERE series_uid=? AND revision=? AND state=?",
+                (
+                    (SeriesState.COMPLETE if job_kind else SeriesState.DISCARDED).value,
+                    now,
+                    series_uid,
+                    revision,
+                    SeriesState.RECEIVING.value,
+                ),
+            )
+            if cur.rowcount != 1 or job_kind is None:
+                return None
+            cur = c.execute(
+                "INSERT INTO jobs(series_uid, revision, kind, rule, engine, destinations, state, "
+                "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?)",
+                (
+                    series_uid,
+                    revision,
+                    job_kind.value,
+                    rule,
+                    engine,
+                    json.dumps(list(destinations)),
+                    JobState.QUEUED.value,
+                    now,
+                    now,
+                ),
+            )
+            return int(cur.lastrowid or 0)
+
+    # ---- jobs ------------------------------------------------------------------------------
+
+    def claim_job(self, worker: str, kinds: tuple[JobKind, ...], now: float | None = None) -> JobRow | None:
+        """Atomically move the oldest queued job of the given kinds to processing."""
+        now = time.time() if now is None else now
+        marks = ",".join("?" for _ in kinds)
+        with self._tx() as c:
+            row = c.execute(
+                f"SELECT * FROM jobs WHERE state=? AND kind IN ({marks}) ORDER BY id LIMIT 1",
+                (JobState.QUEUED.value, *[k.value for k in kinds]),
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute(
+                "UPDATE jobs SET state=?, worker=?, started_at=?, updated_at=?, "
+                "process_attempts=process_attempts+1 WHERE id=?",
+                (JobState.PROCESSING.value, worker, now, now, row["id"]),
+            )
+            row = c.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            return _job(row)
+
+    def job(self, job_id: int) -> JobRow | None:
+        rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def start_export(
+        self,
+        job_id: int,
+        outputs: list[tuple[str, str, Path]],
+        destinations: tuple[str, ...],
+        *,
+        derived_series_uid: str | None,
+        summary: Mapping[str, Any],
+        now: float | None = None,
+    ) -> JobState:
+        """Record a processed job's output files and queue them per destination."""
+        now = time.time() if now is None else now
+        state = JobState.EXPORTING if destinations and outputs else JobState.DONE
+        with self._tx() as c:
+            for dest in destinations:
+                c.executemany(
+                    "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
+                    "path, state, next_attempt) VALUES(?,?,?,?,?,?,?)",
+                    [
+                        (job_id, dest, sop, cls, str(p), ExportState.PENDING.value, now)
+                        for sop, cls, p in outputs
+                    ],
+                )
+            c.execute(
+                "UPDATE jobs SET state=?, updated_at=?, derived_series_uid=?, n_out=?, "
+                "summary_json=?, error=NULL, finished_at=? WHERE id=?",
+                (
+                    state.value,
+                    now,
+                    derived_series_uid,
+                    len(outputs),
+                    json.dumps(dict(summary), sort_keys=True),
+                    now if state is JobState.DONE else None,
+                    job_id,
+                ),
+            )
+        return state
+
+    def fail_job(self, job_id: int, error: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute(
+                "UPDATE jobs SET state=?, error=?, updated_at=?, finished_at=? WHERE id=?",
+                (JobState.FAILED.value, error[:2000], now, now, job_id),
+            )
+
+    def requeue_interrupted(self) -> int:
+        """At start-up: jobs that were processing when the node stopped are queued again."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state=?, worker=NULL WHERE state=?",
+                (JobState.QUEUED.value, JobState.PROCESSING.value),
+            )
+            return cur.rowcount
+
+    def retry_job(self, job_id: int, now: float | None = None) -> str:
+        """Operator retry: dead exports become pending again; a job failed in processing is
+        queued again. Returns what was done, for the CLI."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            row = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            dead = c.execute(
+                "UPDATE exports SET state=?, attempts=0, next_attempt=?, last_error=NULL "
+                "WHERE job_id=? AND state=?",
+                (ExportState.PENDING.value, now, job_id, ExportState.DEAD.value),
+            ).rowcount
+            if dead:
+                c.execute(
+                    "UPDATE jobs SET state=?, error=NULL, updated_at=?, finished_at=NULL "
+                    "WHERE id=?",
+                    (JobState.EXPORTING.value, now, job_id),
+                )
+                return f"job {job_id}: {dead} dead-letter instance(s) queued for export again"
+            if row["state"] == JobState.FAILED.value:
+                c.execute(
+                    "UPDATE jobs SET state=?, error=NULL, updated_at=?, finished_at=NULL "
+                    "WHERE id=?",
+                    (JobState.QUEUED.value, now, job_id),
+                )
+                return f"job {job_id}: queued for processing again"
+            return f"job {job_id} is {row['state']}: nothing to retry"
+
+    # ---- exports ---------------------------------------------------------------------------
+
+    def due_exports(self, destination: str, now: float, limit: int = 1000) -> list[ExportRow]:
+        rows = self._query(
+            "SELECT * FROM exports WHERE destination=? AND state=? AND next_attempt<=? "
+            "ORDER BY job_id, id LIMIT ?",
+            (destination, ExportState.PENDING.value, now, limit),
+        )
+        return [
+            ExportRow(
+                r["id"],
+                r["job_id"],
+                r["destination"],
+                r["sop_uid"],
+                r["sop_class_uid"],
+                Path(r["path"]),
+                r["attempts"],
+            )
+            for r in rows
+        ]
+
+    def next_export_time(self, destination: str) -> float | None:
+        rows = self._query(
+            "SELECT MIN(next_attempt) AS t FROM exports WHERE destination=? AND state=?",
+            (destination, ExportState.PENDING.value),
+        )
+        return None if rows[0]["t"] is None else float(rows[0]["t"])
+
+    def mark_sent(self, export_ids: list[int], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.executemany(
+                "UPDATE exports SET state=?, sent_at=?, last_error=NULL WHERE id=?",
+                [(ExportState.SENT.value, now, i) for i in export_ids],
+            )
+
+    def mark_export_failed(
+        self, rows: list[ExportRow], error: str, *, max_attempts: int, backoff: Any, now: float
+    ) -> int:
+        """Count a failed attempt; schedule the next with backoff or move to dead letter.
+
+        `backoff(attempts) -> seconds`. Returns the number of exports that became dead letters.
+        """
+        dead = 0
+        with self._tx() as c:
+            for r in rows:
+                attempts = r.attempts + 1
+                if attempts >= max_attempts:
+                    dead += 1
+                    c.execute(
+                        "UPDATE exports SET state=?, attempts=?, last_error=? WHERE id=?",
+                        (ExportState.DEAD.value, attempts, error[:500], r.id),
+                    )
+                else:
+                    c.execute(
+                        "UPDATE exports SET attempts=?, next_attempt=?, last_error=? WHERE id=?",
+                        (attempts, now + float(backoff(attempts)), error[:500], r.id),
+                    )
+        return dead
+
+    def settle_exporting_jobs(self, now: float | None = None) -> list[tuple[JobRow, JobState]]:
+        """Jobs whose exports are all settled become done (all sent) or failed (dead letters)."""
+        now = time.time() if now is None else now
+        settled: list[tuple[JobRow, JobState]] = []
+        with self._tx() as c:
+            rows = c.execute(
+                "SELECT j.*, "
+                "SUM(e.state='pending') AS pending, SUM(e.state='dead') AS dead "
+                "FROM jobs j JOIN exports e ON e.job_id=j.id WHERE j.state=? GROUP BY j.id",
+                (JobState.EXPORTING.value,),
+            ).fetchall()
+            for r in rows:
+                if r["pending"]:
+                    continue
+                new = JobState.FAILED if r["dead"] else JobState.DONE
+                err = f"dead letter: {r['dead']} instance(s) could not be delivered" if r["dead"] else None
+                c.execute(
+                    "UPDATE jobs SET state=?, error=?, updated_at=?, finished_at=? WHERE id=?",
+                    (new.value, err, now, now, r["id"]),
+                )
+                settled.append((_job(r), new))
+        return settled
+
+    # ---- retention -------------------------------------------------------------------------
+
+    def purgeable(self, older_than: float) -> tuple[list[str], list[int]]:
+        """Discarded series and done jobs finished before `older_than` whose files can go."""
+        series = self._query(
+            "SELECT series_uid FROM series WHERE state=? AND completed_at<?",
+            (SeriesState.DISCARDED.value, older_than),
+        )
+        jobs = self._query(
+            "SELECT id FROM jobs WHERE state=? AND finished_at<? AND purged=0",
+            (JobState.DONE.value, older_than),
+        )
+        return [r["series_uid"] for r in series], [r["id"] for r in jobs]
+
+    def forget_series(self, series_uid: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
+            c.execute("DELETE FROM series WHERE series_uid=? AND state=?", (series_uid, SeriesState.DISCARDED.value))
+
+    def mark_purged(self, job_id: int) -> str | None:
+        """Mark a done job's files purged. If its series is complete and has no other open job,
+        forget the series' instances too and return its UID (the caller removes the spool)."""
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET purged=1 WHERE id=?", (job_id,))
+            row = c.execute(
+                "SELECT j.series_uid FROM jobs j JOIN series s USING(series_uid) WHERE j.id=? "
+                "AND s.state=? AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_uid=j.series_uid "
+                "AND o.state IN (?,?,?))",
+                (job_id, SeriesState.COMPLETE.value, JobState.QUEUED.value,
+                 JobState.PROCESSING.value, JobState.EXPORTING.value),
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute("DELETE FROM instances WHERE series_uid=?", (row["series_uid"],))
+            return str(row["series_uid"])
+
+    def job_outcome(self, job_id: int) -> dict[str, Any]:
+        rows = self._query(
+            "SELECT summary_json, created_at, finished_at, derived_series_uid, error "
+            "FROM jobs WHERE id=?",
+            (job_id,),
+        )
+        r = rows[0]
+        return {
+            "summary": json.loads(r["summary_json"] or "{}"),
+            "created_at": r["created_at"],
+            "finished_at": r["finished_at"],
+            "derived_series_uid": r["derived_series_uid"],
+            "error": r["error"],
+        }
+
+    # ---- reporting -------------------------------------------------------------------------
+
+    def status_report(self, limit: int = 20) -> dict[str, Any]:
+        """Counts and recent jobs for `ltdiff-node status` (no PHI: UIDs and states only)."""
+        jobs_by_state = {
+            r["state"]: r["n"]
+            for r in self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        }
+        series_by_state = {
+            r["state"]: r["n"]
+            for r in self._query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")
+        }
+        exports = {
+            f"{r['destination']}:{r['state']}": r["n"]
+            for r in self._query(
+                "SELECT destination, state, COUNT(*) AS n FROM exports GROUP BY destination, state"
+            )
+        }
+        retrying = [
+            dict(r)
+            for r in self._query(
+                "SELECT job_id, destination, COUNT(*) AS instances, MAX(attempts) AS attempts, "
+                "MIN(next_attempt) AS next_attempt, MAX(last_error) AS last_error FROM exports "
+                "WHERE state='pending' AND attempts>0 GROUP BY job_id, destination"
+            )
+        ]
+        dead = [
+            dict(r)
+            for r in self._query(
+                "SELECT job_id, destination, COUNT(*) AS instances, MAX(last_error) AS last_error "
+                "FROM exports WHERE state='dead' GROUP BY job_id, destination"
+            )
+        ]
+        recent = [
+            dict(r)
+            for r in self._query(
+                "SELECT j.id, j.kind, j.state, j.rule, j.engine, j.series_uid, j.revision, "
+                "j.derived_series_uid, j.n_out, j.created_at, j.finished_at, j.error, "
+                "s.n_instances FROM jobs j JOIN series s USING(series_uid) "
+                "ORDER BY j.id DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+        return {
+            "series": series_by_state,
+            "jobs": jobs_by_state,
+            "exports": exports,
+            "retrying": retrying,
+            "dead_letters": dead,
+            "recent_jobs": recent,
+        }
+
+
+
+def _series(r: sqlite3.Row) -> SeriesRow:
+    return SeriesRow(
+        series_uid=r["series_uid"],
+        study_uid=r["study_uid"],
+        state=SeriesState(r["state"]),
+        revision=r["revision"],
+        n_instances=r["n_instances"],
+        expected_count=r["expected_count"],
+        first_received=r["first_received"],
+        last_received=r["last_received"],
+        own_output=bool(r["own_output"]),
+        header=json.loads(r["header_json"]),
+    )
+
+
+def _job(r: sqlite3.Row) -> JobRow:
+    return JobRow(
+        id=r["id"],
+        series_uid=r["series_uid"],
+        revision=r["revision"],
+        kind=JobKind(r["kind"]),
+        rule=r["rule"],
+        engine=r["engine"],
+        destinations=tuple(json.loads(r["destinations"])),
+        state=JobState(r["state"]),
+        created_at=r["created_at"],
+        started_at=r["started_at"],
+        process_attempts=r["process_attempts"],
+        error=r["error"],
+    )

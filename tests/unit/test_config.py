@@ -1,0 +1,109 @@
+"""Configuration validation: errors name the key and what is allowed."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import (
+    ConfigError,
+    OtherStorage,
+    UnmatchedAction,
+    apply_overrides,
+    check_runtime,
+    load_config,
+    parse_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _dest(**kw):
+    d = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}
+    d.update(kw)
+    return d
+
+
+def test_defaults_route_br40_ct_through_linear_engine():
+    cfg = parse_config({})
+    assert cfg.listener.ae_title == "LTDIFF"
+    assert cfg.listener.port == 11112
+    assert [e.kind for e in cfg.engines] == ["linear-filter"]
+    (rule,) = cfg.routes
+    assert dict(rule.match) == {"Modality": "^CT$", "ConvolutionKernel": "^Br40"}
+    assert cfg.unmatched.action is UnmatchedAction.DISCARD
+    assert cfg.listener.other_storage is OtherStorage.REJECT
+
+
+def test_shipped_config_file_is_valid_and_documents_the_defaults():
+    cfg = load_config(REPO / "config" / "ltdiff-node.toml")
+    defaults = parse_config({"destinations": [_dest()]})
+    assert cfg.listener == defaults.listener
+    assert cfg.assembly == defaults.assembly
+    assert cfg.routes == defaults.routes
+    assert cfg.derived == defaults.derived
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"listener": {"ae_title": "A" * 17}}, "listener.ae_title"),
+        ({"listener": {"ae_title": "BAD\\AE"}}, "no backslash"),
+        ({"listener": {"port": 70000}}, "listener.port = 70000: expected an integer from 1 to 65535"),
+        ({"listener": {"port": "11112"}}, "listener.port"),
+        ({"listener": {"prot": 1}}, "unknown key(s) prot"),
+        ({"assembly": {"stable_age_s": -1}}, "assembly.stable_age_s"),
+        ({"routes": [{"match": {"ConvolutionKernel": "^Br40("}}]}, "not a valid regular expression"),
+        ({"routes": [{"match": {"PatientName": "x"}}]}, "cannot route on 'PatientName'"),
+        ({"routes": [{"engine": "nope"}]}, "no such engine"),
+        ({"routes": [{"destinations": ["nowhere"]}]}, "'nowhere' is not a configured destination"),
+        ({"engines": {"x": {"kind": "magic"}}}, "engines.x.kind = 'magic': expected one of"),
+        ({"destinations": [_dest(port=None)]}, ""),
+        ({"destinations": [_dest(), _dest()]}, "names must be unique"),
+        ({"unmatched": {"action": "forward"}}, "required when unmatched.action = 'forward'"),
+        ({"node": {"workers": ["gpu0"]}}, "'gpu0' is not 'cpu', 'cuda' or 'cuda:N'"),
+        ({"node": {"log_format": "xml"}}, "node.log_format"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_key_named(data, message):
+    if data.get("destinations") and data["destinations"][0].get("port") is None:
+        data["destinations"][0].pop("port")
+        message = "destinations[0].port: required"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(data)
+
+
+def test_route_destinations_default_to_all_destinations():
+    cfg = parse_config({"destinations": [_dest(), _dest(name="research", port=4243)]})
+    assert cfg.routes[0].destinations == ("pacs", "research")
+
+
+def test_overrides_parse_toml_values_and_create_tables():
+    data = apply_overrides({}, ["listener.port=11113", "listener.ae_title=NODE2", "assembly.stable_age_s=2.5"])
+    cfg = parse_config(data)
+    assert cfg.listener.port == 11113
+    assert cfg.listener.ae_title == "NODE2"
+    assert cfg.assembly.stable_age_s == 2.5
+
+
+def test_missing_or_malformed_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[listener\nport = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_unwritable_state_dir_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = parse_config({"node": {"state_dir": str(blocker / "state")}})
+    with pytest.raises(ConfigError, match="node.state_dir: cannot create"):
+        check_runtime(cfg)
+
+
+def test_runtime_check_warns_when_nothing_is_sent_anywhere(tmp_path):
+    cfg = parse_config({"node": {"state_dir": str(tmp_path)}})
+    warnings = check_runtime(cfg)
+    assert any("no [[destinations]]" in w for w in warnings)
