@@ -119,7 +119,7 @@ class DestinationConfig:
 
 @dataclass(frozen=True)
 class DerivedConfig:
-    series_description_prefix: str = "STD "
+    series_description_prefix: str = "STD"
     series_number_offset: int = 1000
 
 
@@ -481,7 +481,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
 
     dt = top.table("derived")
     derived = DerivedConfig(
-        series_description_prefix=dt.string("series_description_prefix", "STD "),
+        series_description_prefix=dt.string("series_description_prefix", "STD"),
         series_number_offset=dt.integer("series_number_offset", 1000, 0, 100000),
     )
     dt.reject_unknown()

@@ -79,9 +79,12 @@ def process_job(
             "kernel_in": engine.identity.source_kernel,
             "kernel_out": engine.identity.target_kernel,
             "clipped_pixels": int(result.clipped_pixels),
-            "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()},
+            "decode_ms": round(result.timings.decode_ms, 1),
+            "engine_ms": round(result.timings.engine_ms, 1),
+            "encode_ms": round(result.timings.encode_ms, 1),
             "processing_ms": round((time.monotonic() - t0) * 1000, 1),
             "device": device,
+            "notes": list(result.notes),
         }
         state = store.start_export(
             job.id,
