@@ -1,0 +1,595 @@
+"""Build the derived (kernel-standardized) CT series: one constructor, validated output.
+
+In highdicom's spirit: never produce an invalid object, strict when writing, tolerant when
+reading, Standard terms. `build_derived_series` copies the Patient, Study, Frame of Reference
+and geometry of the source, gives the result new UIDs derived deterministically from the source
+UIDs and the engine identity, marks it DERIVED\\SECONDARY with a Derivation Description,
+Derivation Code, Source Image references and a Contributing Equipment item for this node, writes
+the standardized pixels in the source's storage representation, and validates every instance
+before returning. docs/DERIVED_SERIES.md explains each choice.
+
+Standard references: PS3.3 A.3 (CT Image IOD), C.7.6.1 (General Image: Image Type, Derivation
+Description / Code, Source Image Sequence), C.7.5.1 / C.7.5.2 (General / Enhanced General
+Equipment), C.12.1 (SOP Common: Contributing Equipment Sequence), C.12.2 (Common Instance
+Reference), PS3.16 CID 7203 (Image Derivation), CID 7202 (Source Image Purposes of Reference),
+CID 7005 (Contributing Equipment Purposes of Reference), PS3.5 9.1 (UID encoding).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from engine.interface import EngineIdentity, FloatVolume
+from engine.pixels import PixelFormatError, hu_to_stored, modality_rescale, transfer_syntax_of
+from engine.pixels import write_pixels as _write_pixels
+from engine.series_io import CT_IMAGE_STORAGE, LoadedSeries, frame_header
+
+MANUFACTURER = "ltdiff-node"
+"""Manufacturer written into General Equipment and our Contributing Equipment item.
+
+A constant, not an option: the loop guard (`is_ltdiff_output`) depends on it."""
+
+DERIVATION_MARKER = "ltdiff-node kernel standardization"
+"""Start of every Derivation Description we write; the loop guard's second signal."""
+
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ltdiff-node")
+
+
+def name_based_uid(*parts: str) -> str:
+    """A deterministic UID "2.25.<int>" from a name-based (SHA-1, version 5) UUID of `parts`
+    (PS3.5 B.2, ISO/IEC 9834-8). Same parts, same UID; at most 44 characters.
+
+    Note: pydicom's generate_uid(prefix=None) ignores its entropy sources and returns a random
+    UUID, so it cannot be used for reproducible UIDs.
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(parts)).int}"
+
+
+IMPLEMENTATION_CLASS_UID = name_based_uid("implementation class")
+IMPLEMENTATION_VERSION_NAME = "LTDIFF_NODE"
+
+# (Code Value, Coding Scheme Designator, Code Meaning), PS3.16.
+CODE_EDGE_ENHANCEMENT = ("113086", "DCM", "Edge enhancement")  # CID 7203
+CODE_SMOOTHING = ("113087", "DCM", "Smoothing")  # CID 7203
+CODE_FRAMES_EXTRACTED = (
+    "113091",
+    "DCM",
+    "Spatially-related frames extracted from the volume",
+)  # CID 7203
+CODE_SOURCE_FOR_PROCESSING = (
+    "121322",
+    "DCM",
+    "Source image for image processing operation",
+)  # CID 7202
+CODE_PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")  # CID 7005
+CODE_ACQUISITION_EQUIPMENT = ("109101", "DCM", "Acquisition Equipment")  # CID 7005
+
+# Transfer syntaxes whose decoding may have lost information (PS3.5 A.4, PS3.3 C.7.6.1.1.5).
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.93": "ISO_15444_2",
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+}
+
+# Attributes never copied from a source: they would describe the source, not the derived image.
+_DROP_ALWAYS = frozenset(
+    {
+        "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
+        "ExtendedOffsetTable",
+        "ExtendedOffsetTableLengths",
+        "IconImageSequence",
+        "DigitalSignaturesSequence",
+        "MACParametersSequence",
+        "EncryptedAttributesSequence",
+        "DataSetTrailingPadding",
+        "InstanceCreatorUID",
+        "SourceImageSequence",
+        "DerivationDescription",
+        "DerivationCodeSequence",
+        "ReferencedSeriesSequence",
+        "StudiesContainingOtherReferencedInstancesSequence",
+        "SmallestPixelValueInSeries",
+        "LargestPixelValueInSeries",
+        "DeviceSerialNumber",
+        "DeviceUID",
+        "StationName",
+        "DateOfLastCalibration",
+        "TimeOfLastCalibration",
+        "SOPInstanceStatus",
+        "SOPAuthorizationDateTime",
+        "SOPAuthorizationComment",
+    }
+)
+
+# Enhanced CT attributes that have no place in a single-frame CT Image (PS3.3 A.38 vs A.3).
+_ENHANCED_ONLY = frozenset(
+    {
+        "NumberOfFrames",
+        "FrameIncrementPointer",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DimensionOrganizationSequence",
+        "DimensionIndexSequence",
+        "DimensionOrganizationType",
+        "ConcatenationUID",
+        "InConcatenationNumber",
+        "InConcatenationTotalNumber",
+        "ConcatenationFrameOffsetNumber",
+        "SOPInstanceUIDOfConcatenationSource",
+        "RepresentativeFrameNumber",
+        "PixelPresentation",
+        "VolumetricProperties",
+        "VolumeBasedCalculationTechnique",
+        "AcquisitionContextSequence",
+        "ContentQualification",
+        "PresentationLUTShape",
+        "ReferencedRawDataSequence",
+        "RedPaletteColorLookupTableDescriptor",
+        "GreenPaletteColorLookupTableDescriptor",
+        "BluePaletteColorLookupTableDescriptor",
+        "RedPaletteColorLookupTableData",
+        "GreenPaletteColorLookupTableData",
+        "BluePaletteColorLookupTableData",
+        "SegmentedRedPaletteColorLookupTableData",
+        "SegmentedGreenPaletteColorLookupTableData",
+        "SegmentedBluePaletteColorLookupTableData",
+        "PaletteColorLookupTableUID",
+        "ImageType",
+    }
+)
+
+# Type 1 attributes of the CT Image IOD that must be present with a value (PS3.3 A.3).
+_REQUIRED_TYPE1 = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "ImageType",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "PixelData",
+)
+# Type 2 attributes: present, possibly empty (PS3.3 A.3 modules).
+_REQUIRED_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Manufacturer",
+    "PositionReferenceIndicator",
+    "SliceThickness",
+    "KVP",
+    "AcquisitionNumber",
+)
+
+_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class DerivedSeriesError(ValueError):
+    """A derived instance could not be built or failed validation; nothing must be sent."""
+
+
+@dataclass(frozen=True)
+class DerivedSeriesOptions:
+    """How the derived series presents itself to PACS users.
+
+    series_description_prefix: put in front of "<target>-like <source description>", so a
+        viewer user reads e.g. "STD Bl64d-like Thorax 1.0 Br40d" at a glance.
+    series_number_offset: added to the source Series Number (IS, kept within 2**31 - 1).
+    window_center_width: Window Center / Width (HU) written on every image, or None to keep the
+        source's windows. Default lung window (-600 / 1200): the sharp target kernels this node
+        produces are read in a lung window.
+    window_explanation: Window Center & Width Explanation for that window.
+    """
+
+    series_description_prefix: str = "STD"
+    series_number_offset: int = 1000
+    window_center_width: tuple[float, float] | None = (-600.0, 1200.0)
+    window_explanation: str = "LUNG"
+
+
+@dataclass(frozen=True)
+class DerivedSeries:
+    """The validated derived series.
+
+    datasets: CT Image Storage instances, each with file meta (Explicit VR Little Endian),
+        ready for dcmwrite(enforce_file_format=True) or C-STORE.
+    series_instance_uid: the new Series Instance UID (deterministic, see `derived_series_uid`).
+    clipped_pixels: how many output pixels fell outside the storable range and were clipped.
+    """
+
+    datasets: list[Dataset]
+    series_instance_uid: str
+    clipped_pixels: int
+
+
+def derived_series_uid(source_series_uid: str, identity: EngineIdentity) -> str:
+    """Series Instance UID of the derived series: 2.25.<int> from a hash of the source UID and
+    the full engine identity (PS3.5 B.2), so re-running the same engine on the same series gives
+    the same UID and the PACS updates one series instead of receiving a second one."""
+    return name_based_uid(
+        "derived series",
+        source_series_uid,
+        identity.name,
+        identity.version,
+        identity.weights_sha256,
+        identity.source_kernel,
+        identity.target_kernel,
+    )
+
+
+def derived_instance_uid(
+    derived_series: str, source_sop_instance_uid: str, frame_number: int | None
+) -> str:
+    """SOP Instance UID of one derived image, deterministic like `derived_series_uid`."""
+    return name_based_uid(
+        "derived instance", derived_series, source_sop_instance_uid, str(frame_number or 0)
+    )
+
+
+def is_ltdiff_output(ds: Dataset) -> bool:
+    """True if `ds` was produced by this node (the loop guard).
+
+    Header only and cheap: looks for a Contributing Equipment item whose Manufacturer is
+    "ltdiff-node", or a Derivation Description starting with our marker. Works on a dataset read
+    with `stop_before_pixels=True`.
+    """
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        if str(item.get("Manufacturer", "")).strip() == MANUFACTURER:
+            return True
+    description = str(ds.get("DerivationDescription", "") or "")
+    return description.startswith(DERIVATION_MARKER)
+
+
+def series_description(source_description: str, identity: EngineIdentity, prefix: str) -> str:
+    """'<prefix> <target>-like <source description>', cut to the 64 characters of LO."""
+    text = " ".join(p for p in (prefix, f"{identity.target_kernel}-like", source_description) if p)
+    return text.strip()[:64]
+
+
+def derivation_description(identity: EngineIdentity) -> str:
+    """Derivation Description (ST): what was done, by which engine and weights, and what the
+    result is not (an original target-kernel reconstruction)."""
+    return (
+        f"{DERIVATION_MARKER}: {identity.source_kernel} -> {identity.target_kernel}-like by "
+        f"{identity.name} {identity.version}, weights sha256 {identity.weights_sha256}. "
+        f"Post-processed from the {identity.source_kernel} reconstruction; not an original "
+        f"{identity.target_kernel} reconstruction."
+    )[:1024]
+
+
+def _kernel_sharpness(kernel: str) -> int | None:
+    """The number in a kernel name (Br40d -> 40, B70f -> 70): higher is sharper for the
+    Siemens-style names this node handles; None when there is none."""
+    match = re.search(r"(\d+)", kernel)
+    return int(match.group(1)) if match else None
+
+
+def derivation_code(identity: EngineIdentity) -> tuple[str, str, str]:
+    """CID 7203 code for the kernel change: Edge enhancement towards a sharper kernel, Smoothing
+    towards a softer one (by the kernel number); Edge enhancement when it cannot be told, as the
+    node's purpose is the sharp lung look."""
+    source, target = (
+        _kernel_sharpness(identity.source_kernel),
+        _kernel_sharpness(identity.target_kernel),
+    )
+    if source is not None and target is not None and target < source:
+        return CODE_SMOOTHING
+    return CODE_EDGE_ENHANCEMENT
+
+
+def _code_item(code: tuple[str, str, str]) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    return item
+
+
+def _now_parts(now: datetime) -> tuple[str, str, str]:
+    """DA, TM and DT (with UTC offset when `now` is timezone-aware) for `now`, as given."""
+    offset = now.strftime("%z")
+    return (
+        now.strftime("%Y%m%d"),
+        now.strftime("%H%M%S.%f"),
+        now.strftime("%Y%m%d%H%M%S.%f") + offset,
+    )
+
+
+def _copy_source(src: Dataset, *, multi_frame: bool) -> Dataset:
+    """Public top-level attributes of `src` that stay true for a derived image (private tags
+    and pixel data dropped; for Enhanced CT, multi-frame-only attributes dropped too)."""
+    out = Dataset()
+    for element in src:
+        if element.tag.is_private or element.tag.group in (0x7FE0, 0xFFFA, 0xFFFC):
+            continue
+        keyword = element.keyword
+        if keyword in _DROP_ALWAYS or (multi_frame and keyword in _ENHANCED_ONLY):
+            continue
+        out.add(copy.deepcopy(element))
+    return out
+
+
+def _contributing_equipment(
+    src: Dataset, identity: EngineIdentity, contribution_dt: str
+) -> Sequence:
+    items = [copy.deepcopy(item) for item in src.get("ContributingEquipmentSequence") or []]
+    has_acquisition = any(
+        str(code.get("CodeValue", "")) == CODE_ACQUISITION_EQUIPMENT[0]
+        for item in items
+        for code in item.get("PurposeOfReferenceCodeSequence") or []
+    )
+    if not has_acquisition and src.get("Manufacturer"):
+        scanner = Dataset()
+        for keyword in (
+            "Manufacturer",
+            "InstitutionName",
+            "InstitutionAddress",
+            "InstitutionalDepartmentName",
+            "StationName",
+            "ManufacturerModelName",
+            "DeviceSerialNumber",
+            "SoftwareVersions",
+        ):
+            if src.get(keyword) not in (None, ""):
+                setattr(scanner, keyword, copy.deepcopy(src[keyword].value))
+        scanner.PurposeOfReferenceCodeSequence = Sequence([_code_item(CODE_ACQUISITION_EQUIPMENT)])
+        items.append(scanner)
+    ours = Dataset()
+    ours.Manufacturer = MANUFACTURER
+    ours.ManufacturerModelName = identity.name[:64]
+    ours.SoftwareVersions = identity.version[:64]
+    ours.ContributionDateTime = contribution_dt
+    ours.ContributionDescription = (
+        f"Kernel standardization {identity.source_kernel} -> {identity.target_kernel}-like "
+        f"({identity.short})"
+    )[:1024]
+    ours.PurposeOfReferenceCodeSequence = Sequence([_code_item(CODE_PROCESSING_EQUIPMENT)])
+    items.append(ours)
+    return Sequence(items)
+
+
+def _padding_mask(
+    source_hu: np.ndarray, ds: Dataset, slope: float, intercept: float
+) -> np.ndarray | None:
+    """Pixels that were Pixel Padding (PS3.3 C.7.5.1.1.2) in the source, or None."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None or pad == "":
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    low, high = sorted((int(pad), int(pad) if limit in (None, "") else int(limit)))
+    source_stored = np.rint((source_hu.astype(np.float64) - intercept) / slope)
+    mask: np.ndarray = (source_stored >= low) & (source_stored <= high)
+    return mask if mask.any() else None
+
+
+def build_derived_series(
+    loaded: LoadedSeries,
+    volume_hu: FloatVolume,
+    identity: EngineIdentity,
+    options: DerivedSeriesOptions | None = None,
+    *,
+    now: datetime | None = None,
+) -> DerivedSeries:
+    """Build the validated derived CT series for `volume_hu` (the engine output, HU, same shape
+    as `loaded.volume_hu`).
+
+    Single-frame sources: one CT Image Storage instance per source instance. Enhanced CT
+    sources: one single-frame CT Image Storage instance per frame, referencing the enhanced
+    instance and its frame in the Source Image Sequence (Referenced Frame Number), because every
+    PACS and viewer displays CT Image Storage while Enhanced CT support is still patchy.
+    Source Pixel Padding pixels are kept as padding. Raises DerivedSeriesError.
+    """
+    options = options or DerivedSeriesOptions()
+    if volume_hu.shape != loaded.volume_hu.shape:
+        raise DerivedSeriesError(
+            f"engine output shape {volume_hu.shape} differs from the source volume "
+            f"{loaded.volume_hu.shape}"
+        )
+    now = now or datetime.now().astimezone()
+    date, time, datetime_str = _now_parts(now)
+    source_series = loaded.series_instance_uid
+    series_uid = derived_series_uid(source_series, identity)
+    derivation = derivation_description(identity)
+    code = derivation_code(identity)
+    out_datasets: list[Dataset] = []
+    clipped_total = 0
+
+    for slot, source in enumerate(loaded.frame_sources):
+        src = loaded.datasets[source.dataset_index]
+        multi_frame = source.frame_number is not None
+        ds = _copy_source(src, multi_frame=multi_frame)
+        if multi_frame:
+            for element in frame_header(src, source.frame_number):
+                ds.add(copy.deepcopy(element))
+            ds.InstanceNumber = slot + 1
+            ds.SliceLocation = f"{loaded.geometry.slice_positions_mm[slot]:.6g}"
+        source_sop = str(src.SOPInstanceUID)
+
+        # SOP Common, General Series, General Image.
+        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = derived_instance_uid(series_uid, source_sop, source.frame_number)
+        ds.SeriesInstanceUID = series_uid
+        ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+        ds.SeriesDate, ds.SeriesTime = date, time
+        ds.ContentDate, ds.ContentTime = date, time
+        source_number = src.get("SeriesNumber")
+        number = (int(source_number) if source_number not in (None, "") else 0) + (
+            options.series_number_offset
+        )
+        ds.SeriesNumber = min(max(number, 0), 2**31 - 1)
+        ds.SeriesDescription = series_description(
+            str(src.get("SeriesDescription", "") or ""), identity, options.series_description_prefix
+        )
+        source_type = [str(v) for v in (src.get("ImageType") or [])]
+        value3 = source_type[2] if len(source_type) > 2 else "AXIAL"
+        if value3 not in ("AXIAL", "LOCALIZER"):
+            value3 = "AXIAL"  # the only Value 3 terms of the CT Image Module (C.8.2.1.1.1)
+        ds.ImageType = ["DERIVED", "SECONDARY", value3]
+        ds.DerivationDescription = derivation
+        codes = [_code_item(code)]
+        if multi_frame:
+            codes.append(_code_item(CODE_FRAMES_EXTRACTED))
+        ds.DerivationCodeSequence = Sequence(codes)
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = src.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source_sop
+        if multi_frame:
+            reference.ReferencedFrameNumber = source.frame_number
+        reference.PurposeOfReferenceCodeSequence = Sequence(
+            [_code_item(CODE_SOURCE_FOR_PROCESSING)]
+        )
+        ds.SourceImageSequence = Sequence([reference])
+        series_reference = Dataset()
+        series_reference.SeriesInstanceUID = source_series
+        instance_reference = Dataset()
+        instance_reference.ReferencedSOPClassUID = src.SOPClassUID
+        instance_reference.ReferencedSOPInstanceUID = source_sop
+        series_reference.ReferencedInstanceSequence = Sequence([instance_reference])
+        ds.ReferencedSeriesSequence = Sequence([series_reference])
+
+        # Equipment: this node made the instance; the scanner is kept as acquisition equipment.
+        ds.ContributingEquipmentSequence = _contributing_equipment(src, identity, datetime_str)
+        ds.Manufacturer = MANUFACTURER
+        ds.ManufacturerModelName = identity.name[:64]
+        ds.SoftwareVersions = identity.version[:64]
+
+        # Lossy history must survive decompression (PS3.3 C.7.6.1.1.5).
+        lossy_method = _LOSSY_METHODS.get(str(transfer_syntax_of(src)))
+        if lossy_method is not None and ds.get("LossyImageCompression") != "01":
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionMethod = lossy_method
+
+        if options.window_center_width is not None:
+            for keyword in ("VOILUTSequence", "VOILUTFunction"):
+                if keyword in ds:
+                    del ds[keyword]
+            ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in options.window_center_width)
+            ds.WindowCenterWidthExplanation = options.window_explanation
+
+        if not ds.get("FrameOfReferenceUID"):
+            # Type 1 for CT, yet absent in some real files. Invent one per source series, so
+            # the derived images at least share a frame of reference among themselves.
+            ds.FrameOfReferenceUID = name_based_uid("frame of reference", source_series)
+        for keyword in _REQUIRED_TYPE2:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
+
+        # Pixels, in the source's storage representation.
+        try:
+            rescale = modality_rescale(ds)
+            if rescale is None:
+                raise DerivedSeriesError(
+                    f"source instance {source_sop} has no Rescale Slope / Intercept to store HU"
+                )
+            slope, intercept = rescale
+            hu = volume_hu[slot]
+            mask = _padding_mask(loaded.volume_hu[slot], ds, slope, intercept)
+            if mask is not None:
+                hu = np.where(mask, loaded.volume_hu[slot], hu)
+            stored, clipped = hu_to_stored(hu, ds)
+            _write_pixels(ds, stored)
+        except PixelFormatError as exc:
+            raise DerivedSeriesError(f"source instance {source_sop}: {exc}") from exc
+        clipped_total += clipped
+
+        ds.file_meta = _file_meta(ds)
+        validate_derived_instance(ds)
+        out_datasets.append(ds)
+
+    return DerivedSeries(
+        datasets=out_datasets, series_instance_uid=series_uid, clipped_pixels=clipped_total
+    )
+
+
+def _file_meta(ds: Dataset) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def is_valid_uid(value: object) -> bool:
+    """UID encoding rules (PS3.5 9.1): 1..64 characters, digits and dots, components without
+    leading zeros."""
+    text = str(value or "")
+    return 0 < len(text) <= 64 and _UID_PATTERN.match(text) is not None
+
+
+def validate_derived_instance(ds: Dataset) -> None:
+    """Raise DerivedSeriesError unless `ds` is a complete CT Image Storage instance: Type 1
+    attributes present with values, Type 2 present, UIDs well formed, file meta consistent,
+    Pixel Data of Rows x Columns x Bits Allocated / 8 bytes (padded to even length)."""
+    label = f"derived instance {ds.get('SOPInstanceUID', '?')}"
+    problems = [f"{k} missing or empty" for k in _REQUIRED_TYPE1 if ds.get(k) in (None, "")]
+    problems += [f"{k} missing" for k in _REQUIRED_TYPE2 if k not in ds]
+    if ds.get("SOPClassUID") != CT_IMAGE_STORAGE:
+        problems.append(f"SOP Class {ds.get('SOPClassUID')} is not CT Image Storage")
+    if ds.get("Modality") != "CT":
+        problems.append("Modality is not CT")
+    image_type = list(ds.get("ImageType") or [])
+    if image_type[:2] != ["DERIVED", "SECONDARY"]:
+        problems.append(f"Image Type {image_type} is not DERIVED\\SECONDARY")
+    uid_keywords = (
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+    )
+    for keyword in uid_keywords:
+        if ds.get(keyword) not in (None, "") and not is_valid_uid(ds.get(keyword)):
+            problems.append(f"{keyword} {ds.get(keyword)!r} is not a valid UID")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        problems.append("file meta information missing")
+    else:
+        if meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID"):
+            problems.append("file meta Media Storage SOP Instance UID differs from the dataset")
+        if meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID"):
+            problems.append("file meta Media Storage SOP Class UID differs from the dataset")
+        if meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
+            problems.append("transfer syntax is not Explicit VR Little Endian")
+    if not problems:
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
+        expected += expected % 2
+        if len(ds.PixelData) != expected:
+            problems.append(f"Pixel Data has {len(ds.PixelData)} bytes, expected {expected}")
+        if int(ds.HighBit) != int(ds.BitsStored) - 1:
+            problems.append("High Bit is not Bits Stored - 1")
+    if problems:
+        raise DerivedSeriesError(f"{label} is invalid: " + "; ".join(problems))

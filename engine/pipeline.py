@@ -1,0 +1,157 @@
+"""The one code path from source files to derived datasets.
+
+Used by the node's worker and by the offline `ltdiff-node standardize IN_DIR OUT_DIR` command:
+`standardize_series` reads and decodes the files, runs the engine, builds the validated derived
+series and returns datasets without writing anything; `write_series` writes them atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+from engine.derived import DerivedSeriesOptions, build_derived_series, is_ltdiff_output
+from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
+from engine.series_io import SeriesError, load_series
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Wall-clock milliseconds per stage: read + decode, engine, build + encode."""
+
+    decode_ms: float
+    engine_ms: float
+    encode_ms: float
+
+
+@dataclass(frozen=True)
+class StandardizationResult:
+    """What `standardize_series` produced.
+
+    datasets: the derived instances (validated, with file meta), in volume order.
+    series_instance_uid: the derived Series Instance UID.
+    source_series_instance_uid: the series that was standardized.
+    identity: the engine that ran.
+    n_slices: number of slices (= len(datasets)).
+    clipped_pixels: output pixels clipped to the storable range.
+    seed: the seed given to the engine.
+    timings: per-stage wall-clock times.
+    notes: loader notes for the log (skipped duplicates, fallback ordering).
+    """
+
+    datasets: list[Dataset]
+    series_instance_uid: str
+    source_series_instance_uid: str
+    identity: EngineIdentity
+    n_slices: int
+    clipped_pixels: int
+    seed: int
+    timings: StageTimings
+    notes: tuple[str, ...]
+
+
+def seed_for_series(series_instance_uid: str) -> int:
+    """Engine seed from a Series Instance UID: first 8 bytes of its SHA-256, big endian."""
+    digest = hashlib.sha256(series_instance_uid.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _check_engine_output(output: object, expected_shape: tuple[int, ...]) -> FloatVolume:
+    if not isinstance(output, np.ndarray):
+        raise EngineError(f"engine returned {type(output).__name__}, not a numpy array")
+    if output.shape != expected_shape:
+        raise EngineError(f"engine returned shape {output.shape}, expected {expected_shape}")
+    if output.dtype.kind != "f":
+        raise EngineError(f"engine returned dtype {output.dtype}, expected float32")
+    volume = output.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(volume)):
+        raise EngineError("engine returned NaN or infinite values")
+    return volume
+
+
+def standardize_series(
+    paths: Iterable[str | PathLike[str]],
+    engine: Engine,
+    options: DerivedSeriesOptions | None = None,
+    *,
+    seed: int | None = None,
+    now: datetime | None = None,
+) -> StandardizationResult:
+    """Read one CT series from `paths`, standardize it with `engine`, return the derived series.
+
+    `seed`: given to the engine; None derives it from the source Series Instance UID
+    (`seed_for_series`) so re-runs are reproducible. `now`: timestamp for the new headers
+    (current time when None). Refuses our own output (SeriesError), so a routing mistake cannot
+    standardize a series twice. Raises SeriesError / PixelFormatError for unusable input,
+    EngineError for a misbehaving engine, DerivedSeriesError if the output cannot be built.
+    """
+    started = time.perf_counter()
+    loaded = load_series(paths)
+    if any(is_ltdiff_output(ds) for ds in loaded.datasets):
+        raise SeriesError(
+            f"series {loaded.series_instance_uid} is ltdiff-node output; it is not standardized "
+            "again"
+        )
+    decoded = time.perf_counter()
+    source_uid = loaded.series_instance_uid
+    run_seed = seed_for_series(source_uid) if seed is None else seed
+    output = engine.standardize(loaded.volume_hu, loaded.geometry, seed=run_seed)
+    volume = _check_engine_output(output, loaded.volume_hu.shape)
+    ran = time.perf_counter()
+    derived = build_derived_series(loaded, volume, engine.identity, options, now=now)
+    built = time.perf_counter()
+    return StandardizationResult(
+        datasets=derived.datasets,
+        series_instance_uid=derived.series_instance_uid,
+        source_series_instance_uid=source_uid,
+        identity=engine.identity,
+        n_slices=len(derived.datasets),
+        clipped_pixels=derived.clipped_pixels,
+        seed=run_seed,
+        timings=StageTimings(
+            decode_ms=(decoded - started) * 1000.0,
+            engine_ms=(ran - decoded) * 1000.0,
+            encode_ms=(built - ran) * 1000.0,
+        ),
+        notes=loaded.notes,
+    )
+
+
+def write_series(datasets: Sequence[Dataset], out_dir: str | PathLike[str]) -> list[Path]:
+    """Write each dataset as `<out_dir>/<SOPInstanceUID>.dcm` (DICOM File Format, PS3.10).
+
+    Each file is written under a temporary name, flushed and fsynced, then renamed, so a reader
+    never sees a partial file; the directory is fsynced at the end. Returns the paths in order.
+    """
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ds in datasets:
+        name = f"{ds.SOPInstanceUID}.dcm"
+        final = directory / name
+        temporary = directory / f".{name}.partial"
+        try:
+            with temporary.open("wb") as handle:
+                dcmwrite(handle, ds, enforce_file_format=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            temporary.replace(final)
+        finally:
+            temporary.unlink(missing_ok=True)
+        written.append(final)
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+    return written
