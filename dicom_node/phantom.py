@@ -10,11 +10,12 @@ on a scanner with a medium-smooth body kernel (Br40-like), so the engines get re
   obliquely, a heart with a uniform blood pool (the noise-measurement region), descending aorta,
   sternum, vertebra (cortex ~+700 HU, cancellous bone, canal), ribs (~+700 HU) drifting with z,
   three lung nodules spanning several slices (solid, ground-glass, calcified), and a patient table;
-* a Br40-like system blur: MTF A(f) = exp(-(f/f_c)^4) with f_c = 0.454 lp/mm (MTF50 ~0.41,
-  MTF10 ~0.56 lp/mm);
-* white Gaussian noise shaped by the matching FBP noise power spectrum NPS(f) ~ f * A(f)^2
-  (ramp x apodization), whose peak lies at f_c / 8^(1/4) = 0.27 lp/mm, scaled to the requested
-  pixel SD (default 11 HU, that of a routine-dose Br40 chest in soft tissue);
+* a Br40-like system blur: MTF exp(-(f/f_c)^n), n = 2.45, f_c = 0.441 lp/mm (MTF50 0.38,
+  MTF10 0.62 lp/mm, as measured for Br40d);
+* white Gaussian noise shaped by an FBP noise power spectrum NPS(f) ~ f * A(f)^2 (ramp x kernel
+  apodization A(f) = exp(-(f/f_n)^n)), with f_n = 0.516 lp/mm so that the NPS peaks at 0.27 lp/mm
+  (the apodization alone is wider than the MTF, which also holds detector and focal-spot blur),
+  scaled to the requested pixel SD (default 11 HU, a routine-dose Br40 chest in soft tissue);
 * Siemens-like storage: unsigned 12-bit, stored = clip(round(HU) + 1024, 0, 4095), intercept -1024.
 
 The pixels and all UIDs are a pure function of the arguments (the seed picks the random anatomy
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from engine import __version__
 
@@ -44,8 +46,12 @@ PATIENT_NAME: Final = "PHANTOM^LTDIFF"
 PATIENT_ID: Final = "LTDIFF-PHANTOM"
 STUDY_DESCRIPTION: Final = "ltdiff-node routing test phantom"
 MANUFACTURER: Final = "ltdiff-node phantom"
-MTF_CUTOFF_LP_PER_MM: Final = 0.27 * 8**0.25
-"""f_c of the Br40-like MTF exp(-(f/f_c)^4); puts the NPS peak at 0.27 lp/mm."""
+APODIZATION_ORDER: Final = 2.45
+"""n of the Br40-like curves exp(-(f/f_c)^n): with MTF50 0.38 lp/mm it gives MTF10 0.62 lp/mm."""
+MTF_CUTOFF_LP_PER_MM: Final = 0.38 / np.log(2) ** (1 / APODIZATION_ORDER)
+"""f_c of the image MTF: MTF50 = 0.38 lp/mm (Br40d measured 0.38 / 0.62)."""
+NOISE_CUTOFF_LP_PER_MM: Final = 0.27 * (2 * APODIZATION_ORDER) ** (1 / APODIZATION_ORDER)
+"""f_c of the kernel apodization shaping the noise: NPS f * A(f)^2 peaks at 0.27 lp/mm."""
 
 FloatArray = npt.NDArray[np.float32]
 _Grid = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
@@ -66,10 +72,11 @@ class PhantomVolume:
 
 
 def _ellipse(
-    grid: _Grid, cx: float, cy: float, a: float, b: float, pixel_mm: float
+    grid: _Grid, centre: tuple[float, float], axes: tuple[float, float], pixel_mm: float
 ) -> npt.NDArray[np.float64]:
-    """Anti-aliased coverage 0..1 of an axis-aligned ellipse (mm) on the grid."""
+    """Anti-aliased coverage 0..1 of an axis-aligned ellipse (centre, semi-axes in mm)."""
     x, y = grid
+    (cx, cy), (a, b) = centre, axes
     dx, dy = (x - cx) / a, (y - cy) / b
     rho = np.sqrt(dx * dx + dy * dy)
     grad = np.sqrt((dx / a) ** 2 + (dy / b) ** 2) / np.maximum(rho, 1e-9)
@@ -98,7 +105,11 @@ def _br40_like_mtf(shape: tuple[int, int], pixel_mm: float) -> npt.NDArray[np.fl
     fy = np.fft.fftfreq(shape[0], d=pixel_mm)[:, None]
     fx = np.fft.rfftfreq(shape[1], d=pixel_mm)[None, :]
     f = np.hypot(fy, fx)
-    return np.asarray(np.exp(-((f / MTF_CUTOFF_LP_PER_MM) ** 4)))
+    return _apodization(f, MTF_CUTOFF_LP_PER_MM)
+
+
+def _apodization(f: npt.NDArray[np.float64], cutoff: float) -> npt.NDArray[np.float64]:
+    return np.asarray(np.exp(-((f / cutoff) ** APODIZATION_ORDER)))
 
 
 def render_phantom(
@@ -120,31 +131,36 @@ def render_phantom(
     rng = np.random.default_rng(seed)
     centre = (size - 1) / 2.0
     coords = (np.arange(size) - centre) * pixel_spacing
-    grid: _Grid = (coords[None, :].repeat(size, 0), coords[:, None].repeat(size, 1))
-    z_mm = tuple(float((n_slices - 1) / 2.0 * slice_spacing - i * slice_spacing) for i in range(n_slices))
+    grid: _Grid = (
+        np.repeat(coords[None, :], size, axis=0).astype(np.float64),
+        np.repeat(coords[:, None], size, axis=1).astype(np.float64),
+    )
+    z_mm = tuple(
+        float((n_slices - 1) / 2.0 * slice_spacing - i * slice_spacing) for i in range(n_slices)
+    )
 
     # Random anatomy details, drawn once per seed.
-    rib_angles = np.deg2rad(np.array([-150, -120, -60, -30, 30, 60, 120, 150]) + rng.uniform(-6, 6, 8))
+    rib_angles = np.deg2rad(
+        np.array([-150, -120, -60, -30, 30, 60, 120, 150]) + rng.uniform(-6, 6, 8)
+    )
     vessels = [
         (side * rng.uniform(45, 115), rng.uniform(-55, 50), rng.uniform(1.2, 4.0),
          rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4))
         for side in (-1, 1) for _ in range(8)
     ]  # fmt: skip
     half_z = (n_slices - 1) / 2.0 * slice_spacing
-    nodules = [  # (x, y, z, radius mm, HU)
-        (-85 + rng.uniform(-8, 8), -20 + rng.uniform(-10, 10), rng.uniform(-0.5, 0.5) * half_z, 7.0, 30.0),
-        (80 + rng.uniform(-8, 8), 20 + rng.uniform(-10, 10), rng.uniform(-0.5, 0.5) * half_z, 9.0, -500.0),
-        (95 + rng.uniform(-5, 5), -40 + rng.uniform(-8, 8), rng.uniform(-0.5, 0.5) * half_z, 4.0, 500.0),
-    ]  # fmt: skip
+    nodules = [  # (x, y, z, radius mm, HU): solid, ground-glass, calcified
+        (x + rng.uniform(-8, 8), y + rng.uniform(-8, 8), rng.uniform(-0.5, 0.5) * half_z, r, hu)
+        for x, y, r, hu in ((-85, -20, 7.0, 30.0), (80, 20, 9.0, -500.0), (95, -40, 4.0, 500.0))
+    ]
     texture_a = _smooth_field(rng, (size, size), 2.5 / pixel_spacing)
     texture_b = _smooth_field(rng, (size, size), 2.5 / pixel_spacing)
 
     mtf = _br40_like_mtf((size, size), pixel_spacing)
     fy = np.fft.fftfreq(size, d=pixel_spacing)[:, None]
     fx = np.fft.fftfreq(size, d=pixel_spacing)[None, :]
-    nps_amplitude_full = np.sqrt(np.hypot(fy, fx)) * np.exp(
-        -((np.hypot(fy, fx) / MTF_CUTOFF_LP_PER_MM) ** 4)
-    )
+    f_full = np.hypot(fy, fx)
+    nps_amplitude_full = np.sqrt(f_full) * _apodization(f_full, NOISE_CUTOFF_LP_PER_MM)
     # irfft2(rfft2(white) * H) has pixel variance mean(H^2) over the full FFT grid.
     noise_gain = noise_sd_hu / np.sqrt(np.mean(nps_amplitude_full**2))
     noise_filter = nps_amplitude_full[:, : size // 2 + 1] * noise_gain
@@ -160,49 +176,54 @@ def render_phantom(
         image[table_box] = -950.0
         image[table_box & ((y < 131) | (y > 145))] = 250.0
         # Body: skin, subcutaneous fat, soft tissue.
-        _paint(image, _ellipse(grid, 0, 5, 160, 118, px), 30.0)
-        _paint(image, _ellipse(grid, 0, 5, 158, 116, px), -100.0)
-        _paint(image, _ellipse(grid, 0, 5, 146, 104, px), 40.0)
+        _paint(image, _ellipse(grid, (0, 5), (160, 118), px), 30.0)
+        _paint(image, _ellipse(grid, (0, 5), (158, 116), px), -100.0)
+        _paint(image, _ellipse(grid, (0, 5), (146, 104), px), 40.0)
         # Lungs, slightly larger inferiorly, with texture continuous in z.
         phase = z / 12.0
         texture = np.cos(phase) * texture_a + np.sin(phase) * texture_b
         lung_scale = 1.0 - 0.004 * z
         for side in (-1, 1):
-            lung = _ellipse(grid, side * 76, -5, 48 * lung_scale, 80 * lung_scale, px)
+            lung = _ellipse(grid, (side * 76, -5), (48 * lung_scale, 80 * lung_scale), px)
             image += lung * ((-860.0 + 15.0 * texture) - image)
         # Vessels in the lungs, running obliquely.
         for vx, vy, r, sx, sy in vessels:
-            _paint(image, _ellipse(grid, vx + sx * z, vy + sy * z, r, r, px), 40.0)
+            _paint(image, _ellipse(grid, (vx + sx * z, vy + sy * z), (r, r), px), 40.0)
         # Mediastinum: heart, aorta, sternum, vertebra, canal.
-        _paint(image, _ellipse(grid, 12, 10, 52, 46, px), 40.0)
-        _paint(image, _ellipse(grid, 22, 62, 12, 12, px), 45.0)
-        _paint(image, _ellipse(grid, 0, -100, 16, 7, px), 700.0)
-        _paint(image, _ellipse(grid, 0, -100, 13, 4.5, px), 250.0)
-        _paint(image, _ellipse(grid, 0, 78, 19, 17, px), 700.0)
-        _paint(image, _ellipse(grid, 0, 78, 16.5, 14.5, px), 220.0)
-        _paint(image, _ellipse(grid, 0, 102, 8, 7, px), 15.0)
-        _paint(image, _ellipse(grid, 0, 118, 4, 10, px), 700.0)
+        _paint(image, _ellipse(grid, (12, 10), (52, 46), px), 40.0)
+        _paint(image, _ellipse(grid, (22, 62), (12, 12), px), 45.0)
+        _paint(image, _ellipse(grid, (0, -100), (16, 7), px), 700.0)
+        _paint(image, _ellipse(grid, (0, -100), (13, 4.5), px), 250.0)
+        _paint(image, _ellipse(grid, (0, 78), (19, 17), px), 700.0)
+        _paint(image, _ellipse(grid, (0, 78), (16.5, 14.5), px), 220.0)
+        _paint(image, _ellipse(grid, (0, 102), (8, 7), px), 15.0)
+        _paint(image, _ellipse(grid, (0, 118), (4, 10), px), 700.0)
         # Ribs along the chest wall, drifting with z as ribs run obliquely.
         for angle in rib_angles:
             theta = angle + 0.004 * z
             rx, ry = 136 * np.cos(theta), 5 + 99 * np.sin(theta)
-            _paint(image, _ellipse(grid, rx, ry, 7, 5, px), 700.0)
-            _paint(image, _ellipse(grid, rx, ry, 4.5, 2.8, px), 250.0)
+            _paint(image, _ellipse(grid, (rx, ry), (7, 5), px), 700.0)
+            _paint(image, _ellipse(grid, (rx, ry), (4.5, 2.8), px), 250.0)
         # Nodules: spheres, cut by the slice plane.
         for nx, ny, nz, r, value in nodules:
             if abs(z - nz) < r:
                 rz = float(np.sqrt(r * r - (z - nz) ** 2))
-                _paint(image, _ellipse(grid, nx, ny, rz, rz, px), value)
+                _paint(image, _ellipse(grid, (nx, ny), (rz, rz), px), value)
 
         spectrum = np.fft.rfft2(image) * mtf
         spectrum += np.fft.rfft2(rng.standard_normal((size, size))) * noise_filter
         hu[k] = np.fft.irfft2(spectrum, s=(size, size))
-        roi[k] = _ellipse(grid, 12, 10, 30, 26, px) >= 1.0
+        roi[k] = _ellipse(grid, (12, 10), (30, 26), px) >= 1.0
     return PhantomVolume(hu=hu, uniform_roi=roi, z_mm=z_mm)
 
 
+_UID_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ltdiff-node:phantom")
+
+
 def _uid(seed: int, *parts: object) -> str:
-    return str(generate_uid(prefix=None, entropy_srcs=["ltdiff-node phantom", str(seed), *map(str, parts)]))
+    """A 2.25 UID (PS3.5 B.2) from a name-based UUID: the same arguments give the same UID."""
+    name = "/".join(map(str, (seed, *parts)))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
 def generate_phantom_series(
@@ -246,7 +267,7 @@ def generate_phantom_series(
         sop_uid = _uid(seed, "instance", kernel, series_number, instance)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationVersionName = f"LTDIFF_{__version__}"[:16]
 
@@ -312,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `ltdiff-node phantom OUT_DIR [--slices N] [--seed S] [--kernel K]`."""
     parser = argparse.ArgumentParser(
         prog="ltdiff-node phantom",
-        description="Write a synthetic chest-phantom CT series (no patient data) for routing tests.",
+        description="Write a synthetic chest-phantom CT series (no patient data) for routing.",
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     parser.add_argument("--slices", type=int, default=24, help="number of slices (%(default)s)")

@@ -116,7 +116,7 @@ class LinearFilter:
         above = f > f_max
         if np.any(above):
             t = np.clip((f[above] - f_max) / ROLLOFF_WIDTH_LP_PER_MM, 0.0, 1.0)
-            g[above] = gain[-1] * np.cos(0.5 * np.pi * t) ** 2
+            g[above] = np.where(t < 1.0, gain[-1] * np.cos(0.5 * np.pi * t) ** 2, 0.0)
         return g
 
 
