@@ -252,12 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("demo", help="end-to-end demo: node + archive + phantom series + PNG",
                    add_help=False)
+    sub.add_parser("evaluate", help="radiomic feature agreement of engines on paired series",
+                   add_help=False)
     return parser
 
 
 _FORWARDED = {
     "phantom": "dicom_node.phantom",
     "demo": "dicom_node.demo",
+    "evaluate": "training.evaluate",
 }
 _TRAIN = {"linear": "training.fit_linear"}
 
