@@ -21,8 +21,9 @@ from dicom_node.uids import is_valid_uid
 class FolderArchive:
     """Start with `start()`, read `port`, stop with `stop()`."""
 
-    def __init__(self, root: Path, ae_title: str = "ARCHIVE", host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+    def __init__(
+        self, root: Path, ae_title: str = "ARCHIVE", host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.spool = Spool(root)
         self.root = root
         self.ae_title = ae_title
@@ -47,7 +48,8 @@ class FolderArchive:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
         for cx in StoragePresentationContexts[:127]:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax:
+                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.server = ae.start_server(
             (self.host, self.requested_port),
             block=False,

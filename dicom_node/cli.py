@@ -66,7 +66,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for dest in config.destinations:
         ok, what = echo(dest, config.listener.ae_title)
         if not ok:
-            warnings.append(f"destination {dest.name!r} ({dest.host}:{dest.port}) not reachable: {what}")
+            warnings.append(
+                f"destination {dest.name!r} ({dest.host}:{dest.port}) not reachable: {what}"
+            )
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     print("configuration is valid", file=sys.stderr)
@@ -124,12 +126,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in report["retrying"]:
             print(
                 f"  job {r['job_id']} -> {r['destination']}: {r['instances']} instance(s), "
-                f"attempt {r['attempts']}, next at {_fmt_time(r['next_attempt'])}: {r['last_error']}"
+                f"attempt {r['attempts']}, next at {_fmt_time(r['next_attempt'])}: "
+                f"{r['last_error']}"
             )
     if report["dead_letters"]:
         print("dead letters (ltdiff-node retry JOB):")
         for r in report["dead_letters"]:
-            print(f"  job {r['job_id']} -> {r['destination']}: {r['instances']} instance(s): {r['last_error']}")
+            print(
+                f"  job {r['job_id']} -> {r['destination']}: {r['instances']} instance(s): "
+                f"{r['last_error']}"
+            )
     print("recent jobs:")
     for j in report["recent_jobs"]:
         print(
@@ -246,14 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override the engine's device (cpu, cuda, cuda:N)")
     p.set_defaults(func=cmd_standardize)
 
-    sub.add_parser("phantom", help="write a synthetic phantom CT series (no patient data)",
-                   add_help=False)
-    sub.add_parser("train", help="fit engine weights from paired series (train linear ...)",
-                   add_help=False)
-    sub.add_parser("demo", help="end-to-end demo: node + archive + phantom series + PNG",
-                   add_help=False)
-    sub.add_parser("evaluate", help="radiomic feature agreement of engines on paired series",
-                   add_help=False)
+    sub.add_parser(
+        "phantom", help="write a synthetic phantom CT series (no patient data)", add_help=False
+    )
+    sub.add_parser(
+        "train", help="fit engine weights from paired series (train linear ...)", add_help=False
+    )
+    sub.add_parser(
+        "demo", help="end-to-end demo: node + archive + phantom series + PNG", add_help=False
+    )
+    sub.add_parser(
+        "evaluate", help="radiomic feature agreement of engines on paired series", add_help=False
+    )
     return parser
 
 

@@ -164,7 +164,8 @@ class NodeConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """The effective configuration as plain data (for `check-config` and the start-up log)."""
-        return _plain(asdict(self))
+        plain: dict[str, Any] = _plain(asdict(self))
+        return plain
 
 
 DEFAULT_ENGINES = (EngineConfig(name="linear"),)
@@ -236,7 +237,9 @@ class _Table:
             return default
         value = self.raw(name)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(f"{self.key(name)} = {value!r}: expected an integer from {lo} to {hi}")
+            raise ConfigError(
+                f"{self.key(name)} = {value!r}: expected an integer from {lo} to {hi}"
+            )
         return value
 
     def number(self, name: str, default: float, lo: float, hi: float) -> float:
@@ -281,7 +284,9 @@ class _Table:
             return []
         value = self.raw(name)
         if not isinstance(value, list):
-            raise ConfigError(f"{self.key(name)}: expected an array of tables ([[{self.key(name)}]])")
+            raise ConfigError(
+                f"{self.key(name)}: expected an array of tables ([[{self.key(name)}]])"
+            )
         return [_Table(v, f"{self.key(name)}[{i}]") for i, v in enumerate(value)]
 
     def reject_unknown(self) -> None:
@@ -340,7 +345,8 @@ def _match_pairs(t: _Table) -> tuple[tuple[str, str], ...]:
         value = t.raw(attr)
         if attr not in ROUTABLE_ATTRIBUTES:
             raise ConfigError(
-                f"{t.key(attr)}: cannot route on {attr!r}; allowed: {', '.join(ROUTABLE_ATTRIBUTES)}"
+                f"{t.key(attr)}: cannot route on {attr!r}; "
+                f"allowed: {', '.join(ROUTABLE_ATTRIBUTES)}"
             )
         if not isinstance(value, str):
             raise ConfigError(f"{t.key(attr)} = {value!r}: expected a regular expression string")

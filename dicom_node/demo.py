@@ -23,10 +23,10 @@ from dicom_node.archive import FolderArchive
 from dicom_node.config import (
     AssemblyConfig,
     DestinationConfig,
+    EngineConfig,
     ListenerConfig,
     NodeConfig,
     RouteRule,
-    EngineConfig,
 )
 from dicom_node.export import send_paths
 from dicom_node.logs import configure_logging
@@ -57,8 +57,12 @@ def demo_config(state_dir: Path, archive_port: int, stable_age_s: float) -> Node
         engines=(EngineConfig(name="linear"),),
         destinations=(
             DestinationConfig(
-                name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=archive_port,
-                max_attempts=3, backoff_initial_s=1.0,
+                name="archive",
+                ae_title="ARCHIVE",
+                host="127.0.0.1",
+                port=archive_port,
+                max_attempts=3,
+                backoff_initial_s=1.0,
             ),
         ),
     )
@@ -99,8 +103,10 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
     config = demo_config(out_dir / "node-state", archive.port, stable_age_s)
     node = Node(config)
     node.start()
-    print(f"2. node LTDIFF listening on 127.0.0.1:{node.port}; archive ARCHIVE on "
-          f"127.0.0.1:{archive.port} (folder {archive.root})")
+    print(
+        f"2. node LTDIFF listening on 127.0.0.1:{node.port}; archive ARCHIVE on "
+        f"127.0.0.1:{archive.port} (folder {archive.root})"
+    )
     try:
         t0 = time.monotonic()
         result = send_paths(
@@ -112,8 +118,10 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
         if result.failed:
             print(f"   sending failed for {len(result.failed)} instance(s): {result.failed[0][1]}")
             return 1
-        print(f"3. sent {len(result.sent)} instances with C-STORE in {send_s:.2f} s "
-              f"({len(result.sent) / send_s:.0f} instances/s); the node answered Success to each")
+        print(
+            f"3. sent {len(result.sent)} instances with C-STORE in {send_s:.2f} s "
+            f"({len(result.sent) / send_s:.0f} instances/s); the node answered Success to each"
+        )
         deadline = time.monotonic() + timeout_s
         job = None
         while time.monotonic() < deadline:
@@ -131,8 +139,10 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
             return 1
         derived_uid = job["derived_series_uid"]
         received = archive.series_files(derived_uid)
-        print(f"4. standardized series {derived_uid} arrived in the archive: {len(received)} "
-              f"images, {turnaround:.1f} s after the first C-STORE (stable age {stable_age_s:g} s)")
+        print(
+            f"4. standardized series {derived_uid} arrived in the archive: {len(received)} "
+            f"images, {turnaround:.1f} s after the first C-STORE (stable age {stable_age_s:g} s)"
+        )
         mid = len(paths) // 2
         src_by_pos = {}
         for p in paths:
@@ -140,7 +150,9 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
             src_by_pos[round(float(d.ImagePositionPatient[2]), 3)] = p
         der = sorted(
             received,
-            key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]),
+            key=lambda p: float(
+                pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]
+            ),
         )[mid]
         der_ds = pydicom.dcmread(der, stop_before_pixels=True)
         src_path = src_by_pos[round(float(der_ds.ImagePositionPatient[2]), 3)]
@@ -149,12 +161,17 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
         print("   derived series headers:")
         print(f"     SeriesDescription     {der_ds.SeriesDescription!s}")
         print(f"     SeriesNumber          {der_ds.SeriesNumber} (source {src.SeriesNumber})")
-        print(f"     ImageType             {'\\'.join(der_ds.ImageType)}")
+        image_type = "\\".join(der_ds.ImageType)
+        print(f"     ImageType             {image_type}")
         print(f"     DerivationDescription {der_ds.DerivationDescription}")
-        print(f"     ConvolutionKernel     {der_ds.get('ConvolutionKernel', '')} (unchanged: "
-              "the pixels come from a Br40d reconstruction)")
-        print(f"     same StudyInstanceUID {der_ds.StudyInstanceUID == src.StudyInstanceUID}, "
-              f"new SeriesInstanceUID {der_ds.SeriesInstanceUID != src.SeriesInstanceUID}")
+        print(
+            f"     ConvolutionKernel     {der_ds.get('ConvolutionKernel', '')} (unchanged: "
+            "the pixels come from a Br40d reconstruction)"
+        )
+        print(
+            f"     same StudyInstanceUID {der_ds.StudyInstanceUID == src.StudyInstanceUID}, "
+            f"new SeriesInstanceUID {der_ds.SeriesInstanceUID != src.SeriesInstanceUID}"
+        )
         print(f"done in {time.monotonic() - t_start:.1f} s; node state in {config.state_dir}")
         return 0
     finally:
@@ -163,13 +180,24 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ltdiff-node demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo-output"),
-                        help="folder for the phantom, the archive, the node state and the PNG")
+    parser = argparse.ArgumentParser(
+        prog="ltdiff-node demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        help="folder for the phantom, the archive, the node state and the PNG",
+    )
     parser.add_argument("--slices", type=int, default=24)
-    parser.add_argument("--stable-age", type=float, default=2.0,
-                        help="seconds without a new instance before a series counts as complete")
+    parser.add_argument(
+        "--stable-age",
+        type=float,
+        default=2.0,
+        help="seconds without a new instance before a series counts as complete",
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     configure_logging("console", "warning")

@@ -154,6 +154,7 @@ class Exporter(threading.Thread):
         self,
         dest: DestinationConfig,
         store: JobStore,
+        *,
         calling_ae: str,
         stop: threading.Event,
         wake: threading.Event,
@@ -175,12 +176,16 @@ class Exporter(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 worked = self.run_once(time.time())
-            except Exception:  # noqa: BLE001 - the thread must survive and retry
+            except Exception:
                 log.exception("export.loop_error", destination=self.dest.name)
                 worked = False
             if not worked:
                 nxt = self.store.next_export_time(self.dest.name)
-                wait = self.idle_poll_s if nxt is None else max(0.05, min(self.idle_poll_s, nxt - time.time()))
+                wait = (
+                    self.idle_poll_s
+                    if nxt is None
+                    else max(0.05, min(self.idle_poll_s, nxt - time.time()))
+                )
                 self.wake.wait(wait)
                 self.wake.clear()
 
@@ -201,7 +206,9 @@ class Exporter(threading.Thread):
                 failed_rows,
                 err,
                 max_attempts=self.dest.max_attempts,
-                backoff=lambda a: backoff_seconds(a, self.dest.backoff_initial_s, self.dest.backoff_max_s),
+                backoff=lambda a: backoff_seconds(
+                    a, self.dest.backoff_initial_s, self.dest.backoff_max_s
+                ),
                 now=time.time(),
             )
         elapsed = time.monotonic() - t0

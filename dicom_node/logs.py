@@ -66,9 +66,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at debug and each association at info; keep its warnings.
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if level == "debug" else logging.WARNING
-    )
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

@@ -13,15 +13,15 @@ import sqlite3
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -32,6 +32,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -107,7 +108,9 @@ def _expected_count(ds: Dataset) -> int | None:
 
 def make_ssl_context(tls: TLSConfig, server_side: bool) -> ssl.SSLContext:
     purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
-    ctx = ssl.create_default_context(purpose, cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
+    ctx = ssl.create_default_context(
+        purpose, cafile=str(tls.ca_certificates) if tls.ca_certificates else None
+    )
     if tls.certificate and tls.private_key:
         ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
     if server_side:
@@ -134,32 +137,48 @@ class StoreHandler:
             sop_class = ds.get("SOPClassUID")
         except Exception as exc:  # noqa: BLE001 - any decode failure means "cannot understand"
             log.warning(
-                "instance.rejected", reason="undecodable dataset", error=type(exc).__name__,
-                calling_ae=calling_ae, assoc=assoc_id,
+                "instance.rejected",
+                reason="undecodable dataset",
+                error=type(exc).__name__,
+                calling_ae=calling_ae,
+                assoc=assoc_id,
             )
             return statuses.CANNOT_UNDERSTAND
         if not all(is_valid_uid(u) for u in (sop_uid, series_uid, study_uid, sop_class)):
             log.warning(
-                "instance.rejected", reason="missing or invalid UID (SOP instance, series, study "
-                "or SOP class)", calling_ae=calling_ae, assoc=assoc_id,
+                "instance.rejected",
+                reason="missing or invalid UID (SOP instance, series, study or SOP class)",
+                calling_ae=calling_ae,
+                assoc=assoc_id,
             )
             return statuses.CANNOT_UNDERSTAND_INVALID_UID
-        if sop_uid != event.request.AffectedSOPInstanceUID:
+        request = cast(C_STORE, event.request)
+        if sop_uid != request.AffectedSOPInstanceUID:
             log.warning(
-                "instance.rejected", reason="SOPInstanceUID differs from the C-STORE request",
-                calling_ae=calling_ae, assoc=assoc_id, sop_uid=str(sop_uid),
+                "instance.rejected",
+                reason="SOPInstanceUID differs from the C-STORE request",
+                calling_ae=calling_ae,
+                assoc=assoc_id,
+                sop_uid=str(sop_uid),
             )
             return statuses.CANNOT_UNDERSTAND_UID_MISMATCH
-        if sop_class != event.request.AffectedSOPClassUID:
+        if sop_class != request.AffectedSOPClassUID:
             log.warning(
-                "instance.rejected", reason="SOPClassUID differs from the presentation context",
-                calling_ae=calling_ae, assoc=assoc_id, sop_uid=str(sop_uid),
+                "instance.rejected",
+                reason="SOPClassUID differs from the presentation context",
+                calling_ae=calling_ae,
+                assoc=assoc_id,
+                sop_uid=str(sop_uid),
             )
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
             if self.store.has_instance(sop_uid):
-                log.info("instance.duplicate", sop_uid=sop_uid, series_uid=series_uid,
-                         calling_ae=calling_ae)
+                log.info(
+                    "instance.duplicate",
+                    sop_uid=sop_uid,
+                    series_uid=series_uid,
+                    calling_ae=calling_ae,
+                )
                 return statuses.SUCCESS
             data = event.encoded_dataset()
             path = self.spool.store(series_uid, sop_uid, data)
@@ -179,16 +198,30 @@ class StoreHandler:
                 )
             )
         except SpoolError as exc:
-            log.error("instance.refused", reason=str(exc), status="0xA700",
-                      series_uid=series_uid, calling_ae=calling_ae)
+            log.error(
+                "instance.refused",
+                reason=str(exc),
+                status="0xA700",
+                series_uid=series_uid,
+                calling_ae=calling_ae,
+            )
             return statuses.OUT_OF_RESOURCES
         except sqlite3.Error as exc:
-            log.error("instance.refused", reason=f"database: {exc}", status="0xA700",
-                      series_uid=series_uid, calling_ae=calling_ae)
+            log.error(
+                "instance.refused",
+                reason=f"database: {exc}",
+                status="0xA700",
+                series_uid=series_uid,
+                calling_ae=calling_ae,
+            )
             return statuses.OUT_OF_RESOURCES
         if outcome is ReceiveOutcome.REOPENED:
-            log.info("series.reopened", series_uid=series_uid, sop_uid=sop_uid,
-                     reason="late instance after the series was complete")
+            log.info(
+                "series.reopened",
+                series_uid=series_uid,
+                sop_uid=sop_uid,
+                reason="late instance after the series was complete",
+            )
         elif outcome is ReceiveOutcome.DUPLICATE:
             log.info("instance.duplicate", sop_uid=sop_uid, series_uid=series_uid)
         if self.on_stored:
@@ -207,8 +240,11 @@ def build_ae(cfg: ListenerConfig) -> AE:
     ae.add_supported_context(Verification)
     classes: list[str] = list(CT_STORAGE_CLASSES)
     if cfg.other_storage is OtherStorage.ACCEPT:
-        classes += [c.abstract_syntax for c in StoragePresentationContexts
-                    if c.abstract_syntax not in classes]
+        classes += [
+            str(c.abstract_syntax)
+            for c in StoragePresentationContexts
+            if c.abstract_syntax and c.abstract_syntax not in classes
+        ]
     for uid in classes[:127]:  # 128 presentation contexts at most, one is Verification
         ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
@@ -226,9 +262,11 @@ def start_listener(
         (evt.EVT_REJECTED, _log_rejected),
     ]
     ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None
-    server: ThreadedAssociationServer = ae.start_server(
+    server = ae.start_server(
         (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
     )
+    if server is None:  # only a blocking server returns None
+        raise RuntimeError("pynetdicom did not return a server")
     if cfg.allowed_addresses:
         allowed = set(cfg.allowed_addresses)
 

@@ -73,20 +73,38 @@ class Node:
         )
         for i, device in enumerate(self.config.workers):
             self.threads.append(
-                EngineWorker(device, i, self.store, self.config, self.engines, self.stop_event,
-                             self.worker_wake, self.scheduler_wake.set)
+                EngineWorker(
+                    device,
+                    i,
+                    self.store,
+                    config=self.config,
+                    engines=self.engines,
+                    stop=self.stop_event,
+                    wake=self.worker_wake,
+                    on_done=self.scheduler_wake.set,
+                )
             )
         for dest in self.config.destinations:
             wake = self.export_wakes.setdefault(dest.name, threading.Event())
             self.threads.append(
-                Exporter(dest, self.store, self.config.listener.ae_title, self.stop_event, wake,
-                         self.scheduler_wake.set)
+                Exporter(
+                    dest,
+                    self.store,
+                    calling_ae=self.config.listener.ae_title,
+                    stop=self.stop_event,
+                    wake=wake,
+                    on_progress=self.scheduler_wake.set,
+                )
             )
         for t in self.threads:
             t.start()
-        log.info("node.ready", ae_title=self.config.listener.ae_title, port=self.port,
-                 workers=list(self.config.workers),
-                 destinations=[d.name for d in self.config.destinations])
+        log.info(
+            "node.ready",
+            ae_title=self.config.listener.ae_title,
+            port=self.port,
+            workers=list(self.config.workers),
+            destinations=[d.name for d in self.config.destinations],
+        )
         sd_notify("READY=1")
 
     @property
@@ -129,7 +147,7 @@ class Node:
         while not self.stop_event.is_set():
             try:
                 self.schedule_once(time.time())
-            except Exception:  # noqa: BLE001 - the scheduler must survive and try again
+            except Exception:
                 log.exception("scheduler.error")
             self.scheduler_wake.wait(self.config.assembly.poll_interval_s)
             self.scheduler_wake.clear()
@@ -160,25 +178,49 @@ class Node:
         }
         if decision.rule is not None:
             job_id = self.store.complete_series(
-                series_uid, revision, job_kind=JobKind.STANDARDIZE, rule=decision.rule.name,
-                engine=decision.rule.engine, destinations=decision.rule.destinations, now=now,
+                series_uid,
+                revision,
+                job_kind=JobKind.STANDARDIZE,
+                rule=decision.rule.name,
+                engine=decision.rule.engine,
+                destinations=decision.rule.destinations,
+                now=now,
             )
-            log.info("series.routed", job=job_id, rule=decision.rule.name,
-                     engine=decision.rule.engine, **common)
+            log.info(
+                "series.routed",
+                job=job_id,
+                rule=decision.rule.name,
+                engine=decision.rule.engine,
+                **common,
+            )
             self.worker_wake.set()
         elif self.config.unmatched.action is UnmatchedAction.FORWARD and not series.own_output:
             job_id = self.store.complete_series(
-                series_uid, revision, job_kind=JobKind.FORWARD, rule=None, engine=None,
-                destinations=self.config.unmatched.destinations, now=now,
+                series_uid,
+                revision,
+                job_kind=JobKind.FORWARD,
+                rule=None,
+                engine=None,
+                destinations=self.config.unmatched.destinations,
+                now=now,
             )
             log.info("series.routed", job=job_id, action="forward", **common)
         else:
             self.store.complete_series(
-                series_uid, revision, job_kind=None, rule=None, engine=None, destinations=(),
+                series_uid,
+                revision,
+                job_kind=None,
+                rule=None,
+                engine=None,
+                destinations=(),
                 now=now,
             )
-            log.info("series.routed", action="discard",
-                     retention_hours=self.config.retention_hours, **common)
+            log.info(
+                "series.routed",
+                action="discard",
+                retention_hours=self.config.retention_hours,
+                **common,
+            )
 
     def _run_forward_jobs(self) -> None:
         while (job := self.store.claim_job("scheduler", (JobKind.FORWARD,))) is not None:
@@ -224,4 +266,6 @@ class Node:
             series_uid = self.store.mark_purged(job_id)
             if series_uid is not None:  # no other job of the series is still open
                 self.spool.remove_series(series_uid)
-            log.info("retention.purged_job_files", job=job_id, source_removed=series_uid is not None)
+            log.info(
+                "retention.purged_job_files", job=job_id, source_removed=series_uid is not None
+            )

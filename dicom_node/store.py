@@ -319,7 +319,8 @@ class JobStore:
 
     def instances(self, series_uid: str) -> list[tuple[str, str, Path]]:
         rows = self._query(
-            "SELECT sop_uid, sop_class_uid, path FROM instances WHERE series_uid=? ORDER BY sop_uid",
+            "SELECT sop_uid, sop_class_uid, path FROM instances WHERE series_uid=? "
+            "ORDER BY sop_uid",
             (series_uid,),
         )
         return [(r["sop_uid"], r["sop_class_uid"], Path(r["path"])) for r in rows]
@@ -373,7 +374,9 @@ class JobStore:
 
     # ---- jobs ------------------------------------------------------------------------------
 
-    def claim_job(self, worker: str, kinds: tuple[JobKind, ...], now: float | None = None) -> JobRow | None:
+    def claim_job(
+        self, worker: str, kinds: tuple[JobKind, ...], now: float | None = None
+    ) -> JobRow | None:
         """Atomically move the oldest queued job of the given kinds to processing."""
         now = time.time() if now is None else now
         marks = ",".join("?" for _ in kinds)
@@ -555,7 +558,11 @@ class JobStore:
                 if r["pending"]:
                     continue
                 new = JobState.FAILED if r["dead"] else JobState.DONE
-                err = f"dead letter: {r['dead']} instance(s) could not be delivered" if r["dead"] else None
+                err = (
+                    f"dead letter: {r['dead']} instance(s) could not be delivered"
+                    if r["dead"]
+                    else None
+                )
                 c.execute(
                     "UPDATE jobs SET state=?, error=?, updated_at=?, finished_at=? WHERE id=?",
                     (new.value, err, now, now, r["id"]),
@@ -580,7 +587,10 @@ class JobStore:
     def forget_series(self, series_uid: str) -> None:
         with self._tx() as c:
             c.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
-            c.execute("DELETE FROM series WHERE series_uid=? AND state=?", (series_uid, SeriesState.DISCARDED.value))
+            c.execute(
+                "DELETE FROM series WHERE series_uid=? AND state=?",
+                (series_uid, SeriesState.DISCARDED.value),
+            )
 
     def mark_purged(self, job_id: int) -> str | None:
         """Mark a done job's files purged. If its series is complete and has no other open job,
@@ -589,10 +599,16 @@ class JobStore:
             c.execute("UPDATE jobs SET purged=1 WHERE id=?", (job_id,))
             row = c.execute(
                 "SELECT j.series_uid FROM jobs j JOIN series s USING(series_uid) WHERE j.id=? "
-                "AND s.state=? AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_uid=j.series_uid "
+                "AND s.state=? AND NOT EXISTS (SELECT 1 FROM jobs o "
+                "WHERE o.series_uid=j.series_uid "
                 "AND o.state IN (?,?,?))",
-                (job_id, SeriesState.COMPLETE.value, JobState.QUEUED.value,
-                 JobState.PROCESSING.value, JobState.EXPORTING.value),
+                (
+                    job_id,
+                    SeriesState.COMPLETE.value,
+                    JobState.QUEUED.value,
+                    JobState.PROCESSING.value,
+                    JobState.EXPORTING.value,
+                ),
             ).fetchone()
             if row is None:
                 return None
@@ -665,7 +681,6 @@ class JobStore:
             "dead_letters": dead,
             "recent_jobs": recent,
         }
-
 
 
 def _series(r: sqlite3.Row) -> SeriesRow:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dicom_node.config import NodeConfig
 from dicom_node.logs import get_logger
-from dicom_node.store import JobKind, JobRow, JobStore, JobState
+from dicom_node.store import JobKind, JobRow, JobState, JobStore
 from engine.derived import DerivedSeriesOptions
 from engine.interface import Engine
 from engine.pipeline import standardize_series, write_series
@@ -47,8 +47,13 @@ class EngineCache:
             if key not in self._engines:
                 ec = self.config.engine(name)
                 self._engines[key] = load_engine(ec.kind, ec.weights, device)
-                log.info("engine.loaded", engine=name, kind=ec.kind, device=device,
-                         identity=self._engines[key].identity.short)
+                log.info(
+                    "engine.loaded",
+                    engine=name,
+                    kind=ec.kind,
+                    device=device,
+                    identity=self._engines[key].identity.short,
+                )
             return self._engines[key]
 
 
@@ -93,14 +98,25 @@ def process_job(
             derived_series_uid=result.series_instance_uid,
             summary=summary,
         )
-        log.info("job.processed", job=job.id, series_uid=job.series_uid,
-                 derived_series_uid=result.series_instance_uid, state=state.value, **summary)
+        log.info(
+            "job.processed",
+            job=job.id,
+            series_uid=job.series_uid,
+            derived_series_uid=result.series_instance_uid,
+            state=state.value,
+            **summary,
+        )
         return state
-    except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, never lost
+    except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         store.fail_job(job.id, reason)
-        log.error("job.failed", job=job.id, series_uid=job.series_uid, reason=reason,
-                  exc_info=not isinstance(exc, ValueError | RuntimeError))
+        log.error(
+            "job.failed",
+            job=job.id,
+            series_uid=job.series_uid,
+            reason=reason,
+            exc_info=not isinstance(exc, ValueError | RuntimeError),
+        )
         return JobState.FAILED
 
 
@@ -108,7 +124,10 @@ def forward_job(job: JobRow, store: JobStore) -> JobState:
     """Queue the received instances unchanged for export (unmatched action 'forward')."""
     outputs = [(sop, cls, path) for sop, cls, path in store.instances(job.series_uid)]
     return store.start_export(
-        job.id, outputs, job.destinations, derived_series_uid=None,
+        job.id,
+        outputs,
+        job.destinations,
+        derived_series_uid=None,
         summary={"slices_in": len(outputs), "slices_out": len(outputs), "forwarded": True},
     )
 
@@ -119,6 +138,7 @@ class EngineWorker(threading.Thread):
         device: str,
         index: int,
         store: JobStore,
+        *,
         config: NodeConfig,
         engines: EngineCache,
         stop: threading.Event,
@@ -138,15 +158,21 @@ class EngineWorker(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 job = self.store.claim_job(self.name, (JobKind.STANDARDIZE,))
-            except Exception:  # noqa: BLE001 - keep the worker alive through DB hiccups
+            except Exception:
                 log.exception("worker.claim_failed", worker=self.name)
                 job = None
             if job is None:
                 self.wake.wait(self.config.assembly.poll_interval_s)
                 self.wake.clear()
                 continue
-            log.info("job.started", job=job.id, series_uid=job.series_uid, worker=self.name,
-                     engine=job.engine, attempt=job.process_attempts)
+            log.info(
+                "job.started",
+                job=job.id,
+                series_uid=job.series_uid,
+                worker=self.name,
+                engine=job.engine,
+                attempt=job.process_attempts,
+            )
             process_job(job, self.store, self.config, self.engines, self.device)
             self.on_done()
 

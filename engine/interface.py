@@ -36,7 +36,8 @@ class EngineIdentity:
     name: engine kind, e.g. "linear-filter" or "ltdiff++".
     version: software version of the code that ran it.
     weights_sha256: hex SHA-256 of the weights file (the fitted filter or the network weights).
-    source_kernel / target_kernel: the kernel pair the weights were fitted for, e.g. "Br40d", "Bl64d".
+    source_kernel / target_kernel: the kernel pair the weights were fitted for, e.g. "Br40d" and
+        "Bl64d".
     """
 
     name: str

@@ -36,7 +36,9 @@ def archive(tmp_path: Path) -> Iterator[FolderArchive]:
 def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
-    def start(config: NodeConfig | None = None, dest_port: int | None = None, **listener: object) -> Node:
+    def start(
+        config: NodeConfig | None = None, dest_port: int | None = None, **listener: object
+    ) -> Node:
         node = Node(config or node_config(tmp_path / "state", dest_port, **listener))
         node.start()
         nodes.append(node)

@@ -42,7 +42,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -51,8 +53,14 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def write_series(directory: Path, n_slices: int = 6, size: int = 64, kernel: str = "Br40d",
-                 uid_seed: str = "test-series", **kwargs: object) -> list[Path]:
+def write_series(
+    directory: Path,
+    n_slices: int = 6,
+    size: int = 64,
+    kernel: str = "Br40d",
+    uid_seed: str = "test-series",
+    **kwargs: object,
+) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for ds in make_ct_series(n_slices, size, size, kernel, uid_seed=uid_seed, **kwargs):
@@ -64,8 +72,17 @@ def write_series(directory: Path, n_slices: int = 6, size: int = 64, kernel: str
 
 def node_config(state_dir: Path, dest_port: int | None, **listener: object) -> NodeConfig:
     dests = (
-        (DestinationConfig(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=dest_port,
-                           max_attempts=4, backoff_initial_s=0.2, backoff_max_s=1.0),)
+        (
+            DestinationConfig(
+                name="archive",
+                ae_title="ARCHIVE",
+                host="127.0.0.1",
+                port=dest_port,
+                max_attempts=4,
+                backoff_initial_s=0.2,
+                backoff_max_s=1.0,
+            ),
+        )
         if dest_port
         else ()
     )
@@ -73,13 +90,18 @@ def node_config(state_dir: Path, dest_port: int | None, **listener: object) -> N
         state_dir=state_dir,
         log_format="console",
         log_level="warning",
-        listener=ListenerConfig(ae_title="LTDIFF", bind_address="127.0.0.1", port=0,
-                                min_free_disk_mb=0, **listener),  # type: ignore[arg-type]
+        listener=ListenerConfig(
+            ae_title="LTDIFF", bind_address="127.0.0.1", port=0, min_free_disk_mb=0, **listener
+        ),  # type: ignore[arg-type]
         assembly=AssemblyConfig(stable_age_s=0.5, poll_interval_s=0.05),
         routes=(
-            RouteRule("br40-to-bl64", "linear", tuple(d.name for d in dests),
-                      (("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
-                      (("ImageType", "LOCALIZER"),)),
+            RouteRule(
+                "br40-to-bl64",
+                "linear",
+                tuple(d.name for d in dests),
+                (("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
+                (("ImageType", "LOCALIZER"),),
+            ),
         ),
         engines=(EngineConfig(name="linear"),),
         destinations=dests,

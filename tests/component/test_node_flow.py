@@ -1,16 +1,14 @@
-"""The node end to end on loopback: receive -> complete -> route -> engine -> export, with faults."""
-
-from pathlib import Path
+"""The node end to end on loopback: receive, complete, route, engine, export; with faults."""
 
 import numpy as np
 from pydicom import dcmread
+from tests_support import free_port, node_config, wait_until, write_series
 
 from dicom_node.archive import FolderArchive
 from dicom_node.config import DestinationConfig, UnmatchedAction, UnmatchedConfig
 from dicom_node.export import send_paths
 from dicom_node.service import Node
 from dicom_node.store import JobState
-from tests_support import free_port, node_config, wait_until, write_series
 
 
 def _to(node) -> DestinationConfig:
@@ -25,6 +23,7 @@ def _wait_job(node, state=JobState.DONE, n=1, timeout=60.0):
     def ok():
         jobs = _jobs(node)
         return len([j for j in jobs if j["state"] == state.value]) >= n
+
     wait_until(ok, timeout, f"{n} job(s) {state.value}: {_jobs(node)}")
     return [j for j in _jobs(node) if j["state"] == state.value]
 
@@ -63,13 +62,15 @@ def test_other_kernels_are_not_processed_and_discarded(start_node, archive, tmp_
 
 def test_unmatched_series_forwarded_unchanged_when_configured(tmp_path, archive):
     cfg = node_config(tmp_path / "state", archive.port)
-    cfg = type(cfg)(**{**cfg.__dict__, "unmatched": UnmatchedConfig(UnmatchedAction.FORWARD, ("archive",))})
+    cfg = type(cfg)(
+        **{**cfg.__dict__, "unmatched": UnmatchedConfig(UnmatchedAction.FORWARD, ("archive",))}
+    )
     node = Node(cfg)
     node.start()
     try:
         bl64 = write_series(tmp_path / "bl64", kernel="Bl64d", uid_seed="fwd")
         send_paths(_to(node), "PACS", bl64)
-        (job,) = _wait_job(node)
+        _wait_job(node)
         series_uid = dcmread(bl64[0], stop_before_pixels=True).SeriesInstanceUID
         got = archive.series_files(series_uid)
         assert sorted(p.name for p in got) == sorted(p.name for p in bl64)
@@ -84,8 +85,11 @@ def test_own_output_sent_back_is_not_processed_again(start_node, archive, br40_s
     (job,) = _wait_job(node)
     derived = archive.series_files(job["derived_series_uid"])
     send_paths(_to(node), "PACS", derived)  # a PACS rule that routes everything back
-    wait_until(lambda: node.store.status_report()["series"].get("discarded") == 1, 10,
-               "loop guard discards the derived series")
+    wait_until(
+        lambda: node.store.status_report()["series"].get("discarded") == 1,
+        10,
+        "loop guard discards the derived series",
+    )
     assert len(_jobs(node)) == 1
 
 
@@ -102,7 +106,9 @@ def test_destination_down_then_up_retries_deliver(tmp_path, start_node, br40_ser
         archive.stop()
 
 
-def test_destination_never_up_becomes_dead_letter_then_retry_delivers(tmp_path, start_node, br40_series):
+def test_destination_never_up_becomes_dead_letter_then_retry_delivers(
+    tmp_path, start_node, br40_series
+):
     from dicom_node.cli import main
 
     port = free_port()
@@ -114,7 +120,10 @@ def test_destination_never_up_becomes_dead_letter_then_retry_delivers(tmp_path, 
     assert dead[0]["instances"] == len(br40_series)
     archive = FolderArchive(tmp_path / "archive2", port=port).start()
     try:
-        assert main(["retry", str(job["id"]), "--set", f"node.state_dir='{node.config.state_dir}'"]) == 0
+        assert (
+            main(["retry", str(job["id"]), "--set", f"node.state_dir='{node.config.state_dir}'"])
+            == 0
+        )
         _wait_job(node, JobState.DONE)
         assert len(archive.series_files(job["derived_series_uid"])) == len(br40_series)
     finally:
@@ -150,7 +159,9 @@ def test_late_instance_reprocesses_series_with_same_derived_uids(start_node, arc
     assert first_files < second_files and len(second_files) == 5
 
 
-def test_malformed_pixel_data_fails_the_job_clearly_and_node_keeps_serving(start_node, archive, tmp_path):
+def test_malformed_pixel_data_fails_the_job_clearly_and_node_keeps_serving(
+    start_node, archive, tmp_path
+):
     node = start_node(dest_port=archive.port)
     broken = write_series(tmp_path / "broken", n_slices=3, uid_seed="broken")
     for p in broken:

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage

@@ -29,14 +29,24 @@ class Orthanc:
     log_path: Path
 
     def rest(self, path: str, body: Any = None, method: str | None = None) -> Any:
-        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback only
+        data = (
+            None
+            if body is None
+            else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        )
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
     def find_series(self, series_uid: str) -> list[str]:
-        return list(self.rest("/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": series_uid}}))
+        return list(
+            self.rest(
+                "/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": series_uid}}
+            )
+        )
 
     def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
         ids = self.find_series(series_uid)

@@ -22,29 +22,54 @@ pytestmark = pytest.mark.interop
 
 
 def _orthanc_dest(orthanc: Orthanc) -> DestinationConfig:
-    return DestinationConfig(name="pacs", ae_title=orthanc.aet, host="127.0.0.1",
-                             port=orthanc.dicom_port, max_attempts=5, backoff_initial_s=0.5)
+    return DestinationConfig(
+        name="pacs",
+        ae_title=orthanc.aet,
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        max_attempts=5,
+        backoff_initial_s=0.5,
+    )
 
 
 def _node_with_orthanc(tmp_path: Path, orthanc: Orthanc) -> Node:
     from tests_support import node_config
 
     base = node_config(tmp_path / "state", None)
-    cfg = NodeConfig(**{
-        **base.__dict__,
-        "destinations": (_orthanc_dest(orthanc),),
-        "routes": tuple(type(r)(r.name, r.engine, ("pacs",), r.match, r.exclude) for r in base.routes),
-    })
+    cfg = NodeConfig(
+        **{
+            **base.__dict__,
+            "destinations": (_orthanc_dest(orthanc),),
+            "routes": tuple(
+                type(r)(r.name, r.engine, ("pacs",), r.match, r.exclude) for r in base.routes
+            ),
+        }
+    )
     node = Node(cfg)
     node.start()
     return node
 
 
-def _storescu(storescu: str, port: int, files: list[Path], aec: str = "LTDIFF",
-              options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def _storescu(
+    storescu: str, port: int, files: list[Path], aec: str = "LTDIFF", options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [storescu, *options, "-aet", "MODALITY", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=120, check=False,
+        [
+            storescu,
+            *options,
+            "-aet",
+            "MODALITY",
+            "-aec",
+            aec,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -52,6 +77,7 @@ def _wait_derived_in_orthanc(node: Node, orthanc: Orthanc, n: int, timeout: floa
     def done() -> bool:
         jobs = node.store.status_report()["recent_jobs"]
         return bool(jobs) and jobs[0]["state"] == "done"
+
     wait_until(done, timeout, f"job done: {node.store.status_report()}")
     derived_uid = node.store.status_report()["recent_jobs"][0]["derived_series_uid"]
     wait_until(lambda: len(orthanc.series_instances(derived_uid)) == n, 30, "instances in Orthanc")
@@ -60,8 +86,14 @@ def _wait_derived_in_orthanc(node: Node, orthanc: Orthanc, n: int, timeout: floa
 
 def test_echoscu_gets_success_from_node(start_node, echoscu):
     node = start_node()
-    r = subprocess.run([echoscu, "-aet", "MODALITY", "-aec", "LTDIFF", "127.0.0.1", str(node.port)],
-                       env=dcmtk_env(), capture_output=True, text=True, timeout=30, check=False)
+    r = subprocess.run(
+        [echoscu, "-aet", "MODALITY", "-aec", "LTDIFF", "127.0.0.1", str(node.port)],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -83,7 +115,9 @@ def test_storescu_series_comes_back_standardized_in_orthanc(tmp_path, orthanc, s
         options = (propose,)
         exe = require_tool(tool)
         for p in series:
-            subprocess.run([exe, *args, str(p), str(p)], check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                [exe, *args, str(p), str(p)], check=True, capture_output=True, timeout=60
+            )
         assert dcmread(series[0]).file_meta.TransferSyntaxUID.is_compressed
     node = _node_with_orthanc(tmp_path, orthanc)
     try:
@@ -96,13 +130,18 @@ def test_storescu_series_comes_back_standardized_in_orthanc(tmp_path, orthanc, s
         assert tags["StudyInstanceUID"] == src.StudyInstanceUID
         assert tags["ImageType"].startswith("DERIVED\\SECONDARY")
         assert tags["SeriesDescription"].startswith("STD Bl64d-like")
-        assert "ltdiff" in tags["DerivationDescription"].lower() or "linear" in tags["DerivationDescription"].lower()
+        assert (
+            "ltdiff" in tags["DerivationDescription"].lower()
+            or "linear" in tags["DerivationDescription"].lower()
+        )
         assert int(tags["SeriesNumber"]) == int(src.SeriesNumber) + 1000
     finally:
         node.stop()
 
 
-def test_pacs_routes_series_to_node_and_receives_the_standardized_series(tmp_path, orthanc, storescu):
+def test_pacs_routes_series_to_node_and_receives_the_standardized_series(
+    tmp_path, orthanc, storescu
+):
     """Modality -> PACS (storescu -> Orthanc); PACS routes to the node (Orthanc C-STORE);
     the node sends the derived series back to the PACS."""
     series = write_series(tmp_path / "src", n_slices=6, size=96, uid_seed="pacs-route")
@@ -110,13 +149,21 @@ def test_pacs_routes_series_to_node_and_receives_the_standardized_series(tmp_pat
     assert r.returncode == 0, r.stderr
     node = _node_with_orthanc(tmp_path, orthanc)
     try:
-        orthanc.rest("/modalities/ltdiff", {"AET": "LTDIFF", "Host": "127.0.0.1", "Port": node.port}, method="PUT")
+        orthanc.rest(
+            "/modalities/ltdiff",
+            {"AET": "LTDIFF", "Host": "127.0.0.1", "Port": node.port},
+            method="PUT",
+        )
         src_uid = dcmread(series[0], stop_before_pixels=True).SeriesInstanceUID
         (orthanc_series_id,) = orthanc.find_series(src_uid)
-        orthanc.rest("/modalities/ltdiff/store", {"Resources": [orthanc_series_id], "Synchronous": True})
+        orthanc.rest(
+            "/modalities/ltdiff/store", {"Resources": [orthanc_series_id], "Synchronous": True}
+        )
         derived_uid = _wait_derived_in_orthanc(node, orthanc, len(series))
         study = orthanc.rest(f"/series/{orthanc.find_series(derived_uid)[0]}")["ParentStudy"]
-        assert study == orthanc.rest(f"/series/{orthanc_series_id}")["ParentStudy"], "same study in the PACS"
+        assert study == orthanc.rest(f"/series/{orthanc_series_id}")["ParentStudy"], (
+            "same study in the PACS"
+        )
     finally:
         node.stop()
 
@@ -155,13 +202,15 @@ def _serve(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     before = _ready_lines(log)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
 
     def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"node exited: {log.read_text()[-3000:]}")
         return _ready_lines(log) > before
+
     wait_until(ready, 60, "node.ready in the log")
     return proc
 
@@ -182,20 +231,27 @@ def test_node_killed_mid_series_loses_nothing(tmp_path, orthanc, storescu):
         def delivered() -> bool:
             out = subprocess.run(
                 [sys.executable, "-m", "dicom_node.cli", "status", "--json", "-c", str(cfg)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
             jobs = json.loads(out)["recent_jobs"]
             return bool(jobs) and jobs[0]["state"] == "done"
+
         wait_until(delivered, 90, "job done after restart")
         out = subprocess.run(
             [sys.executable, "-m", "dicom_node.cli", "status", "--json", "-c", str(cfg)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         (job,) = json.loads(out)["recent_jobs"]
         assert job["n_instances"] == 8
         assert len(orthanc.series_instances(job["derived_series_uid"])) == 8
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-        assert any(line["event"] == "series.done" for line in lines), "one canonical line per series"
+        assert any(line["event"] == "series.done" for line in lines), (
+            "one canonical line per series"
+        )
         text = log.read_text()
         assert "PHANTOM" not in text and "PatientName" not in text, "no PHI in the logs"
     finally:

@@ -49,11 +49,17 @@ def test_shipped_config_file_is_valid_and_documents_the_defaults():
     [
         ({"listener": {"ae_title": "A" * 17}}, "listener.ae_title"),
         ({"listener": {"ae_title": "BAD\\AE"}}, "no backslash"),
-        ({"listener": {"port": 70000}}, "listener.port = 70000: expected an integer from 1 to 65535"),
+        (
+            {"listener": {"port": 70000}},
+            "listener.port = 70000: expected an integer from 1 to 65535",
+        ),
         ({"listener": {"port": "11112"}}, "listener.port"),
         ({"listener": {"prot": 1}}, "unknown key(s) prot"),
         ({"assembly": {"stable_age_s": -1}}, "assembly.stable_age_s"),
-        ({"routes": [{"match": {"ConvolutionKernel": "^Br40("}}]}, "not a valid regular expression"),
+        (
+            {"routes": [{"match": {"ConvolutionKernel": "^Br40("}}]},
+            "not a valid regular expression",
+        ),
         ({"routes": [{"match": {"PatientName": "x"}}]}, "cannot route on 'PatientName'"),
         ({"routes": [{"engine": "nope"}]}, "no such engine"),
         ({"routes": [{"destinations": ["nowhere"]}]}, "'nowhere' is not a configured destination"),
@@ -79,7 +85,9 @@ def test_route_destinations_default_to_all_destinations():
 
 
 def test_overrides_parse_toml_values_and_create_tables():
-    data = apply_overrides({}, ["listener.port=11113", "listener.ae_title=NODE2", "assembly.stable_age_s=2.5"])
+    data = apply_overrides(
+        {}, ["listener.port=11113", "listener.ae_title=NODE2", "assembly.stable_age_s=2.5"]
+    )
     cfg = parse_config(data)
     assert cfg.listener.port == 11113
     assert cfg.listener.ae_title == "NODE2"
@@ -99,7 +107,7 @@ def test_unwritable_state_dir_is_reported(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cfg = parse_config({"node": {"state_dir": str(blocker / "state")}})
-    with pytest.raises(ConfigError, match="node.state_dir: cannot create"):
+    with pytest.raises(ConfigError, match=r"node\.state_dir: cannot create"):
         check_runtime(cfg)
 
 

@@ -10,7 +10,11 @@ BR40 = RouteRule(
     match=(("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
     exclude=(("ImageType", "LOCALIZER"),),
 )
-CT_HEADER = {"Modality": "CT", "ConvolutionKernel": "Br40d\\3", "ImageType": "ORIGINAL\\PRIMARY\\AXIAL"}
+CT_HEADER = {
+    "Modality": "CT",
+    "ConvolutionKernel": "Br40d\\3",
+    "ImageType": "ORIGINAL\\PRIMARY\\AXIAL",
+}
 
 
 def test_br40_ct_series_matches_the_rule():

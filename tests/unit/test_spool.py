@@ -14,7 +14,20 @@ def test_valid_uids(uid):
 
 
 @pytest.mark.parametrize(
-    "uid", ["", "1", "1..2", "1.02", "../../etc/passwd", "1.2/3", "1.2.3\x00", "a.b", "1." + "1" * 63, None, 1.2]
+    "uid",
+    [
+        "",
+        "1",
+        "1..2",
+        "1.02",
+        "../../etc/passwd",
+        "1.2/3",
+        "1.2.3\x00",
+        "a.b",
+        "1." + "1" * 63,
+        None,
+        1.2,
+    ],
 )
 def test_invalid_uids_never_reach_a_path(uid):
     assert not is_valid_uid(uid)

@@ -18,9 +18,16 @@ from dicom_node.store import (
 
 def _rec(sop: str, series: str = "1.2.3") -> InstanceRecord:
     return InstanceRecord(
-        sop_uid=sop, series_uid=series, study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax="1.2.840.10008.1.2.1", path=Path(f"/spool/{series}/{sop}.dcm"),
-        size_bytes=10, calling_ae="PACS", header={"Modality": "CT"}, own_output=False,
+        sop_uid=sop,
+        series_uid=series,
+        study_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=Path(f"/spool/{series}/{sop}.dcm"),
+        size_bytes=10,
+        calling_ae="PACS",
+        header={"Modality": "CT"},
+        own_output=False,
         expected_count=None,
     )
 
@@ -33,8 +40,15 @@ def store(tmp_path):
 
 
 def _complete(store, series="1.2.3", revision=0, dests=("pacs",)):
-    return store.complete_series(series, revision, job_kind=JobKind.STANDARDIZE, rule="r",
-                                 engine="linear", destinations=dests, now=200.0)
+    return store.complete_series(
+        series,
+        revision,
+        job_kind=JobKind.STANDARDIZE,
+        rule="r",
+        engine="linear",
+        destinations=dests,
+        now=200.0,
+    )
 
 
 def test_duplicate_instance_is_recorded_once(store):
@@ -54,7 +68,10 @@ def test_job_lifecycle_to_done(store):
     assert job.id == job_id and job.state is JobState.PROCESSING
     assert store.claim_job("w2", (JobKind.STANDARDIZE,)) is None, "a job is claimed once"
     outs = [(f"9.9.{i}", "1.2.840.10008.5.1.4.1.1.2", Path(f"/o/{i}.dcm")) for i in range(3)]
-    assert store.start_export(job_id, outs, ("pacs",), derived_series_uid="9.9", summary={}) is JobState.EXPORTING
+    assert (
+        store.start_export(job_id, outs, ("pacs",), derived_series_uid="9.9", summary={})
+        is JobState.EXPORTING
+    )
     due = store.due_exports("pacs", now=1e12)
     assert len(due) == 3
     store.mark_sent([r.id for r in due])
@@ -66,10 +83,18 @@ def test_failed_exports_back_off_then_become_dead_letters_and_retry_revives_them
     store.record_instance(_rec("1.2.3.1"), now=100.0)
     job_id = _complete(store)
     store.claim_job("w", (JobKind.STANDARDIZE,))
-    store.start_export(job_id, [("9.9.1", "1.2", Path("/o/1.dcm"))], ("pacs",), derived_series_uid="9.9", summary={}, now=100.0)
+    store.start_export(
+        job_id,
+        [("9.9.1", "1.2", Path("/o/1.dcm"))],
+        ("pacs",),
+        derived_series_uid="9.9",
+        summary={},
+        now=100.0,
+    )
 
     def backoff(a):
         return backoff_seconds(a, 10, 1000)
+
     (row,) = store.due_exports("pacs", now=100.0)
     assert store.mark_export_failed([row], "down", max_attempts=3, backoff=backoff, now=100.0) == 0
     assert store.due_exports("pacs", now=109.0) == [], "backoff: not due before 10 s"
@@ -129,7 +154,9 @@ def test_failed_processing_can_be_retried(store):
 
 def test_discarded_series_is_purgeable_after_retention(store):
     store.record_instance(_rec("1.2.3.1"), now=100.0)
-    store.complete_series("1.2.3", 0, job_kind=None, rule=None, engine=None, destinations=(), now=100.0)
+    store.complete_series(
+        "1.2.3", 0, job_kind=None, rule=None, engine=None, destinations=(), now=100.0
+    )
     assert store.series("1.2.3").state is SeriesState.DISCARDED
     assert store.purgeable(older_than=50.0) == ([], [])
     assert store.purgeable(older_than=150.0) == (["1.2.3"], [])
@@ -140,4 +167,11 @@ def test_discarded_series_is_purgeable_after_retention(store):
 def test_export_state_values_are_stable():
     # These strings are stored in the database and shown to operators: changing them breaks both.
     assert [s.value for s in ExportState] == ["pending", "sent", "dead"]
-    assert [s.value for s in JobState] == ["queued", "processing", "exporting", "done", "failed", "superseded"]
+    assert [s.value for s in JobState] == [
+        "queued",
+        "processing",
+        "exporting",
+        "done",
+        "failed",
+        "superseded",
+    ]

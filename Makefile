@@ -1,0 +1,64 @@
+# ltdiff-node: two commands on a fresh machine.
+#   make demo   creates the virtual environment, installs, runs the end-to-end demo
+#   make test   installs what the tests need (Debian's Orthanc and DCMTK when missing), runs them
+#
+# torch is installed first and pinned to the local CPU wheel (any other torch spec makes pip
+# download several GB of CUDA packages); pyradiomics is source-only and needs numpy, setuptools,
+# wheel and versioneer installed before it builds without build isolation.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.deps-installed
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test install peers lint typecheck check bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q numpy setuptools wheel versioneer
+	$(BIN)/pip install -q --no-build-isolation "pyradiomics>=3.0.1"
+	$(BIN)/pip install -q ".[dev]"
+	touch $(STAMP)
+
+# The package itself is reinstalled (non-editable, no dependency resolution) on every run, so
+# tests and demo always exercise the installed code, never the working tree by accident.
+install: $(STAMP)
+	$(BIN)/pip install -q --no-deps --force-reinstall .
+
+demo: install
+	$(BIN)/ltdiff-node demo --out demo-output
+
+# Real DICOM peers for the interop tests (Orthanc as the PACS, DCMTK as the modality).
+peers:
+	@if [ ! -x /usr/sbin/Orthanc ] || ! command -v storescu >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q orthanc dcmtk; \
+	fi
+	@# Debian starts an Orthanc service on install; the tests start their own on free ports.
+	@if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then \
+	  systemctl stop orthanc || true; fi
+
+test: install peers
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check dicom_node engine training tests benchmarks
+	$(BIN)/ruff format --check dicom_node engine training tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: install
+	$(BIN)/python benchmarks/bench_linear_engine.py
+	$(BIN)/python benchmarks/bench_node.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-output .pytest_cache .mypy_cache .ruff_cache
