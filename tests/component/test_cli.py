@@ -25,7 +25,8 @@ def test_check_config_prints_effective_config_and_warns_on_unreachable_destinati
 ):
     cfg = _site(
         tmp_path,
-        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n',
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {free_port()}\n",
     )
     assert main(["check-config", "-c", str(cfg)]) == 0
     out, err = capsys.readouterr()
