@@ -24,14 +24,7 @@ import time
 from pathlib import Path
 
 from dicom_node.archive import FolderArchive
-from dicom_node.config import (
-    AssemblyConfig,
-    DestinationConfig,
-    EngineConfig,
-    ListenerConfig,
-    NodeConfig,
-    RouteRule,
-)
+from dicom_node.demo import loopback_config
 from dicom_node.logs import configure_logging
 from dicom_node.phantom import generate_phantom_series
 from dicom_node.service import Node
@@ -56,28 +49,28 @@ def main() -> int:
     print(f"phantom: {len(paths)} slices {args.size}x{args.size} in {time.monotonic() - t0:.1f} s")
 
     archive = FolderArchive(work / "archive").start()
-    config = NodeConfig(
-        state_dir=work / "state",
-        listener=ListenerConfig(bind_address="127.0.0.1", port=0, min_free_disk_mb=0),
-        assembly=AssemblyConfig(stable_age_s=args.stable_age, poll_interval_s=0.1),
-        routes=(
-            RouteRule("br40", "linear", ("archive",), (("ConvolutionKernel", "^Br40"),)),
-        ),
-        engines=(EngineConfig(name="linear", device=args.device),),
-        workers=(args.device,),
-        destinations=(
-            DestinationConfig(
-                name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=archive.port
-            ),
-        ),
+    config = loopback_config(
+        work / "state",
+        archive.port,
+        stable_age_s=args.stable_age,
+        poll_interval_s=0.1,
+        device=args.device,
     )
     node = Node(config)
     node.start()
     try:
         t_send = time.monotonic()
         subprocess.run(
-            [storescu, "-aet", "BENCH", "-aec", "LTDIFF", "127.0.0.1", str(node.port),
-             *map(str, paths)],
+            [
+                storescu,
+                "-aet",
+                "BENCH",
+                "-aec",
+                "LTDIFF",
+                "127.0.0.1",
+                str(node.port),
+                *map(str, paths),
+            ],
             env={**os.environ, "TCP_NODELAY": "1"},
             check=True,
         )
@@ -99,19 +92,25 @@ def main() -> int:
     mb = sum(p.stat().st_size for p in paths) / 1e6
     turnaround = t_done - t_received
     processing = summary.get("processing_ms", 0) / 1000
-    print(f"receive: {len(paths)} instances ({mb:.0f} MB) in {receive_s:.2f} s = "
-          f"{len(paths) / receive_s:.0f} instances/s, {mb / receive_s:.0f} MB/s (storescu, fsync "
-          "per instance)")
+    print(
+        f"receive: {len(paths)} instances ({mb:.0f} MB) in {receive_s:.2f} s = "
+        f"{len(paths) / receive_s:.0f} instances/s, {mb / receive_s:.0f} MB/s (storescu, fsync "
+        "per instance)"
+    )
     print(f"job: {job['state']}, {delivered} derived instances delivered")
     print(f"turnaround (last instance received -> series delivered): {turnaround:.1f} s")
     print(f"  stable-age wait   {args.stable_age:.1f} s (configured idle time, not work)")
     print(f"  decode            {summary.get('decode_ms', 0) / 1000:.2f} s")
-    print(f"  engine            {summary.get('engine_ms', 0) / 1000:.2f} s "
-          f"({len(paths) / max(summary.get('engine_ms', 1) / 1000, 1e-9):.0f} slices/s, "
-          f"{args.device})")
+    print(
+        f"  engine            {summary.get('engine_ms', 0) / 1000:.2f} s "
+        f"({len(paths) / max(summary.get('engine_ms', 1) / 1000, 1e-9):.0f} slices/s, "
+        f"{args.device})"
+    )
     print(f"  build + encode    {summary.get('encode_ms', 0) / 1000:.2f} s")
-    print(f"  write + export    {turnaround - args.stable_age - processing:.2f} s "
-          "(outbox fsync, C-STORE to the archive, settle)")
+    print(
+        f"  write + export    {turnaround - args.stable_age - processing:.2f} s "
+        "(outbox fsync, C-STORE to the archive, settle)"
+    )
     print(f"turnaround without the stable-age wait: {turnaround - args.stable_age:.1f} s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

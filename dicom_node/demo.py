@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -38,33 +39,55 @@ from engine.pixels import dataset_to_hu
 WINDOWS = (("lung", -600.0, 1500.0), ("soft tissue", 40.0, 400.0))
 
 
-def demo_config(state_dir: Path, archive_port: int, stable_age_s: float) -> NodeConfig:
-    return NodeConfig(
-        state_dir=state_dir,
-        log_format="console",
-        log_level="warning",
-        listener=ListenerConfig(ae_title="LTDIFF", bind_address="127.0.0.1", port=0),
-        assembly=AssemblyConfig(stable_age_s=stable_age_s, poll_interval_s=0.2),
-        routes=(
-            RouteRule(
-                name="br40-to-bl64",
-                engine="linear",
-                destinations=("archive",),
-                match=(("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
-                exclude=(("ImageType", "LOCALIZER"),),
-            ),
-        ),
-        engines=(EngineConfig(name="linear"),),
-        destinations=(
+def loopback_config(
+    state_dir: Path,
+    archive_port: int | None,
+    *,
+    stable_age_s: float,
+    poll_interval_s: float = 0.2,
+    max_attempts: int = 3,
+    backoff_initial_s: float = 1.0,
+    backoff_max_s: float = 900.0,
+    device: str = "cpu",
+    **listener: Any,
+) -> NodeConfig:
+    """A node on an OS-chosen loopback port that standardizes Br40 CT series with the linear
+    engine and sends them to one archive on loopback (the demo, the tests and the benchmarks)."""
+    dests = (
+        (
             DestinationConfig(
                 name="archive",
                 ae_title="ARCHIVE",
                 host="127.0.0.1",
                 port=archive_port,
-                max_attempts=3,
-                backoff_initial_s=1.0,
+                max_attempts=max_attempts,
+                backoff_initial_s=backoff_initial_s,
+                backoff_max_s=backoff_max_s,
+            ),
+        )
+        if archive_port
+        else ()
+    )
+    return NodeConfig(
+        state_dir=state_dir,
+        log_format="console",
+        log_level="warning",
+        listener=ListenerConfig(
+            ae_title="LTDIFF", bind_address="127.0.0.1", port=0, min_free_disk_mb=0, **listener
+        ),
+        assembly=AssemblyConfig(stable_age_s=stable_age_s, poll_interval_s=poll_interval_s),
+        routes=(
+            RouteRule(
+                name="br40-to-bl64",
+                engine="linear",
+                destinations=tuple(d.name for d in dests),
+                match=(("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
+                exclude=(("ImageType", "LOCALIZER"),),
             ),
         ),
+        engines=(EngineConfig(name="linear", device=device),),
+        workers=(device,),
+        destinations=dests,
     )
 
 
@@ -100,7 +123,7 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
     print(f"1. wrote a {n_slices}-slice synthetic Br40d phantom series to {input_dir}")
 
     archive = FolderArchive(out_dir / "archive", ae_title="ARCHIVE").start()
-    config = demo_config(out_dir / "node-state", archive.port, stable_age_s)
+    config = loopback_config(out_dir / "node-state", archive.port, stable_age_s=stable_age_s)
     node = Node(config)
     node.start()
     print(

@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmwrite
 
-from dicom_node.config import (
-    AssemblyConfig,
-    DestinationConfig,
-    EngineConfig,
-    ListenerConfig,
-    NodeConfig,
-    RouteRule,
-)
+from dicom_node.config import NodeConfig
+from dicom_node.demo import loopback_config
 from engine.synthetic import make_ct_series
 
 REQUIRE_PEERS = os.environ.get("CI", "").lower() == "true"
@@ -71,38 +65,14 @@ def write_series(
 
 
 def node_config(state_dir: Path, dest_port: int | None, **listener: object) -> NodeConfig:
-    dests = (
-        (
-            DestinationConfig(
-                name="archive",
-                ae_title="ARCHIVE",
-                host="127.0.0.1",
-                port=dest_port,
-                max_attempts=4,
-                backoff_initial_s=0.2,
-                backoff_max_s=1.0,
-            ),
-        )
-        if dest_port
-        else ()
-    )
-    return NodeConfig(
-        state_dir=state_dir,
-        log_format="console",
-        log_level="warning",
-        listener=ListenerConfig(
-            ae_title="LTDIFF", bind_address="127.0.0.1", port=0, min_free_disk_mb=0, **listener
-        ),  # type: ignore[arg-type]
-        assembly=AssemblyConfig(stable_age_s=0.5, poll_interval_s=0.05),
-        routes=(
-            RouteRule(
-                "br40-to-bl64",
-                "linear",
-                tuple(d.name for d in dests),
-                (("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
-                (("ImageType", "LOCALIZER"),),
-            ),
-        ),
-        engines=(EngineConfig(name="linear"),),
-        destinations=dests,
+    """Fast-moving test node: 0.5 s stable age, quick retries (4 attempts from 0.2 s)."""
+    return loopback_config(
+        state_dir,
+        dest_port,
+        stable_age_s=0.5,
+        poll_interval_s=0.05,
+        max_attempts=4,
+        backoff_initial_s=0.2,
+        backoff_max_s=1.0,
+        **listener,
     )

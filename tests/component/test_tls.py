@@ -9,10 +9,8 @@ from dicom_node.config import DestinationConfig, TLSConfig
 from dicom_node.export import echo, send_paths
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    openssl = require_tool("openssl")
-    key, cert = tmp_path / "node.key", tmp_path / "node.crt"
+def self_signed(openssl: str, directory, name: str, cn: str) -> tuple:
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
     subprocess.run(
         [
             openssl,
@@ -28,7 +26,7 @@ def certificate(tmp_path):
             "-out",
             str(cert),
             "-subj",
-            "/CN=localhost",
+            f"/CN={cn}",
             "-addext",
             "subjectAltName=IP:127.0.0.1,DNS:localhost",
         ],
@@ -37,6 +35,16 @@ def certificate(tmp_path):
         timeout=60,
     )
     return key, cert
+
+
+@pytest.fixture
+def openssl():
+    return require_tool("openssl")
+
+
+@pytest.fixture
+def certificate(tmp_path, openssl):
+    return self_signed(openssl, tmp_path, "node", "localhost")
 
 
 def test_tls_listener_accepts_tls_peers_and_refuses_plain_ones(
@@ -59,31 +67,10 @@ def test_tls_listener_accepts_tls_peers_and_refuses_plain_ones(
     assert not ok, "a plain-TCP peer must not get an association on a TLS listener"
 
 
-def test_tls_client_refuses_a_server_it_does_not_trust(start_node, certificate, tmp_path):
+def test_tls_client_refuses_a_server_it_does_not_trust(start_node, certificate, tmp_path, openssl):
     key, cert = certificate
     node = start_node(tls=TLSConfig(enabled=True, certificate=cert, private_key=key))
-    other = tmp_path / "other-ca.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            str(tmp_path / "o.key"),
-            "-out",
-            str(other),
-            "-subj",
-            "/CN=other",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    _, other = self_signed(openssl, tmp_path, "other", "other")
     dest = DestinationConfig(
         name="node",
         ae_title="LTDIFF",

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -215,6 +216,17 @@ def _serve(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _status_json(cfg: Path) -> dict[str, Any]:
+    """`ltdiff-node status --json` as an operator would run it, in its own process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "status", "--json", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(json.loads(out))
+
+
 def test_node_killed_mid_series_loses_nothing(tmp_path, orthanc, storescu):
     port = free_port()
     cfg = _write_site_config(tmp_path / "site.toml", tmp_path / "state", port, orthanc)
@@ -229,23 +241,11 @@ def test_node_killed_mid_series_loses_nothing(tmp_path, orthanc, storescu):
         assert _storescu(storescu, port, series[4:]).returncode == 0
 
         def delivered() -> bool:
-            out = subprocess.run(
-                [sys.executable, "-m", "dicom_node.cli", "status", "--json", "-c", str(cfg)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            jobs = json.loads(out)["recent_jobs"]
+            jobs = _status_json(cfg)["recent_jobs"]
             return bool(jobs) and jobs[0]["state"] == "done"
 
         wait_until(delivered, 90, "job done after restart")
-        out = subprocess.run(
-            [sys.executable, "-m", "dicom_node.cli", "status", "--json", "-c", str(cfg)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        (job,) = json.loads(out)["recent_jobs"]
+        (job,) = _status_json(cfg)["recent_jobs"]
         assert job["n_instances"] == 8
         assert len(orthanc.series_instances(job["derived_series_uid"])) == 8
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
