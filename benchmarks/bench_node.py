@@ -30,6 +30,14 @@ from dicom_node.phantom import generate_phantom_series
 from dicom_node.service import Node
 
 
+def send(storescu: str, port: int, paths: list[Path]) -> None:
+    subprocess.run(
+        [storescu, "-aet", "BENCH", "-aec", "LTDIFF", "127.0.0.1", str(port), *map(str, paths)],
+        env={**os.environ, "TCP_NODELAY": "1"},  # Debian's DCMTK leaves Nagle on otherwise
+        check=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -37,6 +45,13 @@ def main() -> int:
     parser.add_argument("--stable-age", type=float, default=2.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep", type=Path, help="keep the work folder here")
+    parser.add_argument(
+        "--during-processing",
+        type=int,
+        default=100,
+        metavar="N",
+        help="also send an N-slice series while the engine works on the first (0: skip)",
+    )
     args = parser.parse_args()
     storescu = shutil.which("storescu")
     if storescu is None:
@@ -48,6 +63,13 @@ def main() -> int:
     paths = generate_phantom_series(work / "input", n_slices=args.slices, size=args.size, seed=7)
     print(f"phantom: {len(paths)} slices {args.size}x{args.size} in {time.monotonic() - t0:.1f} s")
 
+    second = (
+        generate_phantom_series(
+            work / "input2", n_slices=args.during_processing, size=args.size, seed=8
+        )
+        if args.during_processing
+        else []
+    )
     archive = FolderArchive(work / "archive").start()
     config = loopback_config(
         work / "state",
@@ -60,29 +82,23 @@ def main() -> int:
     node.start()
     try:
         t_send = time.monotonic()
-        subprocess.run(
-            [
-                storescu,
-                "-aet",
-                "BENCH",
-                "-aec",
-                "LTDIFF",
-                "127.0.0.1",
-                str(node.port),
-                *map(str, paths),
-            ],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            check=True,
-        )
+        send(storescu, node.port, paths)
         t_received = time.monotonic()
         receive_s = t_received - t_send
+        busy_rate = None
+        if second:
+            while not node.store.status_report(limit=1)["jobs"].get("processing"):
+                time.sleep(0.01)
+            t2 = time.monotonic()
+            send(storescu, node.port, second)
+            busy_rate = len(second) / (time.monotonic() - t2)
         while True:
-            jobs = node.store.status_report(limit=1)["recent_jobs"]
-            if jobs and jobs[0]["state"] in ("done", "failed"):
+            first_job = node.store.job(1)
+            if first_job is not None and first_job.state.value in ("done", "failed"):
                 break
             time.sleep(0.05)
         t_done = time.monotonic()
-        job = jobs[0]
+        (job,) = [j for j in node.store.status_report(limit=50)["recent_jobs"] if j["id"] == 1]
         outcome = node.store.job_outcome(job["id"])
         summary = outcome["summary"]
         delivered = len(archive.series_files(job["derived_series_uid"] or ""))
@@ -97,6 +113,11 @@ def main() -> int:
         f"{len(paths) / receive_s:.0f} instances/s, {mb / receive_s:.0f} MB/s (storescu, fsync "
         "per instance)"
     )
+    if busy_rate is not None:
+        print(
+            f"receive while the engine processes the first series: {len(second)} instances "
+            f"at {busy_rate:.0f} instances/s"
+        )
     print(f"job: {job['state']}, {delivered} derived instances delivered")
     print(f"turnaround (last instance received -> series delivered): {turnaround:.1f} s")
     print(f"  stable-age wait   {args.stable_age:.1f} s (configured idle time, not work)")
