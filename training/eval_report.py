@@ -39,7 +39,7 @@ CLASS_TITLES = {
 }
 LUNG_WINDOW = (-600.0, 1500.0)
 SOFT_TISSUE_WINDOW = (40.0, 400.0)
-DIFFERENCE_RANGE_HU = 200.0
+DIFFERENCE_RANGE_HU = 100.0
 ZOOM_HALF_PX = 40
 
 
@@ -299,7 +299,7 @@ def figure_ccc_bars(result: EvaluationResult, path: Path) -> Path:
                 yerr=sds,
                 capsize=2,
                 color=colours(k),
-                label=f"{row} (n={result.n_rois(group, row)})",
+                label=row,
             )
         for level, style in ((0.85, "--"), (0.90, ":")):
             ax.axhline(level, color="0.3", linestyle=style, linewidth=0.9)
@@ -316,15 +316,17 @@ def figure_ccc_bars(result: EvaluationResult, path: Path) -> Path:
             ),
             1.05,
         )
-        ax.set_ylabel("Lin's CCC vs true target (mean ± SD over features)")
-        ax.set_title(_group_title(group))
-        ax.legend(fontsize=7, loc="lower left")
+        ax.set_ylabel("Lin's CCC (mean ± SD over features)")
+        n = result.n_rois(group, result.row_names[0])
+        ax.set_title(f"{_group_title(group)} ({n} ROIs)")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
     for ax in axes.ravel()[len(groups) :]:
         ax.axis("off")
     fig.suptitle(
         f"Feature agreement with {result.reference_name} per class (dashed 0.85, dotted 0.90)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -397,9 +399,10 @@ def figure_montage(result: EvaluationResult, path: Path) -> Path | None:
                 ax.set_title(title, fontsize=10)
             if j == 0:
                 ax.set_ylabel(row_title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.92, 0.96))
     if difference_artist is not None:
-        bar = fig.colorbar(difference_artist, ax=axes[:, -1].tolist(), shrink=0.6, pad=0.02)
-        bar.set_label("difference (HU)")
+        bar = fig.colorbar(difference_artist, cax=fig.add_axes((0.93, 0.3, 0.012, 0.4)))
+        bar.set_label("output - true (HU)")
     fig.suptitle(
         f"{montage['subject']}, z = {montage['z_mm']:g} mm, zoom: {montage['what']} "
         f"(pixel {montage['pixel_spacing_mm'][0]:.3f} mm)"

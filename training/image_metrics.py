@@ -120,7 +120,13 @@ class NpsAccumulator:
     def result(self) -> NpsResult:
         edges = nps_bin_edges()
         with np.errstate(invalid="ignore", divide="ignore"):
-            curve = np.where(self.bin_weight > 0, self.curve_sum / self.bin_weight, np.nan)
+            # Only bins every patch reaches: pooled pixel spacings differ in their corner
+            # frequency, and a bin fed by some patches only would mix different noise levels.
+            curve = np.where(
+                (self.bin_weight > 0) & (self.bin_weight >= self.n_patches),
+                self.curve_sum / self.bin_weight,
+                np.nan,
+            )
         centres = 0.5 * (edges[:-1] + edges[1:])
         usable = np.isfinite(curve) & (centres > 0)
         if not usable.any() or self.n_patches == 0:
@@ -172,7 +178,7 @@ def nps_of_patches(
     radius = np.hypot(fy[:, None], fx[None, :]).ravel()
     edges = nps_bin_edges()
     which = np.digitize(radius, edges) - 1
-    inside = (which >= 0) & (which < len(edges) - 1)
+    inside = (which >= 0) & (which < len(edges) - 1) & (radius > 0)  # DC is 0 after detrend
     ring_count = np.bincount(which[inside], minlength=len(edges) - 1).astype(np.float64)
     df = 1.0 / (patch_px * dy) * 1.0 / (patch_px * dx)
     curve_sum = np.zeros(len(edges) - 1)
