@@ -83,11 +83,42 @@ def set_tcp_nodelay(event: evt.Event) -> None:
             log.warning("net.nodelay_failed")
 
 
+#: Where Enhanced CT keeps attributes that single-frame CT has at the top level (PS3.3 C.8.15.3):
+#: functional group macro sequence -> attribute.
+_FUNCTIONAL_GROUP_SOURCES = {
+    "ConvolutionKernel": "CTReconstructionSequence",
+    "ImageType": "CTImageFrameTypeSequence",  # FrameType there
+}
+
+
+def _from_functional_groups(ds: Dataset, keyword: str) -> object:
+    """An attribute of an Enhanced CT frame: shared functional groups first, then frame 1."""
+    macro = _FUNCTIONAL_GROUP_SOURCES.get(keyword)
+    if macro is None:
+        return None
+    attr = "FrameType" if keyword == "ImageType" else keyword
+    for groups_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(groups_kw)
+        if not groups:
+            continue
+        items = groups[0].get(macro)
+        if items and items[0].get(attr) is not None:
+            return items[0].get(attr)
+    return None
+
+
 def routing_header(ds: Dataset) -> dict[str, str]:
-    """The attributes routing rules may match, as strings (multi-valued joined by backslash)."""
+    """The attributes routing rules may match, as strings (multi-valued joined by backslash).
+
+    For Enhanced CT, attributes that live in functional group macros (ConvolutionKernel in the
+    CT Reconstruction macro, FrameType for ImageType) are taken from there when the top level
+    has none.
+    """
     header: dict[str, str] = {}
     for kw in ROUTABLE_ATTRIBUTES:
         value = ds.get(kw)
+        if value is None or value == "":
+            value = _from_functional_groups(ds, kw)
         if value is None:
             continue
         if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":

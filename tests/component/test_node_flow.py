@@ -2,6 +2,7 @@
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from tests_support import free_port, node_config, wait_until, write_series
 
 from dicom_node.archive import FolderArchive
@@ -186,3 +187,27 @@ def test_status_command_shows_jobs(start_node, archive, br40_series, capsys):
     out = capsys.readouterr().out
     assert "done" in out and "br40-to-bl64" in out
     assert "PHANTOM" not in out and "PatientName" not in out
+
+
+def test_enhanced_ct_instance_is_standardized_into_single_frame_ct_images(start_node, archive):
+    """Enhanced CT (multi-frame) is accepted and becomes one CT Image per frame."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    assert path is not None, "pydicom-data ships eCT_Supplemental.dcm (installed by make test)"
+    source = dcmread(path)
+    # The route matches ^Br40; this file has no kernel. Put one where Enhanced CT keeps it:
+    # the CT Reconstruction functional group macro (PS3.3 C.8.15.3.6).
+    recon = Dataset()
+    recon.ConvolutionKernel = "Br40d"
+    source.SharedFunctionalGroupsSequence[0].CTReconstructionSequence = [recon]
+    src_file = archive.root.parent / "ect.dcm"
+    source.save_as(src_file, enforce_file_format=True)
+    node = start_node(dest_port=archive.port)
+    assert send_paths(_to(node), "PACS", [src_file]).sent == [0]
+    (job,) = _wait_job(node)
+    out = [dcmread(p) for p in archive.series_files(job["derived_series_uid"])]
+    assert len(out) == int(source.NumberOfFrames)
+    assert {ds.SOPClassUID for ds in out} == {"1.2.840.10008.5.1.4.1.1.2"}
+    refs = {int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in out}
+    assert refs == set(range(1, int(source.NumberOfFrames) + 1))
