@@ -11,8 +11,6 @@ from __future__ import annotations
 import socket
 import sqlite3
 import ssl
-import time
-from collections.abc import Callable
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -152,10 +150,9 @@ def make_ssl_context(tls: TLSConfig, server_side: bool) -> ssl.SSLContext:
 class StoreHandler:
     """C-STORE: validate, spool durably, record, answer. Called on association threads."""
 
-    def __init__(self, spool: Spool, store: JobStore, on_stored: Callable[[], None] | None = None):
+    def __init__(self, spool: Spool, store: JobStore) -> None:
         self.spool = spool
         self.store = store
-        self.on_stored = on_stored
 
     def __call__(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
@@ -255,8 +252,6 @@ class StoreHandler:
             )
         elif outcome is ReceiveOutcome.DUPLICATE:
             log.info("instance.duplicate", sop_uid=sop_uid, series_uid=series_uid)
-        if self.on_stored:
-            self.on_stored()
         return statuses.SUCCESS
 
 
@@ -281,14 +276,12 @@ def build_ae(cfg: ListenerConfig) -> AE:
     return ae
 
 
-def start_listener(
-    cfg: ListenerConfig, spool: Spool, store: JobStore, on_stored: Callable[[], None] | None = None
-) -> ThreadedAssociationServer:
+def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> ThreadedAssociationServer:
     """Start the SCP in background threads; returns the server (call .shutdown() to stop)."""
     ae = build_ae(cfg)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
-        (evt.EVT_C_STORE, StoreHandler(spool, store, on_stored)),
+        (evt.EVT_C_STORE, StoreHandler(spool, store)),
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_REJECTED, _log_rejected),
     ]
@@ -318,15 +311,3 @@ def _log_rejected(event: evt.Event) -> None:
         calling_ae=event.assoc.requestor.ae_title,
         address=event.assoc.requestor.address,
     )
-
-
-def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> bool:
-    """True once a TCP connection to host:port succeeds (used by tests and the demo)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False

@@ -15,5 +15,3 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
 CANNOT_UNDERSTAND: Final = 0xC210
 CANNOT_UNDERSTAND_INVALID_UID: Final = 0xC211
 CANNOT_UNDERSTAND_UID_MISMATCH: Final = 0xC212
-#: Refused: SOP Class not supported (for instances of classes the site chose to reject).
-SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
