@@ -272,7 +272,7 @@ _FORWARDED = {
     "demo": "dicom_node.demo",
     "evaluate": "training.evaluate",
 }
-_TRAIN = {"linear": "training.fit_linear"}
+_TRAIN = {"linear": "training.fit_linear", "ltdiff": "training.train_ltdiff"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,213 @@
+"""`LTDiffEngine`: the node's Engine for LTDiff++ and for its UNet++-only regression ablation.
+
+Per batch of slices (the volume is never on the device as a whole, so memory is bounded by
+`batch_slices` whatever the series length):
+
+    x   = normalize(HU)                           clip, scale (weights' HUNormalization)
+    Z_A = s * E(x)                                UNet++ encoder, latent scale s
+    Z_B'= DDIM(eps_theta(., t, Z_A), z_T ~ N(0,I))    <= 10 steps, noise from per-slice generators
+    y   = HU(D(Z_B' / s))                         UNet++ decoder (mode "unetpp-regression": D(E(x)))
+
+Reproducibility: slice k of a series draws all its noise from a CPU `torch.Generator` seeded with
+`slice_seed(seed, k)`, so re-running a series (same seed, from its UID) reproduces it exactly, and
+the result does not depend on the batch size or the device the noise lands on. Slices are padded
+by mirror reflection to the network's size multiple and cropped back.
+
+On CUDA: `torch.inference_mode`, bf16 autocast (fp16 where bf16 is unsupported), channels-last
+memory format. On CPU the same code runs in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Final, TypeVar, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+from torch import Tensor, nn
+
+from engine import __version__
+from engine.interface import EngineError, EngineIdentity, FloatVolume, SeriesGeometry
+from engine.ltdiff.latent_diffusion import NoiseSchedule
+from engine.ltdiff.sampler import DDIMSampler
+from engine.ltdiff.weights import EngineMode, LTDiffWeights, load_weights
+
+DEFAULT_BATCH_SLICES: Final = {"cpu": 4, "cuda": 16}
+"""Slices per forward pass: ~0.5 GB of activations per 4 slices of 512 x 512 on the CPU model."""
+
+_SEED_MIX: Final = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive slice indices
+
+
+def slice_seed(seed: int, index: int) -> int:
+    """Seed of slice `index` of a series whose engine seed is `seed` (63-bit, non-negative)."""
+    digest = hashlib.sha256(f"{seed & (2**64 - 1)}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _place(module: M, device: torch.device, memory_format: torch.memory_format) -> M:
+    """module on device, in eval mode, with 4-D parameters in memory_format (channels-last on
+    CUDA; the typing stubs of Module.to omit the memory_format keyword the runtime accepts)."""
+    moved = cast(Any, module).to(device=device, memory_format=memory_format)
+    return cast(M, moved).eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else as torch.device, checked to exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} configured but CUDA is not available")
+    return dev
+
+
+class LTDiffEngine:
+    """LTDiff++ (or the UNet++ regression ablation) behind the Engine protocol.
+
+    Holds only immutable things (modules in eval mode, the schedule); each call builds its own
+    sampler and generators, so calls do not share state.
+    """
+
+    def __init__(
+        self,
+        weights: LTDiffWeights,
+        *,
+        weights_sha256: str,
+        device: str = "cpu",
+        batch_slices: int | None = None,
+        num_steps: int | None = None,
+        eta: float | None = None,
+    ) -> None:
+        self._weights = weights
+        self._device = resolve_device(device)
+        self._batch = batch_slices or DEFAULT_BATCH_SLICES.get(self._device.type, 4)
+        if self._batch < 1:
+            raise EngineError(f"batch_slices must be >= 1, got {self._batch}")
+        self._num_steps = num_steps or weights.sampling.num_steps
+        self._eta = weights.sampling.eta if eta is None else eta
+        cuda = self._device.type == "cuda"
+        self._memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self._amp_dtype: torch.dtype | None = None
+        if cuda:
+            self._amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self._autoencoder = _place(weights.build_autoencoder(), self._device, self._memory_format)
+        self._denoiser = None
+        self._schedule = None
+        if weights.mode is EngineMode.LTDIFF:
+            self._denoiser = _place(weights.build_denoiser(), self._device, self._memory_format)
+            if weights.schedule_config is None:  # guaranteed by LTDiffWeights, kept for mypy
+                raise EngineError("ltdiff weights without a schedule")
+            self._schedule = NoiseSchedule.from_config(weights.schedule_config)
+            # Validate the step count now, not on the first series.
+            self._new_sampler()
+        multiple = weights.autoencoder_config.size_multiple
+        if weights.denoiser_config is not None:
+            multiple = max(
+                multiple, weights.autoencoder_config.patch * weights.denoiser_config.size_multiple
+            )
+        self._multiple = multiple
+        name = "ltdiff++" if weights.mode is EngineMode.LTDIFF else "unetpp-regression"
+        self._identity = EngineIdentity(
+            name=name,
+            version=__version__,
+            weights_sha256=weights_sha256,
+            source_kernel=weights.source_kernel,
+            target_kernel=weights.target_kernel,
+        )
+
+    @classmethod
+    def from_file(
+        cls, path: Path, *, expected_kind: str | None = None, device: str = "cpu", **kwargs: int
+    ) -> LTDiffEngine:
+        weights, sha = load_weights(Path(path), expected_kind=expected_kind)
+        return cls(weights, weights_sha256=sha, device=device, **kwargs)
+
+    @property
+    def identity(self) -> EngineIdentity:
+        return self._identity
+
+    @property
+    def weights(self) -> LTDiffWeights:
+        return self._weights
+
+    @property
+    def batch_slices(self) -> int:
+        return self._batch
+
+    def _new_sampler(self) -> DDIMSampler:
+        if self._schedule is None or self._weights.denoiser_config is None:
+            raise EngineError("this engine has no latent diffusion")
+        return DDIMSampler.create(
+            self._schedule,
+            self._num_steps,
+            self._weights.denoiser_config.prediction,
+            eta=self._eta,
+            spacing=self._weights.sampling.spacing,
+        )
+
+    def standardize(
+        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+    ) -> FloatVolume:
+        """Map a Br40d-like HU volume [slices, rows, cols] to a Bl64d-like one (float32 HU)."""
+        del geometry  # trained at the data's pixel spacing; slices are processed independently
+        volume = np.asarray(volume_hu)
+        if volume.ndim != 3 or min(volume.shape[1:]) < 2:
+            raise EngineError(f"expected a volume [slices, rows, cols], got shape {volume.shape}")
+        if not np.all(np.isfinite(volume)):
+            raise EngineError("the input volume contains NaN or infinite values")
+        sampler = self._new_sampler() if self._denoiser is not None else None
+        out = np.empty(volume.shape, dtype=np.float32)
+        norm = self._weights.normalization
+        with torch.inference_mode():
+            for start in range(0, volume.shape[0], self._batch):
+                chunk = norm.to_model(volume[start : start + self._batch].astype(np.float32))
+                result = self._run_batch(chunk, start, seed, sampler)
+                out[start : start + len(chunk)] = norm.to_hu(result)
+        return out
+
+    def _run_batch(
+        self, chunk: np.ndarray, start: int, seed: int, sampler: DDIMSampler | None
+    ) -> np.ndarray:
+        _, rows, cols = chunk.shape
+        pad_r = (-rows) % self._multiple
+        pad_c = (-cols) % self._multiple
+        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self._device)[:, None]
+        if pad_r or pad_c:
+            mode = "reflect" if pad_r < rows and pad_c < cols else "replicate"
+            x = F.pad(x, (0, pad_c, 0, pad_r), mode=mode)
+        x = x.contiguous(memory_format=self._memory_format)
+        with torch.autocast(
+            device_type=self._device.type,
+            dtype=self._amp_dtype or torch.bfloat16,
+            enabled=self._amp_dtype is not None,
+        ):
+            latent = self._autoencoder.encode(x)
+            if sampler is not None:
+                latent = self._sample(latent, start, seed, sampler)
+            y = self._autoencoder.decode(latent)
+        result: np.ndarray = y[:, 0, :rows, :cols].float().cpu().numpy()
+        return result
+
+    def _sample(self, latent: Tensor, start: int, seed: int, sampler: DDIMSampler) -> Tensor:
+        if self._denoiser is None:
+            raise EngineError("this engine has no latent diffusion")
+        denoiser = self._denoiser
+        scale = self._weights.latent_scale
+        condition = latent.float() * scale
+        generators = [
+            torch.Generator(device="cpu").manual_seed(slice_seed(seed, start + k))
+            for k in range(latent.shape[0])
+        ]
+
+        def model(z_t: Tensor, t: Tensor) -> Tensor:
+            z_in = z_t.contiguous(memory_format=self._memory_format)
+            out: Tensor = denoiser(z_in, t, condition)
+            return out.float()
+
+        z0 = sampler.sample(model, tuple(latent.shape), generators, device=self._device)
+        return z0 / scale

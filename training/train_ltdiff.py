@@ -1,0 +1,782 @@
+"""Train LTDiff++ (and its UNet++ regression ablation) from folders of paired DICOM series.
+
+    ltdiff-node train ltdiff --phase 1 --data DIR --out runs/p1 ...          autoencoder
+    ltdiff-node train ltdiff --phase 2 --data DIR --init runs/p1/ckpt.pt --out runs/p2
+    ltdiff-node train ltdiff --phase 3 --data DIR --init runs/p2/ckpt.pt --out runs/p3 \
+        --export engine/weights/ltdiff-br40d-bl64d.safetensors                  fine-tune + export
+    ltdiff-node train ltdiff --phase regression --data DIR --out runs/reg --export reg.safetensors
+
+Phases (one readable loop, `train`, driven by a `TrainConfig`; the per-phase objective is one
+`nn.Module`, `Objective`, so DDP wraps exactly what is trained):
+
+1. The UNet++ autoencoder on every image of both kernels (patches), reconstruction with deep
+   supervision: the mean over the decoder's heads of an L1 (or L2) loss. Not the paper's BCE+Dice:
+   those are segmentation losses for label maps in [0, 1]; here the target is an image in HU.
+2. The latent denoiser with the autoencoder frozen, on aligned pairs (A = source, B = target):
+   z_B = s E(B), z_A = s E(A), z_t = q(z_B, t, eps); the network predicts eps / z_0 / v
+   (`Prediction`) conditioned on z_A, with
+       L = L_denoise + lambda_latent ||Z_A' - z_B||^2 + lambda_image ||D(Z_A' / s) - B||^2
+   where Z_A' is the z_0 estimate from the prediction: the paper's combined objective beside
+   the denoising loss. s (latent scale, 1/SD of E(B)) is measured at the start of phase 2.
+3. Joint fine-tuning of the denoiser and the decoder (encoder frozen: the latent space the
+   denoiser learned stays put) with the phase-2 loss plus the decoder's reconstruction of real
+   target latents; then export. `--steps 0` exports the phase-2 result unchanged.
+regression. The ablation of the paper's Table I: the same autoencoder trained end to end to map A
+   to B directly (deep supervision on every head), exported as kind "unetpp-regression".
+
+Runs are resumable (`OUT/ckpt.pt`, written atomically every `--ckpt-interval` steps and at the
+end; a run restarts from it unless `--no-resume`), log to `OUT/metrics.jsonl`, use explicit
+seeds, bf16/fp16 autocast on CUDA, and data parallelism under `torchrun` (DDP, the process group
+initialized from the environment, a DistributedSampler per rank, only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from engine import __version__
+from engine.interface import SeriesGeometry
+from engine.ltdiff.engine import LTDiffEngine, resolve_device
+from engine.ltdiff.latent_diffusion import (
+    DenoiserConfig,
+    LatentDenoiser,
+    NoiseSchedule,
+    Prediction,
+    ScheduleConfig,
+    ScheduleKind,
+    q_sample,
+    split_prediction,
+    training_target,
+)
+from engine.ltdiff.unetpp import UNetPlusPlusAutoencoder, UNetPPConfig
+from engine.ltdiff.weights import (
+    MAX_SHIPPED_BYTES,
+    EngineMode,
+    HUNormalization,
+    LTDiffWeights,
+    SamplingConfig,
+    save_weights,
+    unwrap_state,
+)
+from training.ltdiff_data import (
+    PairedSlices,
+    PatchPairs,
+    load_paired_slices,
+    spread_indices,
+)
+from training.pairs import DEFAULT_SOURCE_KERNEL, DEFAULT_TARGET_KERNEL
+
+Phase = Literal["1", "2", "3", "regression"]
+ReconLoss = Literal["l1", "l2", "l1+l2"]
+AmpMode = Literal["bf16", "fp16", "off"]
+CKPT_FORMAT = "ltdiff-node/train-checkpoint/1"
+CKPT_NAME = "ckpt.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. Architecture fields apply where a model is created (phase 1,
+    regression, the denoiser in phase 2); later phases take the rest from their --init checkpoint.
+    """
+
+    phase: Phase
+    data: tuple[Path, ...]
+    out_dir: Path
+    init: Path | None = None
+    export: Path | None = None
+    holdout: tuple[str, ...] = ("S004", "S005")
+    source_kernel: str = DEFAULT_SOURCE_KERNEL
+    target_kernel: str = DEFAULT_TARGET_KERNEL
+    steps: int = 2000
+    batch_size: int = 8
+    patch: int = 128
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    recon_loss: ReconLoss = "l1"
+    lambda_latent: float = 1.0
+    lambda_image: float = 1.0
+    lambda_recon: float = 1.0
+    seed: int = 1337
+    device: str = "auto"
+    amp: AmpMode = "bf16"
+    threads: int | None = None
+    log_interval: int = 10
+    eval_interval: int = 200
+    ckpt_interval: int = 100
+    val_slices: int = 2
+    max_train_slices: int | None = None
+    resume: bool = True
+    progress: bool = True
+    latent_channels: int = 8
+    encoder_channels: tuple[int, ...] = (16, 32)
+    decoder_channels: tuple[int, ...] = (16, 32, 64)
+    denoiser_channels: tuple[int, ...] = (32, 64, 128)
+    schedule: ScheduleKind = "cosine"
+    prediction: Prediction = "v"
+    sample_steps: int = 8
+    sample_eta: float = 0.0
+    command: str = field(default="", compare=False)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d, sort_keys=True, default=str)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step (nanoGPT)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - floor)
+
+
+def reconstruction_loss(heads: Sequence[Tensor], target: Tensor, kind: ReconLoss) -> Tensor:
+    """Deep supervision: the mean over heads of L1, L2 or their sum against the target image."""
+    losses = []
+    for h in heads:
+        h32 = h.float()
+        if kind == "l1":
+            losses.append(F.l1_loss(h32, target))
+        elif kind == "l2":
+            losses.append(F.mse_loss(h32, target))
+        else:
+            losses.append(F.l1_loss(h32, target) + F.mse_loss(h32, target))
+    return torch.stack(losses).mean()
+
+
+class Objective(nn.Module):
+    """The loss of one phase as a module holding the models it uses (DDP wraps this)."""
+
+    def __init__(
+        self,
+        phase: Phase,
+        *,
+        config: TrainConfig,
+        autoencoder: UNetPlusPlusAutoencoder,
+        denoiser: LatentDenoiser | None = None,
+        schedule: NoiseSchedule | None = None,
+        latent_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.phase = phase
+        self.config = config
+        self.autoencoder = autoencoder
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.latent_scale = latent_scale
+        frozen: list[nn.Module] = []
+        if phase == "2":
+            frozen = [autoencoder]
+        elif phase == "3":
+            frozen = [autoencoder.encoder, autoencoder.to_latent, autoencoder.encoder_shortcut]
+        for module in frozen:
+            module.requires_grad_(False)
+
+    def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        if self.phase == "1":
+            loss = reconstruction_loss(self.autoencoder(a), a, cfg.recon_loss)
+            return loss, {"recon": loss.detach()}
+        if self.phase == "regression":
+            loss = reconstruction_loss(self.autoencoder(a), b, cfg.recon_loss)
+            return loss, {"regression": loss.detach()}
+        if self.denoiser is None or self.schedule is None:
+            raise RuntimeError(f"phase {self.phase} needs a denoiser and a schedule")
+        s = self.latent_scale
+        with torch.no_grad():
+            z_a = self.autoencoder.encode(a).float() * s
+            z_b = self.autoencoder.encode(b).float() * s
+        t = torch.randint(0, self.schedule.num_train_timesteps, (a.shape[0],), device=a.device)
+        noise = torch.randn_like(z_b)
+        z_t = q_sample(self.schedule, z_b, t, noise)
+        abar = self.schedule.abar(t, z_b)
+        pred = self.denoiser.config.prediction
+        out = self.denoiser(z_t, t, z_a).float()
+        l_denoise = F.mse_loss(out, training_target(pred, z_b, noise, abar))
+        z0_hat, _ = split_prediction(pred, out, z_t, abar)  # Z_A': the predicted target latent
+        l_latent = F.mse_loss(z0_hat, z_b)
+        l_image = F.mse_loss(self.autoencoder.decode(z0_hat / s).float(), b)
+        loss = l_denoise + cfg.lambda_latent * l_latent + cfg.lambda_image * l_image
+        metrics = {"denoise": l_denoise.detach(), "latent": l_latent.detach()}
+        metrics["image"] = l_image.detach()
+        if self.phase == "3":
+            heads = self.autoencoder.decode_heads(z_b / s)
+            l_recon = reconstruction_loss(heads, b, cfg.recon_loss)
+            loss = loss + cfg.lambda_recon * l_recon
+            metrics["recon"] = l_recon.detach()
+        return loss, metrics
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> DistContext:
+    """Initialize torch.distributed from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT) when WORLD_SIZE > 1: NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1:
+        return DistContext(0, 1, dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    return DistContext(rank, dist.get_world_size(), dev)
+
+
+def _batches(
+    dataset: PatchPairs, sampler: DistributedSampler[Any], batch: int, start_step: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches for steps start_step, start_step + 1, ...: epochs of len(sampler) // batch steps,
+    resumed exactly at start_step (indices of a DistributedSampler epoch are a pure function of
+    its seed and epoch)."""
+    steps_per_epoch = max(len(sampler) // batch, 1)
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        indices = list(sampler)
+        for k in range(offset, steps_per_epoch):
+            items = [dataset[i] for i in indices[k * batch : (k + 1) * batch]]
+            a = torch.stack([item[0] for item in items])
+            b = torch.stack([item[1] for item in items])
+            yield a, b
+        step = (epoch + 1) * steps_per_epoch
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not an LTDiff++ training checkpoint ({CKPT_FORMAT})")
+    return cast(dict[str, Any], ckpt)
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+@dataclass
+class Models:
+    autoencoder: UNetPlusPlusAutoencoder
+    denoiser: LatentDenoiser | None
+    schedule_config: ScheduleConfig | None
+    latent_scale: float
+    history: list[dict[str, object]]
+
+
+def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device) -> Models:
+    """Fresh models for phase 1 / regression; for phases 2 and 3 the --init checkpoint's."""
+    if config.phase in ("1", "regression"):
+        ae_cfg = UNetPPConfig(
+            latent_channels=config.latent_channels,
+            encoder_channels=config.encoder_channels,
+            decoder_channels=config.decoder_channels,
+        )
+        return Models(UNetPlusPlusAutoencoder(ae_cfg), None, None, 1.0, [])
+    if config.init is None:
+        raise ValueError(f"phase {config.phase} needs --init (the previous phase's checkpoint)")
+    init = _load_checkpoint(config.init)
+    want = {"2": "1", "3": "2"}[config.phase]
+    if init["phase"] not in (want, config.phase):
+        raise ValueError(
+            f"--init {config.init} is a phase-{init['phase']} checkpoint; phase {config.phase} "
+            f"starts from phase {want}"
+        )
+    ae = UNetPlusPlusAutoencoder(UNetPPConfig.from_dict(json.loads(init["autoencoder_config"])))
+    ae.load_state_dict(init["autoencoder"], strict=True)
+    history = list(json.loads(init["history"]))
+    if config.phase == "3":
+        den = LatentDenoiser(DenoiserConfig.from_dict(json.loads(init["denoiser_config"])))
+        den.load_state_dict(init["denoiser"], strict=True)
+        sch = ScheduleConfig.from_dict(json.loads(init["schedule_config"]))
+        return Models(ae, den, sch, float(init["latent_scale"]), history)
+    den_cfg = DenoiserConfig(
+        latent_channels=ae.config.latent_channels,
+        channels=config.denoiser_channels,
+        prediction=config.prediction,
+    )
+    scale = measure_latent_scale(ae, train, config, device)
+    return Models(ae, LatentDenoiser(den_cfg), ScheduleConfig(kind=config.schedule), scale, history)
+
+
+def measure_latent_scale(
+    ae: UNetPlusPlusAutoencoder, train: PairedSlices, config: TrainConfig, device: torch.device
+) -> float:
+    """s = 1 / SD of target latents E(B) over fixed patches (latent diffusion's scale factor), so
+    the diffusion sees unit-variance latents. Deterministic: the same on every rank."""
+    data = PatchPairs(train, patch=config.patch, length=32, mode="pairs", seed=config.seed + 7)
+    ae = ae.to(device).eval()
+    values = []
+    with torch.no_grad():
+        for i in range(0, len(data), 8):
+            b = torch.stack([data[j][1] for j in range(i, min(i + 8, len(data)))]).to(device)
+            values.append(ae.encode(b).float().flatten())
+    sd = float(torch.cat(values).std())
+    return 1.0 / max(sd, 1e-6)
+
+
+def _weights_for_export(
+    config: TrainConfig, models: Models, train: PairedSlices, mode: EngineMode
+) -> LTDiffWeights:
+    den = models.denoiser
+    return LTDiffWeights(
+        mode=mode,
+        autoencoder_config=models.autoencoder.config,
+        autoencoder_state=unwrap_state(models.autoencoder),
+        source_kernel=train.source_kernel,
+        target_kernel=train.target_kernel,
+        denoiser_config=den.config if den is not None and mode is EngineMode.LTDIFF else None,
+        denoiser_state=unwrap_state(den) if den is not None and mode is EngineMode.LTDIFF else None,
+        schedule_config=models.schedule_config if mode is EngineMode.LTDIFF else None,
+        sampling=SamplingConfig(num_steps=config.sample_steps, eta=config.sample_eta),
+        latent_scale=models.latent_scale,
+        normalization=HUNormalization(),
+        training={
+            "history": models.history,
+            "data": train.summary(),
+            "holdout": list(config.holdout),
+            "code_version": __version__,
+        },
+    )
+
+
+def _highpass_sd(hu: np.ndarray, mask: np.ndarray) -> float:
+    """SD (HU) of the image minus its 3x3 mean inside mask, [slices, rows, cols]: a crude
+    fine-grain texture measure (a smoothed conditional mean scores < 1 against the target)."""
+    rows, cols = hu.shape[-2:]
+    padded = np.pad(hu, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    local = (
+        sum(
+            padded[:, 1 + dy : 1 + dy + rows, 1 + dx : 1 + dx + cols]
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        )
+        / 9.0
+    )
+    return float(np.std((hu - local)[mask]))
+
+
+def validate(
+    config: TrainConfig, models: Models, val: PairedSlices, device: torch.device
+) -> dict[str, float]:
+    """Whole held-out slices: RMSE (HU) against the target and the ratio of fine-grain SD (>1:
+    grainier than the target, <1: smoother). Phases 2/3 and regression run the engine's own code
+    path (LTDiffEngine) on an in-memory export; phase 1 measures the round trip of both kernels."""
+    norm = HUNormalization()
+    indices = spread_indices(len(val), config.val_slices)
+    if not indices:
+        return {}
+    a_hu = np.stack([norm.to_hu(val.source[i]) for i in indices])
+    b_hu = np.stack([norm.to_hu(val.target[i]) for i in indices])
+    body = b_hu > -500.0
+    out: dict[str, float] = {}
+    ae = models.autoencoder.eval()
+    if config.phase == "1":
+        with torch.no_grad():
+            for name, ref in (("a", a_hu), ("b", b_hu)):
+                x = torch.from_numpy(norm.to_model(ref))[:, None].to(device)
+                rec = norm.to_hu(ae.decode(ae.encode(x)).float().cpu().numpy()[:, 0])
+                out[f"roundtrip_rmse_hu_{name}"] = float(np.sqrt(np.mean((rec - ref) ** 2)))
+                out[f"roundtrip_hp_sd_ratio_{name}"] = _highpass_sd(rec, body) / _highpass_sd(
+                    ref, body
+                )
+        ae.train()
+        return out
+    mode = EngineMode.UNETPP_REGRESSION if config.phase == "regression" else EngineMode.LTDIFF
+    weights = _weights_for_export(config, models, val, mode)
+    engine = LTDiffEngine(weights, weights_sha256="validation", device=str(device), batch_slices=2)
+    geometry = SeriesGeometry(val.pixel_spacing_mm[0], tuple(float(i) for i in indices))
+    pred = engine.standardize(a_hu, geometry, seed=config.seed)
+    out["rmse_hu"] = float(np.sqrt(np.mean((pred - b_hu) ** 2)))
+    out["hp_sd_ratio"] = _highpass_sd(pred, body) / _highpass_sd(b_hu, body)
+    out["input_rmse_hu"] = float(np.sqrt(np.mean((a_hu - b_hu) ** 2)))
+    ae.train()
+    return out
+
+
+def _write_jsonl(path: Path, record: dict[str, object]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns (tests and the DDP check use the unwrapped models)."""
+
+    models: Models
+    step: int
+    last_metrics: dict[str, float]
+    export_sha256: str | None = None
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one phase (module docstring)."""
+    ctx = setup_distributed(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    out_dir = Path(config.out_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    norm = HUNormalization()
+    train_data = load_paired_slices(
+        config.data,
+        holdout=config.holdout,
+        split="train",
+        normalization=norm,
+        source_kernel=config.source_kernel,
+        target_kernel=config.target_kernel,
+        max_slices=config.max_train_slices,
+    )
+    val_data = load_paired_slices(
+        config.data,
+        holdout=config.holdout,
+        split="holdout",
+        normalization=norm,
+        source_kernel=config.source_kernel,
+        target_kernel=config.target_kernel,
+    )
+    models = _build_models(config, train_data, ctx.device)
+    schedule = NoiseSchedule.from_config(models.schedule_config) if models.schedule_config else None
+    objective = Objective(
+        config.phase,
+        config=config,
+        autoencoder=models.autoencoder,
+        denoiser=models.denoiser,
+        schedule=schedule,
+        latent_scale=models.latent_scale,
+    ).to(ctx.device)
+    if ctx.device.type == "cuda":
+        objective = cast(Any, objective).to(memory_format=torch.channels_last)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99)
+    )
+
+    start_step = 0
+    elapsed_before = 0.0
+    ckpt_path = out_dir / CKPT_NAME
+    if config.resume and ckpt_path.is_file():
+        ckpt = _load_checkpoint(ckpt_path)
+        if ckpt["phase"] != config.phase:
+            raise ValueError(f"{ckpt_path} is a phase-{ckpt['phase']} run, not {config.phase}")
+        models.autoencoder.load_state_dict(ckpt["autoencoder"], strict=True)
+        if models.denoiser is not None:
+            models.denoiser.load_state_dict(ckpt["denoiser"], strict=True)
+        models.latent_scale = float(ckpt["latent_scale"])
+        objective.latent_scale = models.latent_scale
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = int(ckpt["step"])
+        elapsed_before = float(ckpt["elapsed_s"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+
+    # Different t / noise draws per rank (model init above was identical: same seed everywhere).
+    torch.manual_seed(config.seed + 1000 * (ctx.rank + 1) + start_step)
+    wrapped: nn.Module = objective
+    if ctx.world_size > 1:
+        wrapped = DistributedDataParallel(
+            objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    use_amp = ctx.device.type == "cuda" and config.amp != "off"
+    amp_dtype = torch.float16 if config.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
+
+    dataset = PatchPairs(
+        train_data,
+        patch=config.patch,
+        length=config.batch_size * ctx.world_size * 100,
+        mode="images" if config.phase == "1" else "pairs",
+        seed=config.seed,
+    )
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
+    )
+    batches = _batches(dataset, sampler, config.batch_size, start_step)
+    metrics_path = out_dir / METRICS_NAME
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        if not ctx.is_main:
+            return
+        den = models.denoiser
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "format": CKPT_FORMAT,
+                "phase": config.phase,
+                "step": step,
+                "elapsed_s": elapsed,
+                "config": config.to_json(),
+                "autoencoder_config": models.autoencoder.config.to_json(),
+                "autoencoder": unwrap_state(models.autoencoder),
+                "denoiser_config": den.config.to_json() if den is not None else "null",
+                "denoiser": unwrap_state(den) if den is not None else {},
+                "schedule_config": (
+                    models.schedule_config.to_json() if models.schedule_config else "null"
+                ),
+                "latent_scale": models.latent_scale,
+                "optimizer": optimizer.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "history": json.dumps([*models.history, _phase_record(config, step, elapsed, ctx)]),
+                "data_summary": json.dumps(train_data.summary()),
+            },
+        )
+
+    t0 = time.monotonic()
+    last: dict[str, float] = {}
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        disable=not (ctx.is_main and config.progress),
+        desc=f"phase {config.phase}",
+        dynamic_ncols=True,
+    )
+    objective.train()
+    step = start_step
+    for step in range(start_step, config.steps):
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        a, b = next(batches)
+        a, b = a.to(ctx.device), b.to(ctx.device)
+        autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else nullcontext()
+        with autocast:
+            loss, parts = wrapped(a, b)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        done = step + 1
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {done}")
+        if ctx.is_main and (done % config.log_interval == 0 or done == config.steps):
+            last = {"loss": loss_value, **{k: float(v) for k, v in parts.items()}}
+            elapsed = elapsed_before + time.monotonic() - t0
+            record = {"phase": config.phase, "step": done, "lr": lr, "time_s": elapsed, **last}
+            _write_jsonl(metrics_path, {"split": "train", **record})
+            bar.set_postfix(loss=f"{loss_value:.4g}")
+        if (
+            ctx.is_main
+            and config.eval_interval > 0
+            and (done % config.eval_interval == 0 or done == config.steps)
+        ):
+            val = validate(config, models, val_data, ctx.device)
+            if val:
+                _write_jsonl(
+                    metrics_path,
+                    {"split": "val", "phase": config.phase, "step": done, **val},
+                )
+                last.update({f"val_{k}": v for k, v in val.items()})
+                bar.write(f"step {done} val " + " ".join(f"{k}={v:.4g}" for k, v in val.items()))
+        if done % config.ckpt_interval == 0 or done == config.steps:
+            checkpoint(done, elapsed_before + time.monotonic() - t0)
+        bar.update(1)
+    bar.close()
+    final_step = max(step + 1, start_step) if config.steps > start_step else start_step
+    elapsed = elapsed_before + time.monotonic() - t0
+    if config.steps <= start_step:
+        checkpoint(final_step, elapsed)
+    models.history = [*models.history, _phase_record(config, final_step, elapsed, ctx)]
+
+    export_sha = None
+    if config.export is not None and ctx.is_main:
+        export_sha = export(config, models, train_data)
+    if ctx.world_size > 1:
+        dist.barrier()
+    return TrainResult(models, final_step, last, export_sha)
+
+
+def _phase_record(
+    config: TrainConfig, step: int, elapsed: float, ctx: DistContext
+) -> dict[str, object]:
+    device = str(ctx.device)
+    if ctx.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(ctx.device)})"
+    return {
+        "phase": config.phase,
+        "steps": step,
+        "seconds": round(elapsed, 1),
+        "device": device,
+        "world_size": ctx.world_size,
+        "threads": torch.get_num_threads(),
+        "batch_size": config.batch_size,
+        "patch": config.patch,
+        "lr": config.lr,
+        "lambda_latent": config.lambda_latent,
+        "lambda_image": config.lambda_image,
+        "command": config.command,
+    }
+
+
+def export(config: TrainConfig, models: Models, train_data: PairedSlices) -> str:
+    """Write the self-describing weights file (kind by phase); refuse one over the 30 MB limit."""
+    if config.export is None:
+        raise ValueError("no --export path")
+    if config.phase == "1":
+        raise ValueError("phase 1 trains the autoencoder only: export after phase 2 or 3")
+    mode = EngineMode.UNETPP_REGRESSION if config.phase == "regression" else EngineMode.LTDIFF
+    weights = _weights_for_export(config, models, train_data, mode)
+    path = Path(config.export)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sha = save_weights(path, weights)
+    size = path.stat().st_size
+    if size > MAX_SHIPPED_BYTES:
+        path.unlink()
+        raise ValueError(f"weights file would be {size / 2**20:.1f} MB, over the 30 MB limit")
+    print(f"exported {mode.value} weights to {path} ({size / 2**20:.2f} MB, sha256 {sha[:12]})")
+    return sha
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(phase="1", data=(), out_dir=Path())
+    p = argparse.ArgumentParser(
+        prog="ltdiff-node train ltdiff",
+        description="Train LTDiff++ (phases 1, 2, 3) or the UNet++ regression ablation.",
+    )
+    p.add_argument("--phase", required=True, choices=["1", "2", "3", "regression"])
+    p.add_argument("--data", type=Path, action="append", required=True, help="repeatable")
+    p.add_argument("--out", type=Path, required=True, help="run folder (ckpt.pt, metrics.jsonl)")
+    p.add_argument("--init", type=Path, help="previous phase's ckpt.pt (phases 2 and 3)")
+    p.add_argument("--export", type=Path, help="write the weights file at the end")
+    p.add_argument("--holdout", default=",".join(d.holdout), help="subjects kept out, comma list")
+    p.add_argument("--source-kernel", default=d.source_kernel, help="regex")
+    p.add_argument("--target-kernel", default=d.target_kernel, help="regex")
+    for name in ("steps", "batch_size", "patch", "warmup_steps", "seed", "log_interval"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    for name in ("eval_interval", "ckpt_interval", "val_slices", "latent_channels"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    p.add_argument("--max-train-slices", type=int)
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "lambda_latent"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    for name in ("lambda_image", "lambda_recon", "sample_eta"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    p.add_argument("--recon-loss", choices=["l1", "l2", "l1+l2"], default=d.recon_loss)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=d.amp, help="CUDA only")
+    p.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared machine)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing OUT/ckpt.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--encoder-channels", type=_ints, default=d.encoder_channels)
+    p.add_argument("--decoder-channels", type=_ints, default=d.decoder_channels)
+    p.add_argument("--denoiser-channels", type=_ints, default=d.denoiser_channels)
+    p.add_argument("--schedule", choices=["linear", "scaled_linear", "cosine"], default=d.schedule)
+    p.add_argument("--prediction", choices=["epsilon", "sample", "v"], default=d.prediction)
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps, <= 10")
+    return p
+
+
+_ARG_FIELDS = (
+    "steps",
+    "batch_size",
+    "patch",
+    "warmup_steps",
+    "seed",
+    "log_interval",
+    "eval_interval",
+    "ckpt_interval",
+    "val_slices",
+    "latent_channels",
+    "max_train_slices",
+    "lr",
+    "min_lr_ratio",
+    "weight_decay",
+    "grad_clip",
+    "lambda_latent",
+    "lambda_image",
+    "lambda_recon",
+    "sample_eta",
+    "recon_loss",
+    "device",
+    "amp",
+    "threads",
+    "encoder_channels",
+    "decoder_channels",
+    "denoiser_channels",
+    "schedule",
+    "prediction",
+    "sample_steps",
+    "init",
+    "export",
+    "source_kernel",
+    "target_kernel",
+)
+"""TrainConfig fields set directly from the command-line option of the same name."""
+
+
+def config_from_args(argv: Sequence[str]) -> TrainConfig:
+    a = build_parser().parse_args(list(argv))
+    base = TrainConfig(phase=a.phase, data=tuple(a.data), out_dir=a.out)
+    values = {k: getattr(a, k) for k in _ARG_FIELDS}
+    return replace(
+        base,
+        holdout=tuple(s.strip() for s in a.holdout.split(",") if s.strip()),
+        resume=not a.no_resume,
+        progress=not a.no_progress,
+        command="ltdiff-node train ltdiff " + " ".join(argv),
+        **values,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = train(config)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"train ltdiff: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result.last_metrics:
+        print(" ".join(f"{k}={v:.5g}" for k, v in sorted(result.last_metrics.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
