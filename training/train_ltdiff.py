@@ -507,10 +507,13 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = int(ckpt["step"])
         elapsed_before = float(ckpt["elapsed_s"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-
-    # Different t / noise draws per rank (model init above was identical: same seed everywhere).
-    torch.manual_seed(config.seed + 1000 * (ctx.rank + 1) + start_step)
+    if start_step > 0 and ctx.world_size == 1:
+        torch.set_rng_state(ckpt["rng_cpu"])  # an exact continuation of the interrupted run
+    else:
+        # Different t / noise draws per rank (model init above was identical on every rank; DDP
+        # also broadcasts rank 0's parameters). Only rank 0's RNG state is checkpointed, so a
+        # resumed multi-process run reseeds from the step instead.
+        torch.manual_seed(config.seed + 1000 * (ctx.rank + 1) + start_step)
     wrapped: nn.Module = objective
     if ctx.world_size > 1:
         wrapped = DistributedDataParallel(
