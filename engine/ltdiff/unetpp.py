@@ -20,8 +20,9 @@ The autoencoder uses two such nested networks, both at half the image resolution
 
 * Space-to-depth (`PixelUnshuffle`) is lossless: the 2 x 2 pixel block is kept as 4 channels, so a
   latent with C_z >= 4 channels at H/2 can carry every pixel, the fine-grain noise of a sharp kernel
-  included. The linear 1x1 shortcuts make that path available from the first training step; the
-  nested networks add context (edges, tissue) on top.
+  included. The linear 1x1 shortcuts start as that identity (`_init_lossless_start`), so the
+  round trip is near-lossless from the first training step; the nested networks add context
+  (edges, tissue) on top.
 * The top row of the encoder's UNet++ aggregates every scale through the nested skips, so Z is a
   multiscale latent in one tensor, which the latent diffusion can transform as a whole.
 * The decoder sees nothing but Z: no skip connection reaches it from the encoder. When the diffusion
@@ -190,6 +191,28 @@ class UNetPlusPlusAutoencoder(nn.Module):
             nn.Conv2d(config.decoder_channels[0], p2, 1) for _ in range(config.n_heads)
         )
         self.decoder_shortcut = nn.Conv2d(c_z, p2, 1, bias=False)
+        self._init_lossless_start()
+
+    def _init_lossless_start(self) -> None:
+        """Start as a lossless rearrangement: the shortcuts copy the 2x2 pixel block into the
+        first latent channels and back (identity round trip), the encoder's non-linear path
+        starts small (x0.1) and the decoder's heads at zero, so training begins near a perfect
+        reconstruction of the fine grain and learns the multiscale features on top instead of
+        first having to learn the identity."""
+        p2 = self.config.patch * self.config.patch
+        with torch.no_grad():
+            self.encoder_shortcut.weight.zero_()
+            self.decoder_shortcut.weight.zero_()
+            for k in range(p2):
+                self.encoder_shortcut.weight[k, k] = 1.0
+                self.decoder_shortcut.weight[k, k] = 1.0
+            self.to_latent.weight.mul_(0.1)
+            if self.to_latent.bias is not None:
+                self.to_latent.bias.zero_()
+            for head in self.heads:
+                head.weight.zero_()
+                if head.bias is not None:
+                    head.bias.zero_()
 
     def encode(self, image: Tensor) -> Tensor:
         """Z = E(x): [N, 1, H, W] -> [N, C_z, H/patch, W/patch]."""
