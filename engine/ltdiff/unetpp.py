@@ -210,9 +210,8 @@ class UNetPlusPlusAutoencoder(nn.Module):
             if self.to_latent.bias is not None:
                 self.to_latent.bias.zero_()
             for head in self.heads:
-                head.weight.zero_()
-                if head.bias is not None:
-                    head.bias.zero_()
+                for param in head.parameters():
+                    param.zero_()
 
     def encode(self, image: Tensor) -> Tensor:
         """Z = E(x): [N, 1, H, W] -> [N, C_z, H/patch, W/patch]."""
