@@ -97,3 +97,19 @@ def test_split_prediction_inverts_the_training_target(prediction: str) -> None:
     z0_hat, eps_hat = split_prediction(prediction, target, z_t, abar)  # type: ignore[arg-type]
     torch.testing.assert_close(z0_hat, z0, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(eps_hat, noise, atol=2e-3, rtol=1e-3)
+
+
+def test_untrained_autoencoder_starts_from_a_lossless_pixel_path() -> None:
+    # The shortcuts start as the identity on the 2x2 pixel block and the decoder heads at zero:
+    # the first 4 latent channels carry the pixels (plus a small learned term) and the decoder
+    # starts by reading them back, so training begins close to a lossless round trip.
+    torch.manual_seed(0)
+    ae = UNetPlusPlusAutoencoder(UNetPPConfig()).eval()
+    z = torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        for head in ae.decode_heads(z):
+            torch.testing.assert_close(head, torch.nn.functional.pixel_shuffle(z[:, :4], 2))
+        x = torch.randn(1, 1, 32, 32)
+        shortcut = ae.encoder_shortcut(torch.nn.functional.pixel_unshuffle(x, 2))
+    torch.testing.assert_close(shortcut[:, :4], torch.nn.functional.pixel_unshuffle(x, 2))
+    assert torch.count_nonzero(shortcut[:, 4:]) == 0
