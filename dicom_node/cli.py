@@ -103,6 +103,10 @@ def _fmt_time(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.store import JobStore
 
@@ -118,9 +122,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
-    print(f"series: {report['series'] or 'none'}")
-    print(f"jobs:   {report['jobs'] or 'none'}")
-    print(f"exports: {report['exports'] or 'none'}")
+    print(f"series:  {_counts(report['series'])}")
+    print(f"jobs:    {_counts(report['jobs'])}")
+    print(f"exports: {_counts(report['exports'])}")
     if report["retrying"]:
         print("retrying:")
         for r in report["retrying"]:
