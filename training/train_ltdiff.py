@@ -13,11 +13,13 @@ Phases (one readable loop, `train`, driven by a `TrainConfig`; the per-phase obj
    supervision: the mean over the decoder's heads of an L1 (or L2) loss. Not the paper's BCE+Dice:
    those are segmentation losses for label maps in [0, 1]; here the target is an image in HU.
 2. The latent denoiser with the autoencoder frozen, on aligned pairs (A = source, B = target):
-   z_B = s E(B), z_A = s E(A), z_t = q(z_B, t, eps); the network predicts eps / z_0 / v
-   (`Prediction`) conditioned on z_A, with
-       L = L_denoise + lambda_latent ||Z_A' - z_B||^2 + lambda_image ||D(Z_A' / s) - B||^2
-   where Z_A' is the z_0 estimate from the prediction: the paper's combined objective beside
-   the denoising loss. s (latent scale, 1/SD of E(B)) is measured at the start of phase 2.
+   z_0 = s_r (E(B) - E(A)) (the residual target; s E(B) with --diffusion-target latent),
+   z_t = q(z_0, t, eps); the network predicts eps / z_0 / v (`Prediction`) conditioned on
+   s E(A), with
+       L = L_denoise + lambda_latent ||Z_A' - Z_B||^2 + lambda_image ||D(Z_A') - B||^2
+   where Z_A' is the standard latent made from the network's z_0 estimate: the paper's combined
+   objective beside the denoising loss (the latent term is measured in scaled units). The
+   scales s = 1/SD(E(B)) and s_r = 1/SD(E(B) - E(A)) are measured at the start of phase 2.
 3. Joint fine-tuning of the denoiser and the decoder (encoder frozen: the latent space the
    denoiser learned stays put) with the phase-2 loss plus the decoder's reconstruction of real
    target latents; then export. `--steps 0` exports the phase-2 result unchanged.
@@ -58,13 +60,16 @@ from engine.interface import SeriesGeometry
 from engine.ltdiff.engine import LTDiffEngine, resolve_device
 from engine.ltdiff.latent_diffusion import (
     DenoiserConfig,
+    DiffusionTarget,
     LatentDenoiser,
     NoiseSchedule,
     Prediction,
     ScheduleConfig,
     ScheduleKind,
+    diffusion_x0,
     q_sample,
     split_prediction,
+    standard_latent,
     training_target,
 )
 from engine.ltdiff.unetpp import UNetPlusPlusAutoencoder, UNetPPConfig
@@ -136,6 +141,7 @@ class TrainConfig:
     denoiser_channels: tuple[int, ...] = (32, 64, 128)
     schedule: ScheduleKind = "cosine"
     prediction: Prediction = "v"
+    diffusion_target: DiffusionTarget = "residual"
     sample_steps: int = 8
     sample_eta: float = 0.0
     command: str = field(default="", compare=False)
@@ -181,6 +187,7 @@ class Objective(nn.Module):
         denoiser: LatentDenoiser | None = None,
         schedule: NoiseSchedule | None = None,
         latent_scale: float = 1.0,
+        target_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.phase = phase
@@ -189,6 +196,7 @@ class Objective(nn.Module):
         self.denoiser = denoiser
         self.schedule = schedule
         self.latent_scale = latent_scale
+        self.target_scale = target_scale
         frozen: list[nn.Module] = []
         if phase == "2":
             frozen = [autoencoder]
@@ -207,25 +215,28 @@ class Objective(nn.Module):
             return loss, {"regression": loss.detach()}
         if self.denoiser is None or self.schedule is None:
             raise RuntimeError(f"phase {self.phase} needs a denoiser and a schedule")
-        s = self.latent_scale
+        target = self.denoiser.config.target
+        scale = self.target_scale if target == "residual" else self.latent_scale
         with torch.no_grad():
-            z_a = self.autoencoder.encode(a).float() * s
-            z_b = self.autoencoder.encode(b).float() * s
+            latent_a = self.autoencoder.encode(a).float()
+            latent_b = self.autoencoder.encode(b).float()
+        x0 = diffusion_x0(target, latent_a, latent_b, scale)
         t = torch.randint(0, self.schedule.num_train_timesteps, (a.shape[0],), device=a.device)
-        noise = torch.randn_like(z_b)
-        z_t = q_sample(self.schedule, z_b, t, noise)
-        abar = self.schedule.abar(t, z_b)
+        noise = torch.randn_like(x0)
+        z_t = q_sample(self.schedule, x0, t, noise)
+        abar = self.schedule.abar(t, x0)
         pred = self.denoiser.config.prediction
-        out = self.denoiser(z_t, t, z_a).float()
-        l_denoise = F.mse_loss(out, training_target(pred, z_b, noise, abar))
-        z0_hat, _ = split_prediction(pred, out, z_t, abar)  # Z_A': the predicted target latent
-        l_latent = F.mse_loss(z0_hat, z_b)
-        l_image = F.mse_loss(self.autoencoder.decode(z0_hat / s).float(), b)
+        out = self.denoiser(z_t, t, latent_a * self.latent_scale).float()
+        l_denoise = F.mse_loss(out, training_target(pred, x0, noise, abar))
+        x0_hat, _ = split_prediction(pred, out, z_t, abar)
+        l_latent = F.mse_loss(x0_hat, x0)  # ||Z_A' - Z_B||^2 in the diffusion's scaled units
+        z_b_hat = standard_latent(target, latent_a, x0_hat, scale)  # Z_A': predicted Z_B
+        l_image = F.mse_loss(self.autoencoder.decode(z_b_hat).float(), b)
         loss = l_denoise + cfg.lambda_latent * l_latent + cfg.lambda_image * l_image
         metrics = {"denoise": l_denoise.detach(), "latent": l_latent.detach()}
         metrics["image"] = l_image.detach()
         if self.phase == "3":
-            heads = self.autoencoder.decode_heads(z_b / s)
+            heads = self.autoencoder.decode_heads(latent_b)
             l_recon = reconstruction_loss(heads, b, cfg.recon_loss)
             loss = loss + cfg.lambda_recon * l_recon
             metrics["recon"] = l_recon.detach()
@@ -300,6 +311,7 @@ class Models:
     denoiser: LatentDenoiser | None
     schedule_config: ScheduleConfig | None
     latent_scale: float
+    target_scale: float
     history: list[dict[str, object]]
 
 
@@ -311,7 +323,7 @@ def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device
             encoder_channels=config.encoder_channels,
             decoder_channels=config.decoder_channels,
         )
-        return Models(UNetPlusPlusAutoencoder(ae_cfg), None, None, 1.0, [])
+        return Models(UNetPlusPlusAutoencoder(ae_cfg), None, None, 1.0, 1.0, [])
     if config.init is None:
         raise ValueError(f"phase {config.phase} needs --init (the previous phase's checkpoint)")
     init = _load_checkpoint(config.init)
@@ -328,30 +340,38 @@ def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device
         den = LatentDenoiser(DenoiserConfig.from_dict(json.loads(init["denoiser_config"])))
         den.load_state_dict(init["denoiser"], strict=True)
         sch = ScheduleConfig.from_dict(json.loads(init["schedule_config"]))
-        return Models(ae, den, sch, float(init["latent_scale"]), history)
+        scales = float(init["latent_scale"]), float(init["target_scale"])
+        return Models(ae, den, sch, *scales, history)
     den_cfg = DenoiserConfig(
         latent_channels=ae.config.latent_channels,
         channels=config.denoiser_channels,
         prediction=config.prediction,
+        target=config.diffusion_target,
     )
-    scale = measure_latent_scale(ae, train, config, device)
-    return Models(ae, LatentDenoiser(den_cfg), ScheduleConfig(kind=config.schedule), scale, history)
+    s, s_r = measure_latent_scales(ae, train, config, device)
+    schedule = ScheduleConfig(kind=config.schedule)
+    return Models(ae, LatentDenoiser(den_cfg), schedule, s, s_r, history)
 
 
-def measure_latent_scale(
+def measure_latent_scales(
     ae: UNetPlusPlusAutoencoder, train: PairedSlices, config: TrainConfig, device: torch.device
-) -> float:
-    """s = 1 / SD of target latents E(B) over fixed patches (latent diffusion's scale factor), so
-    the diffusion sees unit-variance latents. Deterministic: the same on every rank."""
+) -> tuple[float, float]:
+    """(s, s_r) = 1 / SD of E(B) and of E(B) - E(A) over fixed training patches (latent
+    diffusion's scale factor), so the diffusion sees unit-variance data. The same on every rank."""
     data = PatchPairs(train, patch=config.patch, length=32, mode="pairs", seed=config.seed + 7)
     ae = ae.to(device).eval()
-    values = []
+    latents, residuals = [], []
     with torch.no_grad():
         for i in range(0, len(data), 8):
-            b = torch.stack([data[j][1] for j in range(i, min(i + 8, len(data)))]).to(device)
-            values.append(ae.encode(b).float().flatten())
-    sd = float(torch.cat(values).std())
-    return 1.0 / max(sd, 1e-6)
+            items = [data[j] for j in range(i, min(i + 8, len(data)))]
+            a = torch.stack([item[0] for item in items]).to(device)
+            b = torch.stack([item[1] for item in items]).to(device)
+            z_a, z_b = ae.encode(a).float(), ae.encode(b).float()
+            latents.append(z_b.flatten())
+            residuals.append((z_b - z_a).flatten())
+    sd = float(torch.cat(latents).std())
+    sd_r = float(torch.cat(residuals).std())
+    return 1.0 / max(sd, 1e-6), 1.0 / max(sd_r, 1e-6)
 
 
 def _weights_for_export(
@@ -369,6 +389,7 @@ def _weights_for_export(
         schedule_config=models.schedule_config if mode is EngineMode.LTDIFF else None,
         sampling=SamplingConfig(num_steps=config.sample_steps, eta=config.sample_eta),
         latent_scale=models.latent_scale,
+        target_scale=models.target_scale,
         normalization=HUNormalization(),
         training={
             "history": models.history,
@@ -484,6 +505,7 @@ def train(config: TrainConfig) -> TrainResult:
         denoiser=models.denoiser,
         schedule=schedule,
         latent_scale=models.latent_scale,
+        target_scale=models.target_scale,
     ).to(ctx.device)
     if ctx.device.type == "cuda":
         objective = cast(Any, objective).to(memory_format=torch.channels_last)
@@ -503,7 +525,9 @@ def train(config: TrainConfig) -> TrainResult:
         if models.denoiser is not None:
             models.denoiser.load_state_dict(ckpt["denoiser"], strict=True)
         models.latent_scale = float(ckpt["latent_scale"])
+        models.target_scale = float(ckpt["target_scale"])
         objective.latent_scale = models.latent_scale
+        objective.target_scale = models.target_scale
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = int(ckpt["step"])
         elapsed_before = float(ckpt["elapsed_s"])
@@ -556,6 +580,7 @@ def train(config: TrainConfig) -> TrainResult:
                     models.schedule_config.to_json() if models.schedule_config else "null"
                 ),
                 "latent_scale": models.latent_scale,
+                "target_scale": models.target_scale,
                 "optimizer": optimizer.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "history": json.dumps([*models.history, _phase_record(config, step, elapsed, ctx)]),
@@ -710,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoiser-channels", type=_ints, default=d.denoiser_channels)
     p.add_argument("--schedule", choices=["linear", "scaled_linear", "cosine"], default=d.schedule)
     p.add_argument("--prediction", choices=["epsilon", "sample", "v"], default=d.prediction)
+    p.add_argument("--diffusion-target", choices=["residual", "latent"], default=d.diffusion_target)
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps, <= 10")
     return p
 
@@ -743,6 +769,7 @@ _ARG_FIELDS = (
     "denoiser_channels",
     "schedule",
     "prediction",
+    "diffusion_target",
     "sample_steps",
     "init",
     "export",

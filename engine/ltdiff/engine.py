@@ -4,9 +4,10 @@ Per batch of slices (the volume is never on the device as a whole, so memory is 
 `batch_slices` whatever the series length):
 
     x   = normalize(HU)                           clip, scale (weights' HUNormalization)
-    Z_A = s * E(x)                                UNet++ encoder, latent scale s
-    Z_B'= DDIM(eps_theta(., t, Z_A), z_T ~ N(0,I))    <= 10 steps, noise from per-slice generators
-    y   = HU(D(Z_B' / s))                         UNet++ decoder (mode "unetpp-regression": D(E(x)))
+    Z_A = E(x)                                    UNet++ encoder
+    z_0 = DDIM(eps_theta(., t, s Z_A), z_T ~ N(0,I))  <= 10 steps, noise from per-slice generators
+    Z_B'= Z_A + z_0 / s_r   (target "residual"; z_0 / s for target "latent")
+    y   = HU(D(Z_B'))                             UNet++ decoder (mode "unetpp-regression": D(E(x)))
 
 Reproducibility: slice k of a series draws all its noise from a CPU `torch.Generator` seeded with
 `slice_seed(seed, k)`, so re-running a series (same seed, from its UID) reproduces it exactly, and
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from engine import __version__
 from engine.interface import EngineError, EngineIdentity, FloatVolume, SeriesGeometry
-from engine.ltdiff.latent_diffusion import NoiseSchedule
+from engine.ltdiff.latent_diffusion import NoiseSchedule, standard_latent
 from engine.ltdiff.sampler import DDIMSampler
 from engine.ltdiff.weights import EngineMode, LTDiffWeights, load_weights
 
@@ -197,8 +198,9 @@ class LTDiffEngine:
         if self._denoiser is None:
             raise EngineError("this engine has no latent diffusion")
         denoiser = self._denoiser
-        scale = self._weights.latent_scale
-        condition = latent.float() * scale
+        cfg = denoiser.config
+        z_a = latent.float()
+        condition = z_a * self._weights.latent_scale
         generators = [
             torch.Generator(device="cpu").manual_seed(slice_seed(seed, start + k))
             for k in range(latent.shape[0])
@@ -210,4 +212,7 @@ class LTDiffEngine:
             return out.float()
 
         z0 = sampler.sample(model, tuple(latent.shape), generators, device=self._device)
-        return z0 / scale
+        scale = (
+            self._weights.target_scale if cfg.target == "residual" else self._weights.latent_scale
+        )
+        return standard_latent(cfg.target, z_a, z0, scale)

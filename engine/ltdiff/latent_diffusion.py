@@ -7,11 +7,11 @@ Notation (Ho et al. 2020, "DDPM"; Nichol & Dhariwal 2021; Salimans & Ho 2022):
                       z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps      (DDPM eq. 4)
     learned reverse   p_theta(z_{t-1} | z_t, c)   with c = Z_A, the source-kernel latent
 
-Here z_0 = s * Z_B, the target-kernel latent E(B) times the latent scale s (unit variance), and the
-network predicts, per `Prediction`, either eps, z_0 ("sample") or
-v = sqrt(abar) eps - sqrt(1-abar) z_0 (Salimans & Ho eq. 9). The paper conditions the reverse
-process on Z_B; at inference only the source image exists, so we condition on Z_A
-(docs/METHOD.md).
+Here z_0 = s * Z_B, the target-kernel latent E(B) times the latent scale s (unit variance), or
+by default its residual s_r * (Z_B - Z_A) (`DiffusionTarget`), and the network predicts, per
+`Prediction`, either eps, z_0 ("sample") or v = sqrt(abar) eps - sqrt(1-abar) z_0 (Salimans &
+Ho eq. 9). The paper conditions the reverse process on Z_B; at inference only the source image
+exists, so we condition on Z_A (docs/METHOD.md).
 
 The schedule is a pure function of its config: computed in float64 (products of ~1000 factors lose
 digits in float32), stored in float32 (`NoiseSchedule`).
@@ -35,6 +35,11 @@ from engine.ltdiff.unetpp import ConvBlock
 
 ScheduleKind = Literal["linear", "scaled_linear", "cosine"]
 Prediction = Literal["epsilon", "sample", "v"]
+DiffusionTarget = Literal["residual", "latent"]
+"""What z_0 of the diffusion is. "latent": z_0 = s * Z_B (the paper). "residual": z_0 =
+s_r * (Z_B - Z_A), the standard latent's difference from the source latent, so the network
+generates only what the kernels do not share (sharpening and the fine-grain noise) instead of
+having to reproduce the whole anatomy to a few HU through every step; Z_B' = Z_A + z_0 / s_r."""
 
 COSINE_OFFSET = 0.008
 """s of the cosine schedule (Nichol & Dhariwal 2021, eq. 17)."""
@@ -162,6 +167,7 @@ class DenoiserConfig:
     channels: channels per resolution level of the denoising UNet.
     time_embed_dim: width of the timestep embedding.
     prediction: what the network outputs (`Prediction`).
+    target: what the diffusion generates (`DiffusionTarget`).
     """
 
     latent_channels: int = 8
@@ -170,8 +176,13 @@ class DenoiserConfig:
     time_embed_dim: int = 128
     groups: int = 8
     prediction: Prediction = "v"
+    target: DiffusionTarget = "residual"
 
     def __post_init__(self) -> None:
+        if self.target not in ("residual", "latent"):
+            raise ValueError(
+                f"DenoiserConfig.target must be residual or latent, got {self.target!r}"
+            )
         if self.patch not in (1, 2):
             raise ValueError(f"DenoiserConfig.patch must be 1 or 2, got {self.patch}")
         if not self.channels or any(c <= 0 for c in self.channels):
@@ -195,6 +206,16 @@ class DenoiserConfig:
         if "channels" in d:
             d["channels"] = tuple(int(c) for c in cast(list[int], d["channels"]))
         return cls(**d)  # type: ignore[arg-type]
+
+
+def diffusion_x0(target: DiffusionTarget, z_a: Tensor, z_b: Tensor, scale: float) -> Tensor:
+    """z_0 of the diffusion from unscaled latents Z_A, Z_B (`DiffusionTarget`); scale: s or s_r."""
+    return (z_b - z_a) * scale if target == "residual" else z_b * scale
+
+
+def standard_latent(target: DiffusionTarget, z_a: Tensor, z0: Tensor, scale: float) -> Tensor:
+    """Z_B' (unscaled) from a generated z_0: the inverse of `diffusion_x0` given Z_A."""
+    return z_a + z0 / scale if target == "residual" else z0 / scale
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

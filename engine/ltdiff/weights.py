@@ -6,7 +6,7 @@ schedule recomputed from its config). String metadata (JSON where structured):
 
     format, format_version, engine_kind ("ltdiff" | "unetpp-regression"),
     autoencoder_config, denoiser_config, schedule_config, sampling (steps, eta, spacing),
-    latent_scale, normalization (HU clip and scale), source_kernel, target_kernel,
+    latent_scale, target_scale, normalization (HU clip and scale), source_kernel, target_kernel,
     training (command, steps, device, data summary ...), code_version, code_sha256, created
 
 Loading is strict: unknown format or version, a kind that is not the expected one, a missing or
@@ -120,6 +120,9 @@ class LTDiffWeights:
     schedule_config: ScheduleConfig | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     latent_scale: float = 1.0
+    """s: scales the condition Z_A (and z_0 for target "latent") to unit variance."""
+    target_scale: float = 1.0
+    """s_r: scales z_0 = Z_B - Z_A to unit variance (target "residual")."""
     normalization: HUNormalization = field(default_factory=HUNormalization)
     training: Mapping[str, object] = field(default_factory=dict)
 
@@ -186,6 +189,7 @@ def save_weights(path: Path, weights: LTDiffWeights, *, created: str | None = No
         "schedule_config": "null",
         "sampling": json.dumps(asdict(weights.sampling), sort_keys=True),
         "latent_scale": repr(float(weights.latent_scale)),
+        "target_scale": repr(float(weights.target_scale)),
         "normalization": json.dumps(asdict(weights.normalization), sort_keys=True),
         "source_kernel": weights.source_kernel,
         "target_kernel": weights.target_kernel,
@@ -258,6 +262,7 @@ def parse_weights(data: bytes, *, source: str, expected_kind: str | None = None)
         "schedule_config",
         "sampling",
         "latent_scale",
+        "target_scale",
         "normalization",
         "source_kernel",
         "target_kernel",
@@ -276,6 +281,7 @@ def parse_weights(data: bytes, *, source: str, expected_kind: str | None = None)
         norm = HUNormalization(**json.loads(meta["normalization"]))
         training = json.loads(meta["training"])
         latent_scale = float(meta["latent_scale"])
+        target_scale = float(meta["target_scale"])
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise EngineError(f"{source}: invalid configuration metadata: {exc}") from exc
     try:
@@ -314,6 +320,7 @@ def parse_weights(data: bytes, *, source: str, expected_kind: str | None = None)
         schedule_config=sch_cfg,
         sampling=sampling,
         latent_scale=latent_scale,
+        target_scale=target_scale,
         normalization=norm,
         training=training,
     )
