@@ -67,6 +67,7 @@ def tiny_weights(
         schedule_config=ScheduleConfig(kind="cosine", num_train_timesteps=100) if ltdiff else None,
         sampling=SamplingConfig(num_steps=num_steps, eta=eta),
         latent_scale=1.5,
+        target_scale=3.0,
         training={"note": "tiny test weights"},
     )
 

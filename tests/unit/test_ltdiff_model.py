@@ -113,3 +113,15 @@ def test_untrained_autoencoder_starts_from_a_lossless_pixel_path() -> None:
         shortcut = ae.encoder_shortcut(torch.nn.functional.pixel_unshuffle(x, 2))
     torch.testing.assert_close(shortcut[:, :4], torch.nn.functional.pixel_unshuffle(x, 2))
     assert torch.count_nonzero(shortcut[:, 4:]) == 0
+
+
+@pytest.mark.parametrize("target", ["residual", "latent"])
+def test_standard_latent_inverts_the_diffusion_target(target: str) -> None:
+    from engine.ltdiff.latent_diffusion import diffusion_x0, standard_latent
+
+    torch.manual_seed(0)
+    z_a, z_b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x0 = diffusion_x0(target, z_a, z_b, 7.0)  # type: ignore[arg-type]
+    if target == "residual":
+        torch.testing.assert_close(x0, 7.0 * (z_b - z_a))
+    torch.testing.assert_close(standard_latent(target, z_a, x0, 7.0), z_b)  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ def test_round_trip_restores_configs_and_tensors(tmp_path: Path) -> None:
     assert loaded.schedule_config == weights.schedule_config
     assert loaded.sampling == weights.sampling
     assert loaded.latent_scale == weights.latent_scale
+    assert loaded.target_scale == weights.target_scale == 3.0
     assert loaded.normalization == weights.normalization
     for k, v in weights.autoencoder_state.items():
         assert torch.equal(loaded.autoencoder_state[k], v), k
