@@ -525,7 +525,8 @@ def train(config: TrainConfig) -> TrainResult:
         if models.denoiser is not None:
             models.denoiser.load_state_dict(ckpt["denoiser"], strict=True)
         models.latent_scale = float(ckpt["latent_scale"])
-        models.target_scale = float(ckpt["target_scale"])
+        # Checkpoints of phase 1 / regression runs before s_r existed lack it; unused there.
+        models.target_scale = float(ckpt.get("target_scale", 1.0))
         objective.latent_scale = models.latent_scale
         objective.target_scale = models.target_scale
         optimizer.load_state_dict(ckpt["optimizer"])
