@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -347,6 +347,3 @@ def shipped_weights_path(pair: str = "br40d-bl64d") -> Path:
             f"(`ltdiff-node train ltdiff ...`, docs/MODEL_CARD.md) or configure a weights path"
         )
     return path
-
-
-ModeName = Literal["ltdiff", "unetpp-regression"]
