@@ -22,6 +22,7 @@ from dicom_node.config import (
     validate_ae_title,
 )
 from dicom_node.logs import configure_logging, get_logger
+from engine.interface import EngineError
 
 log = get_logger("dicom_node.cli")
 
@@ -60,8 +61,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.export import echo
 
+    from engine.registry import load_engine
+
     config = _config(args)
     warnings = check_runtime(config)
+    for eng in config.engines:
+        identity = load_engine(eng.kind, eng.weights, eng.device).identity
+        print(f"engine {eng.name!r}: {identity.short}", file=sys.stderr)
     print(json.dumps(config.as_dict(), indent=2))
     for dest in config.destinations:
         ok, what = echo(dest, config.listener.ae_title)
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         result: Any = args.func(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except EngineError as exc:
+        print(f"configuration error: engine cannot be loaded: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return int(result)
 

@@ -67,6 +67,7 @@ class Node:
     def start(self) -> None:
         requeued = self.store.requeue_interrupted()
         log.info("node.starting", config=self.config.as_dict(), requeued_jobs=requeued)
+        self.engines.preload()
         self.server = start_listener(self.config.listener, self.spool, self.store)
         self.threads.append(
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True)

@@ -41,6 +41,15 @@ class EngineCache:
         self._engines: dict[tuple[str, str], Engine] = {}
         self._lock = threading.Lock()
 
+    def preload(self) -> None:
+        """Load every engine a route uses on every worker device, so that a missing or
+        incompatible weights file stops start-up (EngineError) instead of failing the first
+        series."""
+        used = {route.engine for route in self.config.routes}
+        for name in sorted(used):
+            for device in self.config.workers:
+                self.get(name, device)
+
     def get(self, name: str, device: str) -> Engine:
         with self._lock:
             key = (name, device)

@@ -83,3 +83,12 @@ def test_export_sockets_disable_nagle(archive):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         assoc.release()
+
+
+def test_engine_without_weights_is_a_configuration_error(tmp_path, capsys):
+    """A learned engine configured without a weights file stops start-up (exit 78), instead of
+    failing the first series the PACS sends."""
+    cfg = _site(tmp_path, '[engines.learned]\nkind = "ltdiff"\n[[routes]]\nengine = "learned"\n')
+    assert main(["check-config", "-c", str(cfg)]) == EXIT_CONFIG
+    assert "engine cannot be loaded" in capsys.readouterr().err
+    assert main(["serve", "-c", str(cfg)]) == EXIT_CONFIG
