@@ -139,6 +139,7 @@ class TrainConfig:
     encoder_channels: tuple[int, ...] = (16, 32)
     decoder_channels: tuple[int, ...] = (16, 32, 64)
     denoiser_channels: tuple[int, ...] = (32, 64, 128)
+    denoiser_patch: int = 2
     schedule: ScheduleKind = "cosine"
     prediction: Prediction = "v"
     diffusion_target: DiffusionTarget = "residual"
@@ -344,6 +345,7 @@ def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device
         return Models(ae, den, sch, *scales, history)
     den_cfg = DenoiserConfig(
         latent_channels=ae.config.latent_channels,
+        patch=config.denoiser_patch,
         channels=config.denoiser_channels,
         prediction=config.prediction,
         target=config.diffusion_target,
@@ -734,6 +736,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-channels", type=_ints, default=d.encoder_channels)
     p.add_argument("--decoder-channels", type=_ints, default=d.decoder_channels)
     p.add_argument("--denoiser-channels", type=_ints, default=d.denoiser_channels)
+    p.add_argument(
+        "--denoiser-patch",
+        type=int,
+        choices=[1, 2],
+        default=d.denoiser_patch,
+        help="denoiser space-to-depth factor on the latent: 2 runs the UNet at a quarter of the "
+        "latent's pixels (cheap, coarse grain), 1 at the latent's resolution (finest grain)",
+    )
     p.add_argument("--schedule", choices=["linear", "scaled_linear", "cosine"], default=d.schedule)
     p.add_argument("--prediction", choices=["epsilon", "sample", "v"], default=d.prediction)
     p.add_argument("--diffusion-target", choices=["residual", "latent"], default=d.diffusion_target)
@@ -768,6 +778,7 @@ _ARG_FIELDS = (
     "encoder_channels",
     "decoder_channels",
     "denoiser_channels",
+    "denoiser_patch",
     "schedule",
     "prediction",
     "diffusion_target",
