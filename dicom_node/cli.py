@@ -60,7 +60,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.export import echo
-
     from engine.registry import load_engine
 
     config = _config(args)

@@ -20,6 +20,13 @@ def pytest_configure(config: pytest.Config) -> None:
     configure_logging("console", "warning")
 
 
+@pytest.fixture(autouse=True)
+def _logging_to_current_stdout() -> None:
+    """Tests that run `serve` or configure logging under capsys bind the log handler to a
+    stream that is closed after them; rebind it to the current stdout before every test."""
+    configure_logging("console", "warning")
+
+
 @pytest.fixture
 def br40_series(tmp_path: Path) -> list[Path]:
     return write_series(tmp_path / "br40")
