@@ -139,7 +139,8 @@ class TrainConfig:
     encoder_channels: tuple[int, ...] = (16, 32)
     decoder_channels: tuple[int, ...] = (16, 32, 64)
     denoiser_channels: tuple[int, ...] = (32, 64, 128)
-    denoiser_patch: int = 2
+    # 1 = the latent's resolution; 2 made the generated grain too coarse (docs/MODEL_CARD.md).
+    denoiser_patch: int = 1
     schedule: ScheduleKind = "cosine"
     prediction: Prediction = "v"
     diffusion_target: DiffusionTarget = "residual"

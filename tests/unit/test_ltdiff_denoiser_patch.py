@@ -65,16 +65,16 @@ def test_cli_sets_the_factor_of_a_new_phase_2_denoiser(tmp_path: Path) -> None:
     common = ["--data", str(data), "--holdout", "S004", "--steps", "1", "--ckpt-interval", "1"]
     common += ["--eval-interval", "0", *TINY_TRAIN_ARGS]
     base = ["--phase", "2", "--data", "d", "--out", "o"]
-    assert config_from_args(base).denoiser_patch == 2, "default unchanged"
-    assert config_from_args([*base, "--denoiser-patch", "1"]).denoiser_patch == 1
+    assert config_from_args(base).denoiser_patch == 1, "default: the latent's resolution"
+    assert config_from_args([*base, "--denoiser-patch", "2"]).denoiser_patch == 2
     assert main(["--phase", "1", "--out", str(tmp_path / "p1"), *common]) == 0
     p2 = tmp_path / "p2"
     init = str(tmp_path / "p1" / CKPT_NAME)
-    args = ["--phase", "2", "--out", str(p2), "--init", init, "--denoiser-patch", "1", *common]
+    args = ["--phase", "2", "--out", str(p2), "--init", init, "--denoiser-patch", "2", *common]
     export = tmp_path / "ltdiff.safetensors"
     assert main([*args, "--export", str(export)]) == 0
     ckpt = torch.load(p2 / CKPT_NAME, map_location="cpu", weights_only=True)
-    assert DenoiserConfig.from_dict(json.loads(ckpt["denoiser_config"])).patch == 1
+    assert DenoiserConfig.from_dict(json.loads(ckpt["denoiser_config"])).patch == 2
     engine = LTDiffEngine.from_file(export, expected_kind="ltdiff")
     assert engine.weights.denoiser_config is not None
-    assert engine.weights.denoiser_config.patch == 1
+    assert engine.weights.denoiser_config.patch == 2
