@@ -27,7 +27,7 @@ from dicom_node.logs import get_logger
 from dicom_node.routing import decide
 from dicom_node.scp import start_listener
 from dicom_node.spool import Spool
-from dicom_node.store import JobKind, JobRow, JobState, JobStore
+from dicom_node.store import JobKind, JobRow, JobState, JobStore, SeriesRow
 from dicom_node.worker import EngineCache, EngineWorker, forward_job, remove_outbox
 
 log = get_logger("dicom_node.service")
@@ -155,7 +155,7 @@ class Node:
 
     def schedule_once(self, now: float) -> None:
         for ready in ready_series(self.store.receiving_series(), now, self.config.assembly):
-            self._route(ready.series.series_uid, ready.series.revision, ready.why, now)
+            self._route(ready.series, ready.why, now)
         self._run_forward_jobs()
         for job, state in self.store.settle_exporting_jobs():
             self._canonical_line(job, state)
@@ -163,10 +163,10 @@ class Node:
             self._last_purge = now
             self._purge(now)
 
-    def _route(self, series_uid: str, revision: int, why: str, now: float) -> None:
-        series = self.store.series(series_uid)
-        if series is None:
-            return
+    def _route(self, series: SeriesRow, why: str, now: float) -> None:
+        """Close the series revision read by the scheduler; if a late instance changed the
+        revision meanwhile, complete_series does nothing and the next poll routes it again."""
+        series_uid, revision = series.series_uid, series.revision
         decision = decide(series.header, self.config.routes, own_output=series.own_output)
         common = {
             "series_uid": series_uid,

@@ -311,12 +311,6 @@ class JobStore:
         rows = self._query("SELECT * FROM series WHERE series_uid=?", (series_uid,))
         return _series(rows[0]) if rows else None
 
-    def instance_paths(self, series_uid: str) -> list[Path]:
-        rows = self._query(
-            "SELECT path FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,)
-        )
-        return [Path(r["path"]) for r in rows]
-
     def instances(self, series_uid: str) -> list[tuple[str, str, Path]]:
         rows = self._query(
             "SELECT sop_uid, sop_class_uid, path FROM instances WHERE series_uid=? "

@@ -73,7 +73,7 @@ def process_job(
     t0 = time.monotonic()
     out_dir = config.outbox_dir / str(job.id)
     try:
-        paths = store.instance_paths(job.series_uid)
+        paths = [path for _, _, path in store.instances(job.series_uid)]
         if not paths:
             raise ValueError("the series has no stored instances")
         engine = engines.get(job.engine or "", device)

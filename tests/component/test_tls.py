@@ -47,22 +47,22 @@ def certificate(tmp_path, openssl):
     return self_signed(openssl, tmp_path, "node", "localhost")
 
 
+def _node_dest(node, tls: TLSConfig) -> DestinationConfig:
+    return DestinationConfig(
+        name="node", ae_title="LTDIFF", host="127.0.0.1", port=node.port, tls=tls
+    )
+
+
 def test_tls_listener_accepts_tls_peers_and_refuses_plain_ones(
     start_node, certificate, br40_series
 ):
     key, cert = certificate
     node = start_node(tls=TLSConfig(enabled=True, certificate=cert, private_key=key))
-    tls_dest = DestinationConfig(
-        name="node",
-        ae_title="LTDIFF",
-        host="127.0.0.1",
-        port=node.port,
-        tls=TLSConfig(enabled=True, ca_certificates=cert),
-    )
+    tls_dest = _node_dest(node, TLSConfig(enabled=True, ca_certificates=cert))
     ok, what = echo(tls_dest, "PACS")
     assert ok, what
     assert len(send_paths(tls_dest, "PACS", br40_series).sent) == len(br40_series)
-    plain = DestinationConfig(name="node", ae_title="LTDIFF", host="127.0.0.1", port=node.port)
+    plain = _node_dest(node, TLSConfig())
     ok, _ = echo(plain, "PACS")
     assert not ok, "a plain-TCP peer must not get an association on a TLS listener"
 
@@ -71,12 +71,6 @@ def test_tls_client_refuses_a_server_it_does_not_trust(start_node, certificate, 
     key, cert = certificate
     node = start_node(tls=TLSConfig(enabled=True, certificate=cert, private_key=key))
     _, other = self_signed(openssl, tmp_path, "other", "other")
-    dest = DestinationConfig(
-        name="node",
-        ae_title="LTDIFF",
-        host="127.0.0.1",
-        port=node.port,
-        tls=TLSConfig(enabled=True, ca_certificates=other),
-    )
+    dest = _node_dest(node, TLSConfig(enabled=True, ca_certificates=other))
     ok, _ = echo(dest, "PACS")
     assert not ok
