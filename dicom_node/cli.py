@@ -65,7 +65,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     warnings = check_runtime(config)
     for eng in config.engines:
-        identity = load_engine(eng.kind, eng.weights, eng.device).identity
+        identity = load_engine(eng.kind, eng.weights, eng.device, eng.options).identity
         print(f"engine {eng.name!r}: {identity.short}", file=sys.stderr)
     print(json.dumps(config.as_dict(), indent=2))
     for dest in config.destinations:
@@ -181,7 +181,9 @@ def cmd_standardize(args: argparse.Namespace) -> int:
     config = _config(args)
     configure_logging("console" if sys.stdout.isatty() else config.log_format, config.log_level)
     eng_cfg = config.engine(args.engine) if args.engine else config.engines[0]
-    engine = load_engine(eng_cfg.kind, eng_cfg.weights, args.device or eng_cfg.device)
+    engine = load_engine(
+        eng_cfg.kind, eng_cfg.weights, args.device or eng_cfg.device, eng_cfg.options
+    )
     by_series: dict[str, list[Path]] = defaultdict(list)
     skipped = 0
     for p in sorted(x for x in args.input.rglob("*") if x.is_file()):

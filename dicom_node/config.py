@@ -16,7 +16,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from engine.registry import KNOWN_ENGINE_KINDS
+from engine.registry import (
+    KNOWN_ENGINE_KINDS,
+    LINEAR_FILTER_KIND,
+    LTDIFF_KIND,
+    MAX_SAMPLE_STEPS,
+    EngineOptions,
+)
 
 AE_TITLE_MAX = 16
 _AE_ALLOWED = re.compile(r"^[\x20-\x5b\x5d-\x7e]+$")  # default character repertoire, no backslash
@@ -103,6 +109,12 @@ class EngineConfig:
     kind: str = "linear-filter"
     weights: Path | None = None  # None: the weights shipped with the package
     device: str = "cpu"
+    sample_steps: int | None = None  # ltdiff: DDIM steps (None: the weights' setting)
+    batch_slices: int | None = None  # learned engines: slices per forward pass (None: device's)
+
+    @property
+    def options(self) -> EngineOptions:
+        return EngineOptions(sample_steps=self.sample_steps, batch_slices=self.batch_slices)
 
 
 @dataclass(frozen=True)
@@ -258,6 +270,9 @@ class _Table:
             raise ConfigError(f"{self.key(name)} = {value!r}: expected a list of strings")
         return tuple(value)
 
+    def integer_or_none(self, name: str, lo: int, hi: int) -> int | None:
+        return self.integer(name, lo, lo, hi) if name in self.data else None
+
     def path_or_none(self, name: str, base: Path) -> Path | None:
         if name not in self.data:
             return None
@@ -408,9 +423,20 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
                 kind=t.choice("kind", "linear-filter", KNOWN_ENGINE_KINDS),
                 weights=t.path_or_none("weights", base_dir),
                 device=t.string("device", "cpu"),
+                sample_steps=t.integer_or_none("sample_steps", 1, MAX_SAMPLE_STEPS),
+                batch_slices=t.integer_or_none("batch_slices", 1, 256),
             )
             if eng.weights is not None and not eng.weights.is_file():
                 raise ConfigError(f"{t.key('weights')} = {eng.weights}: file not found")
+            if eng.sample_steps is not None and eng.kind != LTDIFF_KIND:
+                raise ConfigError(
+                    f"{t.key('sample_steps')}: only engines of kind {LTDIFF_KIND!r} sample; "
+                    f"this engine is {eng.kind!r}"
+                )
+            if eng.batch_slices is not None and eng.kind == LINEAR_FILTER_KIND:
+                raise ConfigError(
+                    f"{t.key('batch_slices')}: the {LINEAR_FILTER_KIND!r} engine has no batches"
+                )
             t.reject_unknown()
             engines.append(eng)
     else:

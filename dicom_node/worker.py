@@ -55,7 +55,7 @@ class EngineCache:
             key = (name, device)
             if key not in self._engines:
                 ec = self.config.engine(name)
-                self._engines[key] = load_engine(ec.kind, ec.weights, device)
+                self._engines[key] = load_engine(ec.kind, ec.weights, device, ec.options)
                 log.info(
                     "engine.loaded",
                     engine=name,

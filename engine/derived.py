@@ -240,7 +240,10 @@ class DerivedSeries:
 def derived_series_uid(source_series_uid: str, identity: EngineIdentity) -> str:
     """Series Instance UID of the derived series: 2.25.<int> from a hash of the source UID and
     the full engine identity (PS3.5 B.2), so re-running the same engine on the same series gives
-    the same UID and the PACS updates one series instead of receiving a second one."""
+    the same UID and the PACS updates one series instead of receiving a second one. Run-time
+    settings (a sampler's step count) are part of the identity only when the engine has some, so
+    engines without settings keep the UIDs they always had."""
+    settings = (identity.settings,) if identity.settings else ()
     return name_based_uid(
         "derived series",
         source_series_uid,
@@ -249,6 +252,7 @@ def derived_series_uid(source_series_uid: str, identity: EngineIdentity) -> str:
         identity.weights_sha256,
         identity.source_kernel,
         identity.target_kernel,
+        *settings,
     )
 
 

@@ -38,6 +38,9 @@ class EngineIdentity:
     weights_sha256: hex SHA-256 of the weights file (the fitted filter or the network weights).
     source_kernel / target_kernel: the kernel pair the weights were fitted for, e.g. "Br40d" and
         "Bl64d".
+    settings: run-time settings that change the output for the same weights, e.g. "ddim8 eta0"
+        for a sampler; empty for an engine that has none. Part of the derived series' UID, so a
+        site that changes them gets a new derived series instead of silently replaced pixels.
     """
 
     name: str
@@ -45,11 +48,14 @@ class EngineIdentity:
     weights_sha256: str
     source_kernel: str
     target_kernel: str
+    settings: str = ""
 
     @property
     def short(self) -> str:
-        """A compact, human-readable identity for headers: name, version and weights hash prefix."""
-        return f"{self.name} {self.version} w:{self.weights_sha256[:12]}"
+        """A compact, human-readable identity for headers: name, version, weights hash prefix
+        and the run-time settings, if any."""
+        text = f"{self.name} {self.version} w:{self.weights_sha256[:12]}"
+        return f"{text} {self.settings}" if self.settings else text
 
 
 @runtime_checkable

@@ -9,25 +9,46 @@ This module is the one place where engine kinds are registered: config validatio
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from engine.interface import Engine, EngineError
-from engine.linear_filter import ENGINE_KIND as LINEAR_FILTER_KIND
-from engine.linear_filter import LinearFilterEngine, shipped_weights_path
+from engine.linear_filter import ENGINE_KIND, LinearFilterEngine, shipped_weights_path
 
+LINEAR_FILTER_KIND: Final = ENGINE_KIND
+"""The classical fitted filter (engine/linear_filter.py), the default."""
 LTDIFF_KIND: Final = "ltdiff"
 """LTDiff++: UNet++ autoencoder + conditional latent diffusion (engine/ltdiff, docs/METHOD.md)."""
+MAX_SAMPLE_STEPS: Final = 10
+"""Most sampling steps an ltdiff engine may be configured with (engine.ltdiff.sampler.MAX_STEPS;
+kept here so that config validation does not import torch)."""
 UNETPP_REGRESSION_KIND: Final = "unetpp-regression"
 """The paper's ablation: the UNet++ alone, regressing the target kernel (needs a weights path)."""
 
 
-def _load_linear_filter(weights: Path | None, device: str) -> Engine:
+@dataclass(frozen=True)
+class EngineOptions:
+    """Run-time options of the learned engines (None: the weights' or the device's default).
+
+    sample_steps: DDIM steps of LTDiff++ (1..10); fewer is faster and changes the output (the
+        derived series gets a new UID). Only for "ltdiff".
+    batch_slices: slices per forward pass; bounds the engine's memory, does not change the output.
+        For "ltdiff" and "unetpp-regression".
+    """
+
+    sample_steps: int | None = None
+    batch_slices: int | None = None
+
+
+def _load_linear_filter(weights: Path | None, device: str, options: EngineOptions) -> Engine:
     del device  # a few FFTs per slice: the filter runs on the CPU whatever device is configured
+    if options != EngineOptions():
+        raise EngineError("engine kind 'linear-filter' takes no sample_steps or batch_slices")
     return LinearFilterEngine.from_file(weights if weights is not None else shipped_weights_path())
 
 
-def _load_ltdiff(kind: str, weights: Path | None, device: str) -> Engine:
+def _load_ltdiff(kind: str, weights: Path | None, device: str, options: EngineOptions) -> Engine:
     # torch is imported only when a learned engine is configured: the linear default stays light.
     from engine.ltdiff.engine import LTDiffEngine  # noqa: PLC0415
     from engine.ltdiff.weights import shipped_weights_path as ltdiff_shipped  # noqa: PLC0415
@@ -36,28 +57,44 @@ def _load_ltdiff(kind: str, weights: Path | None, device: str) -> Engine:
         if kind != LTDIFF_KIND:
             raise EngineError(f"engine kind {kind!r} has no shipped weights; give a weights path")
         weights = ltdiff_shipped()
-    return LTDiffEngine.from_file(weights, expected_kind=kind, device=device)
+    if options.sample_steps is not None and kind != LTDIFF_KIND:
+        raise EngineError(f"engine kind {kind!r} does not sample: sample_steps does not apply")
+    return LTDiffEngine.from_file(
+        weights,
+        expected_kind=kind,
+        device=device,
+        num_steps=options.sample_steps,
+        batch_slices=options.batch_slices,
+    )
 
 
-_LOADERS: Final[dict[str, Callable[[Path | None, str], Engine]]] = {
+_LOADERS: Final[dict[str, Callable[[Path | None, str, EngineOptions], Engine]]] = {
     LINEAR_FILTER_KIND: _load_linear_filter,
-    LTDIFF_KIND: lambda weights, device: _load_ltdiff(LTDIFF_KIND, weights, device),
-    UNETPP_REGRESSION_KIND: lambda weights, device: _load_ltdiff(
-        UNETPP_REGRESSION_KIND, weights, device
+    LTDIFF_KIND: lambda weights, device, options: _load_ltdiff(
+        LTDIFF_KIND, weights, device, options
+    ),
+    UNETPP_REGRESSION_KIND: lambda weights, device, options: _load_ltdiff(
+        UNETPP_REGRESSION_KIND, weights, device, options
     ),
 }
 
 KNOWN_ENGINE_KINDS: Final[tuple[str, ...]] = tuple(_LOADERS)
 
 
-def load_engine(kind: str, weights: Path | None = None, device: str = "cpu") -> Engine:
+def load_engine(
+    kind: str,
+    weights: Path | None = None,
+    device: str = "cpu",
+    options: EngineOptions | None = None,
+) -> Engine:
     """Build an engine of `kind` from a weights file (None: the kind's shipped weights, if any).
 
-    Raises EngineError for an unknown kind or weights that do not fit the kind.
+    Raises EngineError for an unknown kind, weights that do not fit the kind, or options the
+    kind does not take.
     """
     loader = _LOADERS.get(kind)
     if loader is None:
         raise EngineError(
             f"unknown engine kind {kind!r}; known kinds: {', '.join(KNOWN_ENGINE_KINDS)}"
         )
-    return loader(weights, device)
+    return loader(weights, device, options or EngineOptions())

@@ -112,21 +112,36 @@ class LTDiffEngine:
                 multiple, weights.autoencoder_config.patch * weights.denoiser_config.size_multiple
             )
         self._multiple = multiple
-        name = "ltdiff++" if weights.mode is EngineMode.LTDIFF else "unetpp-regression"
+        ltdiff = weights.mode is EngineMode.LTDIFF
         self._identity = EngineIdentity(
-            name=name,
+            name="ltdiff++" if ltdiff else "unetpp-regression",
             version=__version__,
             weights_sha256=weights_sha256,
             source_kernel=weights.source_kernel,
             target_kernel=weights.target_kernel,
+            settings=f"ddim{self._num_steps} eta{self._eta:g}" if ltdiff else "",
         )
 
     @classmethod
     def from_file(
-        cls, path: Path, *, expected_kind: str | None = None, device: str = "cpu", **kwargs: int
+        cls,
+        path: Path,
+        *,
+        expected_kind: str | None = None,
+        device: str = "cpu",
+        batch_slices: int | None = None,
+        num_steps: int | None = None,
+        eta: float | None = None,
     ) -> LTDiffEngine:
         weights, sha = load_weights(Path(path), expected_kind=expected_kind)
-        return cls(weights, weights_sha256=sha, device=device, **kwargs)
+        return cls(
+            weights,
+            weights_sha256=sha,
+            device=device,
+            batch_slices=batch_slices,
+            num_steps=num_steps,
+            eta=eta,
+        )
 
     @property
     def identity(self) -> EngineIdentity:
@@ -143,13 +158,16 @@ class LTDiffEngine:
     def _new_sampler(self) -> DDIMSampler:
         if self._schedule is None or self._weights.denoiser_config is None:
             raise EngineError("this engine has no latent diffusion")
-        return DDIMSampler.create(
-            self._schedule,
-            self._num_steps,
-            self._weights.denoiser_config.prediction,
-            eta=self._eta,
-            spacing=self._weights.sampling.spacing,
-        )
+        try:
+            return DDIMSampler.create(
+                self._schedule,
+                self._num_steps,
+                self._weights.denoiser_config.prediction,
+                eta=self._eta,
+                spacing=self._weights.sampling.spacing,
+            )
+        except ValueError as exc:
+            raise EngineError(f"sampler settings: {exc}") from exc
 
     def standardize(
         self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0

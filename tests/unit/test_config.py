@@ -64,6 +64,19 @@ def test_shipped_config_file_is_valid_and_documents_the_defaults():
         ({"routes": [{"engine": "nope"}]}, "no such engine"),
         ({"routes": [{"destinations": ["nowhere"]}]}, "'nowhere' is not a configured destination"),
         ({"engines": {"x": {"kind": "magic"}}}, "engines.x.kind = 'magic': expected one of"),
+        (
+            {"engines": {"x": {"kind": "ltdiff", "sample_steps": 50}}},
+            "engines.x.sample_steps = 50: expected an integer from 1 to 10",
+        ),
+        (
+            {"engines": {"x": {"kind": "unetpp-regression", "sample_steps": 4}}},
+            "engines.x.sample_steps: only engines of kind 'ltdiff' sample",
+        ),
+        (
+            {"engines": {"x": {"kind": "linear-filter", "batch_slices": 4}}},
+            "engines.x.batch_slices: the 'linear-filter' engine has no batches",
+        ),
+        ({"engines": {"x": {"kind": "ltdiff", "batch_slices": 0}}}, "engines.x.batch_slices = 0"),
         ({"destinations": [_dest(port=None)]}, ""),
         ({"destinations": [_dest(), _dest()]}, "names must be unique"),
         ({"unmatched": {"action": "forward"}}, "required when unmatched.action = 'forward'"),
@@ -115,3 +128,16 @@ def test_runtime_check_warns_when_nothing_is_sent_anywhere(tmp_path):
     cfg = parse_config({"node": {"state_dir": str(tmp_path)}})
     warnings = check_runtime(cfg)
     assert any("no [[destinations]]" in w for w in warnings)
+
+
+def test_learned_engine_options_are_parsed_and_handed_to_the_loader():
+    cfg = parse_config(
+        {
+            "engines": {"std": {"kind": "ltdiff", "sample_steps": 4, "batch_slices": 2}},
+            "routes": [{"engine": "std"}],
+        }
+    )
+    (eng,) = cfg.engines
+    assert (eng.sample_steps, eng.batch_slices) == (4, 2)
+    assert (eng.options.sample_steps, eng.options.batch_slices) == (4, 2)
+    assert parse_config({}).engines[0].options.sample_steps is None

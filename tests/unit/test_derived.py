@@ -26,6 +26,7 @@ from engine.derived import (
     derived_series_uid,
     is_ltdiff_output,
     is_valid_uid,
+    name_based_uid,
     validate_derived_instance,
 )
 from engine.interface import EngineIdentity
@@ -87,6 +88,21 @@ def test_derived_uids_deterministic_and_differ_from_source(tmp_path):
     assert all(is_valid_uid(uid) for uid in out_uids | {first.series_instance_uid})
     other = EngineIdentity("linear-filter", "0.2.0", IDENTITY.weights_sha256, "Br40d", "Bl64d")
     assert derived_series_uid(loaded.series_instance_uid, other) != first.series_instance_uid
+
+
+def test_engine_settings_enter_the_series_uid_only_when_present():
+    source = "1.2.3.4"
+    plain = EngineIdentity("ltdiff++", "0.1.0", "ab" * 32, "Br40d", "Bl64d")
+    eight = EngineIdentity("ltdiff++", "0.1.0", "ab" * 32, "Br40d", "Bl64d", "ddim8 eta0")
+    four = EngineIdentity("ltdiff++", "0.1.0", "ab" * 32, "Br40d", "Bl64d", "ddim4 eta0")
+    uids = {derived_series_uid(source, i) for i in (plain, eight, four)}
+    assert len(uids) == 3, "a sampler change must give a new derived series"
+    # An engine without settings keeps the UID it had before settings existed (name-based on
+    # the same parts), so upgrading the node does not duplicate the linear engine's series.
+    assert derived_series_uid(source, plain) == name_based_uid(
+        "derived series", source, "ltdiff++", "0.1.0", "ab" * 32, "Br40d", "Bl64d"
+    )
+    assert eight.short.endswith(" ddim8 eta0") and not plain.short.endswith("eta0")
 
 
 def test_derived_headers_keep_patient_study_for_and_mark_derived(tmp_path):

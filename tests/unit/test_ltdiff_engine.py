@@ -11,8 +11,9 @@ from ltdiff_support import tiny_weights
 
 from engine.interface import Engine, EngineError, SeriesGeometry
 from engine.ltdiff.engine import LTDiffEngine, slice_seed
+from engine.ltdiff.sampler import MAX_STEPS
 from engine.ltdiff.weights import EngineMode, save_weights
-from engine.registry import KNOWN_ENGINE_KINDS, load_engine
+from engine.registry import KNOWN_ENGINE_KINDS, MAX_SAMPLE_STEPS, EngineOptions, load_engine
 from engine.synthetic import phantom_slice
 
 
@@ -112,6 +113,29 @@ def test_registry_knows_both_learned_kinds_and_loads_them(tmp_path: Path) -> Non
         load_engine("unetpp-regression", path, "cpu")
     with pytest.raises(EngineError, match="no shipped weights"):
         load_engine("unetpp-regression", None, "cpu")
+
+
+def test_sampler_options_reach_the_engine_and_its_identity(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_weights(path, tiny_weights())
+    default = load_engine("ltdiff", path, "cpu")
+    fast = load_engine("ltdiff", path, "cpu", EngineOptions(sample_steps=2, batch_slices=1))
+    assert isinstance(fast, LTDiffEngine) and fast.batch_slices == 1
+    assert fast.identity.settings == f"ddim2 eta{tiny_weights().sampling.eta:g}"
+    assert default.identity.settings != fast.identity.settings
+    vol = _volume(2)
+    assert not np.array_equal(
+        default.standardize(vol, _geometry(2), seed=3), fast.standardize(vol, _geometry(2), seed=3)
+    )
+    assert MAX_SAMPLE_STEPS == MAX_STEPS
+    with pytest.raises(EngineError, match="at most 10 sampling steps"):
+        load_engine("ltdiff", path, "cpu", EngineOptions(sample_steps=11))
+    with pytest.raises(EngineError, match="takes no sample_steps"):
+        load_engine("linear-filter", None, "cpu", EngineOptions(sample_steps=2))
+
+
+def test_regression_ablation_has_no_sampler_settings() -> None:
+    assert _engine(EngineMode.UNETPP_REGRESSION).identity.settings == ""
 
 
 def test_linear_filter_stays_the_default_kind() -> None:
