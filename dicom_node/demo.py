@@ -1,5 +1,8 @@
 """`ltdiff-node demo`: the whole path on one machine, with no patient data and no ../shared.
 
+The engine is LTDiff++ when its weights are installed with the package, else the linear filter
+(`--engine` chooses).
+
 1. writes a synthetic Br40d phantom series (the same generator hospital IT uses);
 2. starts an embedded destination archive (a storage SCP writing to a folder) standing in for
    the PACS, and the node itself, on loopback ports chosen by the OS;
@@ -34,7 +37,9 @@ from dicom_node.logs import configure_logging
 from dicom_node.phantom import generate_phantom_series
 from dicom_node.service import Node
 from dicom_node.store import JobState
+from engine.interface import EngineError
 from engine.pixels import dataset_to_hu
+from engine.registry import KNOWN_ENGINE_KINDS, LINEAR_FILTER_KIND, LTDIFF_KIND
 
 WINDOWS = (("lung", -600.0, 1500.0), ("soft tissue", 40.0, 400.0))
 
@@ -49,10 +54,12 @@ def loopback_config(
     backoff_initial_s: float = 1.0,
     backoff_max_s: float = 900.0,
     device: str = "cpu",
+    engine_kind: str = "linear-filter",
     **listener: Any,
 ) -> NodeConfig:
-    """A node on an OS-chosen loopback port that standardizes Br40 CT series with the linear
-    engine and sends them to one archive on loopback (the demo, the tests and the benchmarks)."""
+    """A node on an OS-chosen loopback port that standardizes Br40 CT series with an engine of
+    `engine_kind` (its shipped weights) and sends them to one archive on loopback (the demo, the
+    tests and the benchmarks)."""
     dests = (
         (
             DestinationConfig(
@@ -79,13 +86,13 @@ def loopback_config(
         routes=(
             RouteRule(
                 name="br40-to-bl64",
-                engine="linear",
+                engine="standardize",
                 destinations=tuple(d.name for d in dests),
                 match=(("Modality", "^CT$"), ("ConvolutionKernel", "^Br40")),
                 exclude=(("ImageType", "LOCALIZER"),),
             ),
         ),
-        engines=(EngineConfig(name="linear", device=device),),
+        engines=(EngineConfig(name="standardize", kind=engine_kind, device=device),),
         workers=(device,),
         destinations=dests,
     )
@@ -114,7 +121,27 @@ def side_by_side_png(source: Path, derived: Path, out: Path) -> Path:
     return out
 
 
-def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float) -> int:
+def demo_engine_kind(choice: str) -> str:
+    """The engine kind the demo runs: `choice`, or for "auto" LTDiff++ when its weights are
+    installed with the package and the linear filter otherwise."""
+    if choice != "auto":
+        return choice
+    from engine.ltdiff.weights import shipped_weights_path  # noqa: PLC0415 (imports torch)
+
+    try:
+        shipped_weights_path()
+    except EngineError:
+        return LINEAR_FILTER_KIND
+    return LTDIFF_KIND
+
+
+def run_demo(
+    out_dir: Path,
+    n_slices: int,
+    stable_age_s: float,
+    timeout_s: float,
+    engine_kind: str = LINEAR_FILTER_KIND,
+) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     input_dir = out_dir / "input-br40d"
@@ -123,12 +150,14 @@ def run_demo(out_dir: Path, n_slices: int, stable_age_s: float, timeout_s: float
     print(f"1. wrote a {n_slices}-slice synthetic Br40d phantom series to {input_dir}")
 
     archive = FolderArchive(out_dir / "archive", ae_title="ARCHIVE").start()
-    config = loopback_config(out_dir / "node-state", archive.port, stable_age_s=stable_age_s)
+    config = loopback_config(
+        out_dir / "node-state", archive.port, stable_age_s=stable_age_s, engine_kind=engine_kind
+    )
     node = Node(config)
     node.start()
     print(
-        f"2. node LTDIFF listening on 127.0.0.1:{node.port}; archive ARCHIVE on "
-        f"127.0.0.1:{archive.port} (folder {archive.root})"
+        f"2. node LTDIFF listening on 127.0.0.1:{node.port}, engine {engine_kind!r}; archive "
+        f"ARCHIVE on 127.0.0.1:{archive.port} (folder {archive.root})"
     )
     try:
         t0 = time.monotonic()
@@ -222,9 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds without a new instance before a series counts as complete",
     )
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--engine",
+        choices=("auto", *KNOWN_ENGINE_KINDS),
+        default="auto",
+        help="engine kind with its shipped weights; auto: ltdiff when its weights are installed, "
+        "else linear-filter",
+    )
     args = parser.parse_args(argv)
     configure_logging("console", "warning")
-    return run_demo(args.out, args.slices, args.stable_age, args.timeout)
+    return run_demo(
+        args.out, args.slices, args.stable_age, args.timeout, demo_engine_kind(args.engine)
+    )
 
 
 if __name__ == "__main__":

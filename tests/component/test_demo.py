@@ -1,0 +1,41 @@
+"""`ltdiff-node demo`, the README's first command: the whole path on loopback, in-process."""
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node import demo
+from engine.interface import EngineError
+
+
+def test_demo_sends_a_phantom_through_the_node_and_gets_the_derived_series_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    code = demo.main(
+        ["--out", str(out), "--slices", "4", "--stable-age", "0.5", "--engine", "linear-filter"]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "engine 'linear-filter'" in printed
+    assert "arrived in the archive: 4 images" in printed
+    assert (out / "demo-side-by-side.png").stat().st_size > 10_000
+    derived = [dcmread(p) for p in (out / "archive").rglob("*.dcm")]
+    assert len(derived) == 4
+    assert all("DERIVED" in ds.ImageType for ds in derived)
+
+
+def test_auto_engine_is_ltdiff_only_when_its_weights_are_installed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import engine.ltdiff.weights as weights
+
+    def missing(pair: str = "br40d-bl64d") -> Path:
+        raise EngineError("not installed")
+
+    monkeypatch.setattr(weights, "shipped_weights_path", missing)
+    assert demo.demo_engine_kind("auto") == "linear-filter"
+    monkeypatch.setattr(weights, "shipped_weights_path", lambda pair="": tmp_path / "w")
+    assert demo.demo_engine_kind("auto") == "ltdiff"
+    assert demo.demo_engine_kind("linear-filter") == "linear-filter"
