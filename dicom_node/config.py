@@ -21,6 +21,7 @@ from engine.registry import (
     LINEAR_FILTER_KIND,
     LTDIFF_KIND,
     MAX_SAMPLE_STEPS,
+    PRECISIONS,
     EngineOptions,
 )
 
@@ -111,10 +112,15 @@ class EngineConfig:
     device: str = "cpu"
     sample_steps: int | None = None  # ltdiff: DDIM steps (None: the weights' setting)
     batch_slices: int | None = None  # learned engines: slices per forward pass (None: device's)
+    precision: str = "auto"  # ltdiff: "auto" (bf16 denoiser where native) or "float32"
 
     @property
     def options(self) -> EngineOptions:
-        return EngineOptions(sample_steps=self.sample_steps, batch_slices=self.batch_slices)
+        return EngineOptions(
+            sample_steps=self.sample_steps,
+            batch_slices=self.batch_slices,
+            precision=self.precision,
+        )
 
 
 @dataclass(frozen=True)
@@ -425,14 +431,16 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
                 device=t.string("device", "cpu"),
                 sample_steps=t.integer_or_none("sample_steps", 1, MAX_SAMPLE_STEPS),
                 batch_slices=t.integer_or_none("batch_slices", 1, 256),
+                precision=t.choice("precision", "auto", PRECISIONS),
             )
             if eng.weights is not None and not eng.weights.is_file():
                 raise ConfigError(f"{t.key('weights')} = {eng.weights}: file not found")
-            if eng.sample_steps is not None and eng.kind != LTDIFF_KIND:
-                raise ConfigError(
-                    f"{t.key('sample_steps')}: only engines of kind {LTDIFF_KIND!r} sample; "
-                    f"this engine is {eng.kind!r}"
-                )
+            for key, default in (("sample_steps", None), ("precision", "auto")):
+                if getattr(eng, key) != default and eng.kind != LTDIFF_KIND:
+                    raise ConfigError(
+                        f"{t.key(key)}: only engines of kind {LTDIFF_KIND!r} sample; "
+                        f"this engine is {eng.kind!r}"
+                    )
             if eng.batch_slices is not None and eng.kind == LINEAR_FILTER_KIND:
                 raise ConfigError(
                     f"{t.key('batch_slices')}: the {LINEAR_FILTER_KIND!r} engine has no batches"

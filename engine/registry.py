@@ -23,6 +23,8 @@ LTDIFF_KIND: Final = "ltdiff"
 MAX_SAMPLE_STEPS: Final = 10
 """Most sampling steps an ltdiff engine may be configured with (engine.ltdiff.sampler.MAX_STEPS;
 kept here so that config validation does not import torch)."""
+PRECISIONS: Final = ("auto", "float32")
+"""Precision settings of the ltdiff engine (engine.ltdiff.engine.PRECISIONS, without torch)."""
 UNETPP_REGRESSION_KIND: Final = "unetpp-regression"
 """The paper's ablation: the UNet++ alone, regressing the target kernel (needs a weights path)."""
 
@@ -35,10 +37,13 @@ class EngineOptions:
         derived series gets a new UID). Only for "ltdiff".
     batch_slices: slices per forward pass; bounds the engine's memory, does not change the output.
         For "ltdiff" and "unetpp-regression".
+    precision: "auto" (the denoiser in bf16 where the hardware runs it natively) or "float32"
+        (everything in float32: slower, bit-identical across machines of one kind). For "ltdiff".
     """
 
     sample_steps: int | None = None
     batch_slices: int | None = None
+    precision: str = "auto"
 
 
 def _load_linear_filter(weights: Path | None, device: str, options: EngineOptions) -> Engine:
@@ -57,14 +62,17 @@ def _load_ltdiff(kind: str, weights: Path | None, device: str, options: EngineOp
         if kind != LTDIFF_KIND:
             raise EngineError(f"engine kind {kind!r} has no shipped weights; give a weights path")
         weights = ltdiff_shipped()
-    if options.sample_steps is not None and kind != LTDIFF_KIND:
+    if kind != LTDIFF_KIND and (options.sample_steps is not None or options.precision != "auto"):
         raise EngineError(f"engine kind {kind!r} does not sample: sample_steps does not apply")
+    if options.precision not in PRECISIONS:
+        raise EngineError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
     return LTDiffEngine.from_file(
         weights,
         expected_kind=kind,
         device=device,
         num_steps=options.sample_steps,
         batch_slices=options.batch_slices,
+        precision="float32" if options.precision == "float32" else "auto",
     )
 
 

@@ -134,6 +134,31 @@ def test_sampler_options_reach_the_engine_and_its_identity(tmp_path: Path) -> No
         load_engine("linear-filter", None, "cpu", EngineOptions(sample_steps=2))
 
 
+def test_denoiser_precision_follows_the_hardware_and_can_be_forced_to_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import engine.ltdiff.engine as ltdiff_engine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ltdiff_engine, "_cpu_has_native_bf16", lambda: False)
+    assert ltdiff_engine.denoiser_dtype(cpu, "auto") is None
+    assert _engine().denoiser_dtype == torch.float32
+    monkeypatch.setattr(ltdiff_engine, "_cpu_has_native_bf16", lambda: True)
+    assert ltdiff_engine.denoiser_dtype(cpu, "auto") == torch.bfloat16
+    assert ltdiff_engine.denoiser_dtype(cpu, "float32") is None
+    bf16 = LTDiffEngine(tiny_weights(), weights_sha256="0" * 64)
+    fp32 = LTDiffEngine(tiny_weights(), weights_sha256="0" * 64, precision="float32")
+    assert (bf16.denoiser_dtype, fp32.denoiser_dtype) == (torch.bfloat16, torch.float32)
+    vol = _volume(2)
+    a = bf16.standardize(vol, _geometry(2), seed=5)
+    b = fp32.standardize(vol, _geometry(2), seed=5)
+    assert a.dtype == np.float32 and np.all(np.isfinite(a))
+    assert np.abs(a - b).mean() < 5.0, "bf16 denoiser, float32 encoder/decoder: close to float32"
+    assert np.array_equal(a, bf16.standardize(vol, _geometry(2), seed=5))
+    with pytest.raises(EngineError, match="precision"):
+        LTDiffEngine(tiny_weights(), weights_sha256="0" * 64, precision="fp8")  # type: ignore[arg-type]
+
+
 def test_regression_ablation_has_no_sampler_settings() -> None:
     assert _engine(EngineMode.UNETPP_REGRESSION).identity.settings == ""
 
