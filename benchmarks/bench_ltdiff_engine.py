@@ -20,7 +20,7 @@ import torch
 from pydicom import dcmwrite
 
 from engine.interface import SeriesGeometry
-from engine.ltdiff.engine import LTDiffEngine
+from engine.ltdiff.engine import PRECISIONS, LTDiffEngine
 from engine.ltdiff.latent_diffusion import (
     DenoiserConfig,
     LatentDenoiser,
@@ -37,7 +37,7 @@ PAPER_S_PER_SLICE = 30.0
 
 def _random_weights(mode: EngineMode, steps: int) -> LTDiffWeights:
     torch.manual_seed(0)
-    ae_cfg, den_cfg = UNetPPConfig(), DenoiserConfig()
+    ae_cfg, den_cfg = UNetPPConfig(), DenoiserConfig(patch=1)  # patch 1: the training default
     ltdiff = mode is EngineMode.LTDIFF
     return LTDiffWeights(
         mode=mode,
@@ -59,12 +59,21 @@ def _engine(args: argparse.Namespace, device: str, mode: EngineMode) -> tuple[LT
             path = shipped_weights_path()
         except Exception:  # noqa: BLE001 (no shipped weights: time a random model instead)
             path = None
-    kwargs = {"batch_slices": args.batch} if args.batch else {}
     if path is not None and mode is EngineMode.LTDIFF:
-        engine = LTDiffEngine.from_file(path, device=device, num_steps=args.steps, **kwargs)
+        engine = LTDiffEngine.from_file(
+            path,
+            device=device,
+            num_steps=args.steps,
+            batch_slices=args.batch,
+            precision=args.precision,
+        )
         return engine, f"weights {path.name}"
     engine = LTDiffEngine(
-        _random_weights(mode, args.steps or 8), weights_sha256="0" * 64, device=device, **kwargs
+        _random_weights(mode, args.steps or 8),
+        weights_sha256="0" * 64,
+        device=device,
+        batch_slices=args.batch,
+        precision=args.precision,
     )
     return engine, "random weights, default architecture"
 
@@ -78,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="slices per forward pass")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda skipped if absent")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: the denoiser in bf16 where the hardware has it; float32: never",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 result = standardize_series(paths, engine)
                 total = time.perf_counter() - t0
-                steps = engine.weights.sampling.num_steps if mode is EngineMode.LTDIFF else 0
-                label = (
-                    f"{engine.identity.name} ({steps} DDIM steps)"
-                    if steps
-                    else engine.identity.name
+                settings = engine.identity.settings
+                label = engine.identity.name + (
+                    f" ({settings}, denoiser {str(engine.denoiser_dtype).removeprefix('torch.')})"
+                    if settings
+                    else ""
                 )
                 print(
                     f"{device} [{torch.get_num_threads()} threads] {label}, {what}, "
