@@ -49,7 +49,9 @@ class EngineOptions:
 def _load_linear_filter(weights: Path | None, device: str, options: EngineOptions) -> Engine:
     del device  # a few FFTs per slice: the filter runs on the CPU whatever device is configured
     if options != EngineOptions():
-        raise EngineError("engine kind 'linear-filter' takes no sample_steps or batch_slices")
+        raise EngineError(
+            "engine kind 'linear-filter' takes no sample_steps, batch_slices or precision"
+        )
     return LinearFilterEngine.from_file(weights if weights is not None else shipped_weights_path())
 
 
@@ -63,7 +65,9 @@ def _load_ltdiff(kind: str, weights: Path | None, device: str, options: EngineOp
             raise EngineError(f"engine kind {kind!r} has no shipped weights; give a weights path")
         weights = ltdiff_shipped()
     if kind != LTDIFF_KIND and (options.sample_steps is not None or options.precision != "auto"):
-        raise EngineError(f"engine kind {kind!r} does not sample: sample_steps does not apply")
+        raise EngineError(
+            f"engine kind {kind!r} does not sample: sample_steps and precision do not apply"
+        )
     if options.precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
     return LTDiffEngine.from_file(

@@ -10,10 +10,11 @@ import torch
 from ltdiff_support import tiny_weights
 
 from engine.interface import Engine, EngineError, SeriesGeometry
-from engine.ltdiff.engine import LTDiffEngine, slice_seed
+from engine.ltdiff.engine import PRECISIONS, LTDiffEngine, slice_seed
 from engine.ltdiff.sampler import MAX_STEPS
 from engine.ltdiff.weights import EngineMode, save_weights
 from engine.registry import KNOWN_ENGINE_KINDS, MAX_SAMPLE_STEPS, EngineOptions, load_engine
+from engine.registry import PRECISIONS as REGISTRY_PRECISIONS
 from engine.synthetic import phantom_slice
 
 
@@ -128,6 +129,7 @@ def test_sampler_options_reach_the_engine_and_its_identity(tmp_path: Path) -> No
         default.standardize(vol, _geometry(2), seed=3), fast.standardize(vol, _geometry(2), seed=3)
     )
     assert MAX_SAMPLE_STEPS == MAX_STEPS
+    assert REGISTRY_PRECISIONS == PRECISIONS
     with pytest.raises(EngineError, match="at most 10 sampling steps"):
         load_engine("ltdiff", path, "cpu", EngineOptions(sample_steps=11))
     with pytest.raises(EngineError, match="takes no sample_steps"):
