@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "evaluate", help="radiomic feature agreement of engines on paired series", add_help=False
     )
+    sub.add_parser(
+        "bars", help="check an evaluated engine against the acceptance bars", add_help=False
+    )
     return parser
 
 
@@ -282,6 +285,7 @@ _FORWARDED = {
     "phantom": "dicom_node.phantom",
     "demo": "dicom_node.demo",
     "evaluate": "training.evaluate",
+    "bars": "training.bars",
 }
 _TRAIN = {"linear": "training.fit_linear", "ltdiff": "training.train_ltdiff"}
 

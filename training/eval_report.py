@@ -166,6 +166,8 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path]) -> str:
         lines.append(
             f"- `{e['row']}`: {e['name']} {e['version']}, weights {e['weights_file']} "
             f"sha256 `{e['weights_sha256'][:16]}…`, {e['source_kernel']} → {e['target_kernel']}"
+            + (f", {e['settings']}" if e.get("settings") else "")
+            + (f", denoiser in {e['denoiser_dtype']}" if e.get("denoiser_dtype") else "")
         )
     lines += [
         "",

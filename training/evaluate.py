@@ -36,7 +36,7 @@ from tqdm import tqdm
 from engine.interface import Engine
 from engine.pipeline import standardize_series
 from engine.pixels import dataset_to_hu
-from engine.registry import KNOWN_ENGINE_KINDS, load_engine
+from engine.registry import KNOWN_ENGINE_KINDS, LTDIFF_KIND, PRECISIONS, EngineOptions, load_engine
 from training.ccc import ccc_per_feature, reference_is_constant, summarize_by_class
 from training.eval_report import write_report
 from training.image_metrics import (
@@ -474,6 +474,11 @@ def run_evaluation(
                 "weights_file": weights.name if weights is not None else "shipped",
                 "source_kernel": ident.source_kernel,
                 "target_kernel": ident.target_kernel,
+                "settings": ident.settings,
+                # the learned engines' denoiser dtype (bf16 where the hardware has it)
+                "denoiser_dtype": str(getattr(eng, "denoiser_dtype", None) or "").removeprefix(
+                    "torch."
+                ),
             }
         )
     row_order = [baseline_row, *(n for n, _ in engine_rows), REPEAT_ROW]
@@ -662,6 +667,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="PyRadiomics worker processes (default: the usable cores)",
     )
     parser.add_argument("--device", default="cpu", help="device for engines that use one")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="ltdiff engines: auto (bf16 denoiser where the hardware has it) or float32",
+    )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -685,7 +696,15 @@ def main(argv: list[str] | None = None) -> int:
         figures=not args.no_figures,
         progress=not args.quiet,
     )
-    engines = [load_engine(s.kind, s.weights, args.device) for s in specs]
+    engines = [
+        load_engine(
+            s.kind,
+            s.weights,
+            args.device,
+            EngineOptions(precision=args.precision) if s.kind == LTDIFF_KIND else None,
+        )
+        for s in specs
+    ]
     try:
         result = run_evaluation(config, engines, [s.weights for s in specs])
     except RuntimeError as error:

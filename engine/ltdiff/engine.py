@@ -184,8 +184,11 @@ class LTDiffEngine:
         return self._batch
 
     @property
-    def denoiser_dtype(self) -> torch.dtype:
-        """The dtype the denoiser computes in (bfloat16/float16 under autocast, else float32)."""
+    def denoiser_dtype(self) -> torch.dtype | None:
+        """The dtype the denoiser computes in (bfloat16/float16 under autocast, else float32);
+        None for the regression ablation, which has no denoiser."""
+        if self._denoiser is None:
+            return None
         return self._amp_dtype or torch.float32
 
     def _new_sampler(self) -> DDIMSampler:

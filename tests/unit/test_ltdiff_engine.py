@@ -162,7 +162,9 @@ def test_denoiser_precision_follows_the_hardware_and_can_be_forced_to_float32(
 
 
 def test_regression_ablation_has_no_sampler_settings() -> None:
-    assert _engine(EngineMode.UNETPP_REGRESSION).identity.settings == ""
+    regression = _engine(EngineMode.UNETPP_REGRESSION)
+    assert regression.identity.settings == ""
+    assert regression.denoiser_dtype is None
 
 
 def test_linear_filter_stays_the_default_kind() -> None:

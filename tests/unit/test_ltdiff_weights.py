@@ -18,6 +18,7 @@ from engine.ltdiff.weights import (
     EngineMode,
     load_weights,
     save_weights,
+    shipped_weights_path,
     unwrap_state,
 )
 
@@ -158,3 +159,22 @@ def test_unwrap_state_strips_ddp_and_compile_wrappers() -> None:
 
     state = unwrap_state(Compiled(ae))
     assert set(state) == set(ae.state_dict())
+
+
+def test_shipped_weights_describe_their_training_and_keep_the_held_out_subjects_out() -> None:
+    """The weights in engine/weights: strict load, the kernel pair, at most 30 MB, and a
+    training record that names its data and leaves out the evaluation subjects S004 and S005
+    (docs/MODEL_CARD.md reports numbers on those two)."""
+    path = shipped_weights_path()
+    assert path.stat().st_size <= 30 * 1024 * 1024
+    weights, sha = load_weights(path, expected_kind="ltdiff")
+    assert (weights.source_kernel, weights.target_kernel) == ("Br40d", "Bl64d")
+    assert weights.mode is EngineMode.LTDIFF and weights.sampling.num_steps <= 10
+    data = weights.training["data"]
+    assert isinstance(data, dict)
+    assert data["n_pairs"] > 0
+    assert not {"S004", "S005"} & set(data["subjects"])
+    history = weights.training["history"]
+    assert isinstance(history, list)
+    assert [h["phase"] for h in history] == ["1", "2", "3"]
+    assert len(sha) == 64
