@@ -39,3 +39,17 @@ def test_auto_engine_is_ltdiff_only_when_its_weights_are_installed(
     monkeypatch.setattr(weights, "shipped_weights_path", lambda pair="": tmp_path / "w")
     assert demo.demo_engine_kind("auto") == "ltdiff"
     assert demo.demo_engine_kind("linear-filter") == "linear-filter"
+
+
+def test_demo_runs_the_shipped_ltdiff_engine_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    code = demo.main(["--out", str(out), "--slices", "2", "--stable-age", "0.5"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "engine 'ltdiff'" in printed
+    derived = [dcmread(p) for p in (out / "archive").rglob("*.dcm")]
+    assert len(derived) == 2
+    assert all("ltdiff++" in ds.DerivationDescription for ds in derived)
+    assert all("ddim8" in ds.DerivationDescription for ds in derived)
