@@ -290,7 +290,8 @@ def derivation_description(identity: EngineIdentity) -> str:
     result is not (an original target-kernel reconstruction)."""
     return (
         f"{DERIVATION_MARKER}: {identity.source_kernel} -> {identity.target_kernel}-like by "
-        f"{identity.name} {identity.version}, weights sha256 {identity.weights_sha256}. "
+        f"{identity.name} {identity.version}, weights sha256 {identity.weights_sha256}"
+        f"{f', settings {identity.settings}' if identity.settings else ''}. "
         f"Post-processed from the {identity.source_kernel} reconstruction; not an original "
         f"{identity.target_kernel} reconstruction."
     )[:1024]

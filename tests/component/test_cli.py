@@ -86,9 +86,22 @@ def test_export_sockets_disable_nagle(archive):
 
 
 def test_engine_without_weights_is_a_configuration_error(tmp_path, capsys):
-    """A learned engine configured without a weights file stops start-up (exit 78), instead of
-    failing the first series the PACS sends."""
-    cfg = _site(tmp_path, '[engines.learned]\nkind = "ltdiff"\n[[routes]]\nengine = "learned"\n')
+    """A learned engine configured without a weights file, of a kind that ships none, stops
+    start-up (exit 78), instead of failing the first series the PACS sends."""
+    cfg = _site(
+        tmp_path,
+        '[engines.learned]\nkind = "unetpp-regression"\n[[routes]]\nengine = "learned"\n',
+    )
     assert main(["check-config", "-c", str(cfg)]) == EXIT_CONFIG
     assert "engine cannot be loaded" in capsys.readouterr().err
     assert main(["serve", "-c", str(cfg)]) == EXIT_CONFIG
+
+
+def test_ltdiff_without_a_weights_path_uses_the_shipped_weights(tmp_path, capsys):
+    cfg = _site(
+        tmp_path,
+        '[engines.std]\nkind = "ltdiff"\nsample_steps = 4\n[[routes]]\nengine = "std"\n',
+    )
+    assert main(["check-config", "-c", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "engine 'std': ltdiff++" in err and "ddim4 eta0" in err

@@ -23,6 +23,7 @@ from engine.derived import (
     DerivedSeriesError,
     DerivedSeriesOptions,
     build_derived_series,
+    derivation_description,
     derived_series_uid,
     is_ltdiff_output,
     is_valid_uid,
@@ -103,6 +104,8 @@ def test_engine_settings_enter_the_series_uid_only_when_present():
         "derived series", source, "ltdiff++", "0.1.0", "ab" * 32, "Br40d", "Bl64d"
     )
     assert eight.short.endswith(" ddim8 eta0") and not plain.short.endswith("eta0")
+    assert ", settings ddim8 eta0. " in derivation_description(eight)
+    assert "settings" not in derivation_description(plain)
 
 
 def test_derived_headers_keep_patient_study_for_and_mark_derived(tmp_path):
