@@ -36,7 +36,14 @@ from tqdm import tqdm
 from engine.interface import Engine
 from engine.pipeline import standardize_series
 from engine.pixels import dataset_to_hu
-from engine.registry import KNOWN_ENGINE_KINDS, LTDIFF_KIND, PRECISIONS, EngineOptions, load_engine
+from engine.registry import (
+    KNOWN_ENGINE_KINDS,
+    LTDIFF_KIND,
+    MAX_SAMPLE_STEPS,
+    PRECISIONS,
+    EngineOptions,
+    load_engine,
+)
 from training.ccc import ccc_per_feature, reference_is_constant, summarize_by_class
 from training.eval_report import write_report
 from training.image_metrics import (
@@ -668,6 +675,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="device for engines that use one")
     parser.add_argument(
+        "--sample-steps",
+        type=int,
+        choices=range(1, MAX_SAMPLE_STEPS + 1),
+        metavar="N",
+        help="ltdiff engines: DDIM steps, 1..10 (default: the weights' setting)",
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -701,7 +715,9 @@ def main(argv: list[str] | None = None) -> int:
             s.kind,
             s.weights,
             args.device,
-            EngineOptions(precision=args.precision) if s.kind == LTDIFF_KIND else None,
+            EngineOptions(precision=args.precision, sample_steps=args.sample_steps)
+            if s.kind == LTDIFF_KIND
+            else None,
         )
         for s in specs
     ]

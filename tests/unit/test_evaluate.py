@@ -264,3 +264,22 @@ def test_cli_reports_missing_pairs_with_an_error(
     (tmp_path / "empty").mkdir()
     assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 1
     assert "no same-acquisition" in capsys.readouterr().err
+
+
+def test_cli_hands_sampler_options_to_ltdiff_engines_and_reports_them(tmp_path: Path) -> None:
+    from ltdiff_support import tiny_weights
+
+    from engine.ltdiff.weights import save_weights
+
+    data = write_pair(tmp_path / "data")
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(weights, tiny_weights())
+    out = tmp_path / "report"
+    args = ["--data", str(data), "--out", str(out), "--rois-per-range", "4", "--window-px", "16"]
+    args += ["--lesion-min-pixels", "20", "--quiet", "--no-figures"]
+    args += ["--engine", f"ltdiff:{weights}", "--sample-steps", "2", "--precision", "float32"]
+    assert main(args) == 0
+    (entry,) = json.loads((out / "report.json").read_text())["engines"]
+    assert entry["settings"].startswith("ddim2 ")
+    assert entry["denoiser_dtype"] == "float32"
+    assert "ddim2" in (out / "report.md").read_text()
