@@ -29,18 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-CEILING_ROW: Final = "Repeat scan (ceiling)"
+from training.eval_report import CLASS_TITLES
+from training.evaluate import REPEAT_ROW
+
+CEILING_ROW: Final = REPEAT_ROW
 REFERENCE_ROW: Final = "True Bl64d"
-CLASS_LABELS: Final = {
-    "firstorder": "First order",
-    "glcm": "GLCM",
-    "glrlm": "GLRLM",
-    "glszm": "GLSZM",
-    "gldm": "GLDM",
-    "ngtdm": "NGTDM",
-    "gradient": "Gradient (FO)",
-    "all": "All",
-}
+"""The reference row of a Br40d -> Bl64d report (evaluate names it "True <target kernel>")."""
 
 
 class ReportError(ValueError):
@@ -119,7 +113,7 @@ def render(checks: Sequence[BarCheck], candidate: str) -> str:
     for bar, scope in keys:
         mine = [c for c in checks if (c.bar, c.scope) == (bar, scope)]
         failed = ", ".join(
-            f"{CLASS_LABELS.get(c.item, c.item)} {c.value:.3f} vs {c.reference:.3f} "
+            f"{CLASS_TITLES.get(c.item, c.item)} {c.value:.3f} vs {c.reference:.3f} "
             f"({c.difference:+.3f})"
             for c in mine
             if not c.passed
