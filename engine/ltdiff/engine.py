@@ -72,7 +72,7 @@ def _cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def denoiser_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+def denoiser_autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
     """The autocast dtype of the denoiser on `device` (None: float32)."""
     if precision == "float32":
         return None
@@ -121,7 +121,7 @@ class LTDiffEngine:
         if precision not in PRECISIONS:
             raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self._memory_format = torch.channels_last
-        self._amp_dtype = denoiser_dtype(self._device, precision)
+        self._amp_dtype = denoiser_autocast_dtype(self._device, precision)
         self._autoencoder = _place(weights.build_autoencoder(), self._device, self._memory_format)
         self._denoiser = None
         self._schedule = None

@@ -143,11 +143,11 @@ def test_denoiser_precision_follows_the_hardware_and_can_be_forced_to_float32(
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(ltdiff_engine, "_cpu_has_native_bf16", lambda: False)
-    assert ltdiff_engine.denoiser_dtype(cpu, "auto") is None
+    assert ltdiff_engine.denoiser_autocast_dtype(cpu, "auto") is None
     assert _engine().denoiser_dtype == torch.float32
     monkeypatch.setattr(ltdiff_engine, "_cpu_has_native_bf16", lambda: True)
-    assert ltdiff_engine.denoiser_dtype(cpu, "auto") == torch.bfloat16
-    assert ltdiff_engine.denoiser_dtype(cpu, "float32") is None
+    assert ltdiff_engine.denoiser_autocast_dtype(cpu, "auto") == torch.bfloat16
+    assert ltdiff_engine.denoiser_autocast_dtype(cpu, "float32") is None
     bf16 = LTDiffEngine(tiny_weights(), weights_sha256="0" * 64)
     fp32 = LTDiffEngine(tiny_weights(), weights_sha256="0" * 64, precision="float32")
     assert (bf16.denoiser_dtype, fp32.denoiser_dtype) == (torch.bfloat16, torch.float32)
