@@ -174,7 +174,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_standardize(args: argparse.Namespace) -> int:
     import pydicom
 
-    from dicom_node.worker import derived_options
+    from dicom_node.engine_host import derived_options
     from engine.pipeline import standardize_series, write_series
     from engine.registry import load_engine
 

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dicom_node.preflight import ReceptionLimits
 from engine.registry import (
     KNOWN_ENGINE_KINDS,
     LINEAR_FILTER_KIND,
@@ -80,6 +81,7 @@ class ListenerConfig:
     network_timeout_s: float = 60.0
     min_free_disk_mb: int = 1024  # below this, C-STORE answers Out of Resources (0xA700)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: ReceptionLimits = field(default_factory=ReceptionLimits)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,16 @@ class AssemblyConfig:
     stable_age_s: float = 60.0  # a series is complete after this long without a new instance
     poll_interval_s: float = 1.0
     use_expected_counts: bool = True  # complete early when ImagesInAcquisition is reached
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """How engine jobs run: each worker's engine runs in a child process of its own."""
+
+    max_attempts: int = 3  # a job whose engine process died this often ends `failed`
+    memory_max_mb: int = 8192  # engine process killed above this resident size (0: no limit)
+    timeout_s: float = 3600.0  # engine process killed when one job runs longer
+    disk_full_retry_s: float = 60.0  # a job that found the disk full waits this long, then retries
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,7 @@ class NodeConfig:
     retention_hours: float = 24.0  # spool/outbox files of finished or discarded series are kept
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     routes: tuple[RouteRule, ...] = ()
     unmatched: UnmatchedConfig = field(default_factory=UnmatchedConfig)
     engines: tuple[EngineConfig, ...] = ()
@@ -360,6 +373,18 @@ def _tls(t: _Table, base: Path) -> TLSConfig:
     return tls
 
 
+def _limits(t: _Table) -> ReceptionLimits:
+    default = ReceptionLimits()
+    limits = ReceptionLimits(
+        max_dataset_bytes=t.integer("max_dataset_mb", default.max_dataset_bytes >> 20, 1, 65536)
+        << 20,
+        max_sequence_depth=t.integer("max_sequence_depth", default.max_sequence_depth, 1, 64),
+        max_elements=t.integer("max_elements", default.max_elements, 100, 10**7),
+    )
+    t.reject_unknown()
+    return limits
+
+
 def _match_pairs(t: _Table) -> tuple[tuple[str, str], ...]:
     pairs = []
     for attr in list(t.data):
@@ -408,6 +433,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         network_timeout_s=lt.number("network_timeout_s", 60.0, 1.0, 3600.0),
         min_free_disk_mb=lt.integer("min_free_disk_mb", 1024, 0, 10**9),
         tls=_tls(lt.table("tls"), base_dir),
+        limits=_limits(lt.table("limits")),
     )
     lt.reject_unknown()
 
@@ -418,6 +444,22 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         use_expected_counts=at.boolean("use_expected_counts", True),
     )
     at.reject_unknown()
+
+    jt = top.table("jobs")
+    jobs = JobsConfig(
+        max_attempts=jt.integer("max_attempts", JobsConfig.max_attempts, 1, 100),
+        memory_max_mb=jt.integer("memory_max_mb", JobsConfig.memory_max_mb, 0, 10**7),
+        timeout_s=jt.number("timeout_s", JobsConfig.timeout_s, 1.0, 7 * 86400.0),
+        disk_full_retry_s=jt.number(
+            "disk_full_retry_s", JobsConfig.disk_full_retry_s, 0.1, 86400.0
+        ),
+    )
+    jt.reject_unknown()
+    if 0 < jobs.memory_max_mb < 256:
+        raise ConfigError(
+            f"jobs.memory_max_mb = {jobs.memory_max_mb}: an engine needs at least 256 MB "
+            "(0 disables the limit)"
+        )
 
     engines: list[EngineConfig] = []
     if top.has("engines"):
@@ -534,6 +576,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         retention_hours=retention_hours,
         listener=listener,
         assembly=assembly,
+        jobs=jobs,
         routes=tuple(routes),
         unmatched=unmatched,
         engines=tuple(engines),

@@ -35,7 +35,8 @@ def test_invalid_uids_never_reach_a_path(uid):
 
 def test_store_writes_file_atomically_under_series_folder(tmp_path):
     spool = Spool(tmp_path)
-    p = spool.store("1.2.3", "1.2.3.4", b"DICM-bytes")
+    p, created = spool.store("1.2.3", "1.2.3.4", b"DICM-bytes")
+    assert created
     assert p == tmp_path / "1.2.3" / "1.2.3.4.dcm"
     assert p.read_bytes() == b"DICM-bytes"
     assert [x.name for x in p.parent.iterdir()] == ["1.2.3.4.dcm"], "no temporary file left behind"

@@ -76,7 +76,7 @@ def test_job_lifecycle_to_done(store):
     assert len(due) == 3
     store.mark_sent([r.id for r in due])
     ((settled, state),) = store.settle_exporting_jobs()
-    assert settled.id == job_id and state is JobState.DONE
+    assert settled == job_id and state is JobState.DONE
 
 
 def test_failed_exports_back_off_then_become_dead_letters_and_retry_revives_them(store):
@@ -124,9 +124,9 @@ def test_interrupted_processing_is_requeued_on_restart(tmp_path):
     s.claim_job("w", (JobKind.STANDARDIZE,))
     s.close()  # the node dies mid-job
     s2 = JobStore(tmp_path / "db.sqlite3")
-    assert s2.requeue_interrupted() == 1
+    assert s2.requeue_interrupted(max_attempts=3) == {job_id: JobState.QUEUED}
     job = s2.claim_job("w", (JobKind.STANDARDIZE,))
-    assert job.id == job_id and job.process_attempts == 2
+    assert job.id == job_id and job.process_attempts == 2 and job.crashes == 1
     s2.close()
 
 
