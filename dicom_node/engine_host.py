@@ -144,6 +144,20 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc`, or an exception it was raised from, is "no space left on device".
+    pydicom re-raises write errors as a new OSError without errno (tag_in_exception), so the
+    chain is followed."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def run_job(
     job: EngineJob, engines: EngineCache, config: NodeConfig, device: str
 ) -> EngineResult | EngineFailure:
@@ -159,13 +173,12 @@ def run_job(
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
         written = write_series(result.datasets, out_dir)
-    except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            return EngineFailure(FailureKind.DISK_FULL, f"disk full writing the output: {exc}")
-        log.error("job.engine_error", job=job.job_id, exc_info=True)
-        return EngineFailure(FailureKind.INPUT, error_text(exc))
     except Exception as exc:
+        if is_disk_full(exc):
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return EngineFailure(
+                FailureKind.DISK_FULL, f"disk full writing the output to {out_dir.parent}"
+            )
         if not isinstance(exc, ValueError | RuntimeError):
             log.error("job.engine_error", job=job.job_id, exc_info=True)
         return EngineFailure(FailureKind.INPUT, error_text(exc))

@@ -142,7 +142,7 @@ class EngineWorker(threading.Thread):
         if not minimum:
             return True
         try:
-            free = shutil.disk_usage(self.config.outbox_dir).free
+            free = shutil.disk_usage(self.config.state_dir).free
         except OSError:
             return True  # the write itself will tell
         if free < minimum:
