@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import NodeConfig
-from dicom_node.logs import get_logger
+from dicom_node.logs import get_logger, safe_error_text
 from dicom_node.store import JobKind, JobRow, JobState, JobStore
 from engine.derived import DerivedSeriesOptions
 from engine.interface import Engine
@@ -117,7 +117,7 @@ def process_job(
         )
         return state
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = safe_error_text(exc)
         store.fail_job(job.id, reason)
         log.error(
             "job.failed",
