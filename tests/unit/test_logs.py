@@ -78,6 +78,9 @@ def hooks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.setattr(obj, name, getattr(obj, name))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        # An in-process `serve` of an earlier test may have left logging's capture switched on
+        # while pytest restored warnings.showwarning: then captureWarnings(True) does nothing.
+        logging.captureWarnings(False)
         try:
             yield
         finally:
