@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import NodeConfig
-from dicom_node.logs import configure_logging, get_logger
+from dicom_node.logs import configure_process, get_logger, safe_error_text
 from engine.derived import DerivedSeriesOptions
 from engine.interface import Engine, EngineError
 from engine.pipeline import standardize_series, write_series
@@ -139,11 +139,6 @@ class EngineCache:
             return self._engines[key]
 
 
-def error_text(exc: BaseException) -> str:
-    """The reason a job failed, as stored and logged: the exception type and its message."""
-    return f"{type(exc).__name__}: {exc}"
-
-
 def is_disk_full(exc: BaseException) -> bool:
     """True when `exc`, or an exception it was raised from, is "no space left on device".
     pydicom re-raises write errors as a new OSError without errno (tag_in_exception), so the
@@ -181,7 +176,7 @@ def run_job(
             )
         if not isinstance(exc, ValueError | RuntimeError):
             log.error("job.engine_error", job=job.job_id, exc_info=True)
-        return EngineFailure(FailureKind.INPUT, error_text(exc))
+        return EngineFailure(FailureKind.INPUT, safe_error_text(exc))
     outputs = tuple(
         (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(p))
         for ds, p in zip(result.datasets, written, strict=True)
@@ -214,12 +209,12 @@ def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    configure_logging(config.log_format, config.log_level)
+    configure_process(config.log_format, config.log_level)
     engines = EngineCache(config)
     try:
         engines.preload(device)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops start-up
-        conn.send(("failed", error_text(exc)))
+        conn.send(("failed", safe_error_text(exc)))
         return
     conn.send(("ready", os.getpid()))
     while True:

@@ -47,7 +47,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import statuses
 from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage, TLSConfig
-from dicom_node.logs import get_logger
+from dicom_node.logs import get_logger, safe_error_text
 from dicom_node.preflight import DatasetRejectedError, ReceptionLimits, read_header
 from dicom_node.spool import Spool, SpoolError
 from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
@@ -317,7 +317,7 @@ class StoreHandler:
             if isinstance(exc, SpoolError):
                 reason = str(exc)
             elif isinstance(exc, sqlite3.Error):
-                reason = f"database: {exc}"
+                reason = f"database: {safe_error_text(exc)}"
             else:
                 reason = f"internal error: {type(exc).__name__}"
                 log.exception("instance.store_error", sop_uid=sop_uid, series_uid=series_uid)
