@@ -17,4 +17,4 @@ CANNOT_UNDERSTAND_INVALID_UID: Final = 0xC211
 CANNOT_UNDERSTAND_UID_MISMATCH: Final = 0xC212
 #: Refused: the dataset exceeds a reception limit ([listener.limits]: inflated size, sequence
 #: nesting, element count). Resending the same instance gets the same answer.
-CANNOT_UNDERSTAND_LIMIT_EXCEEDED: Final = 0xC213
+CANNOT_UNDERSTAND_LIMIT_EXCEEDED: Final = 0xC214
