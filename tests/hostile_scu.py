@@ -307,7 +307,8 @@ class HostileSCU:
     # -- association --------------------------------------------------------------------------
 
     def __enter__(self) -> Self:
-        self.associate()
+        if self._sock is None and not self.associated:
+            self.associate()
         return self
 
     def __exit__(
@@ -453,10 +454,11 @@ class HostileSCU:
         return self.send_message(encode_command(command), context_id, dataset)
 
     def send_message(
-        self, command: bytes, context_id: int, dataset: bytes | None = None
+        self, command: bytes | None, context_id: int, dataset: bytes | None = None
     ) -> int | None:
-        """Send an already encoded command set (anything at all) and an optional dataset, then
-        wait for one complete response message; its Status, or None (see `outcome`)."""
+        """Send an already encoded command set (anything at all; None sends none) and an optional
+        dataset, then wait for one complete response message; its Status, or None (see
+        `outcome`)."""
         self._require_usable()
         deadline = time.monotonic() + self.timeout
         self.last_response = None
@@ -464,7 +466,8 @@ class HostileSCU:
         try:
             # a peer that stops reading times out the send
             cast(socket.socket, self._sock).settimeout(self.timeout)
-            self._send_fragments(context_id, command, is_command=True)
+            if command is not None:
+                self._send_fragments(context_id, command, is_command=True)
             if dataset is not None:
                 self._send_fragments(context_id, dataset, is_command=False)
         except TimeoutError:
