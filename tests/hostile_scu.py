@@ -458,7 +458,8 @@ class HostileSCU:
     ) -> int | None:
         """Send an already encoded command set (anything at all; None sends none) and an optional
         dataset, then wait for one complete response message; its Status, or None (see
-        `outcome`)."""
+        `outcome`; None with outcome "response" means the response had no readable Status, and
+        `last_response` holds what it had)."""
         self._require_usable()
         deadline = time.monotonic() + self.timeout
         self.last_response = None
