@@ -151,9 +151,7 @@ def test_an_unreadable_routing_attribute_is_refused_before_anything_is_written(s
         (lambda b: b[: len(b) // 2], statuses.CANNOT_UNDERSTAND),
         (lambda b: b"\xff" * 64, statuses.CANNOT_UNDERSTAND),
         (
-            lambda b: (
-                b + element(0x0009, 0x0010, b"LO", b"x" * 4) * 0 + b"\xfe\xff\x0d\xe0\0\0\0\0"
-            ),
+            lambda b: b + b"\xfe\xff\x0d\xe0\0\0\0\0",
             statuses.CANNOT_UNDERSTAND,
         ),
     ],
