@@ -85,3 +85,22 @@ def top_level_elements(encoded: bytes) -> list[tuple[int, int, int]]:
             break
         pos += header + length
     return found
+
+
+def replace_value(encoded: bytes, tag: int, value: bytes) -> bytes:
+    """`encoded` with the value of top-level element `tag` replaced by `value` as raw bytes
+    (padded to even length; explicit VR little endian), whatever its VR allows."""
+    if len(value) % 2:
+        value += b" "
+    elements = top_level_elements(encoded)
+    for i, (offset, found, header) in enumerate(elements):
+        if found != tag:
+            continue
+        end = elements[i + 1][0] if i + 1 < len(elements) else len(encoded)
+        head = bytearray(encoded[offset : offset + header])
+        if header == 12:
+            struct.pack_into("<L", head, 8, len(value))
+        else:
+            struct.pack_into("<H", head, 6, len(value))
+        return encoded[:offset] + bytes(head) + value + encoded[end:]
+    raise KeyError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) not in the dataset")
