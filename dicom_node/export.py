@@ -22,8 +22,9 @@ from pynetdicom import AE, evt
 
 from dicom_node.config import DestinationConfig
 from dicom_node.logs import get_logger
-from dicom_node.scp import make_ssl_context, set_tcp_nodelay
+from dicom_node.scp import set_tcp_nodelay
 from dicom_node.store import ExportRow, JobStore
+from dicom_node.tls import make_ssl_context
 
 log = get_logger("dicom_node.export")
 
