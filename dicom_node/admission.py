@@ -249,11 +249,11 @@ class AdmissionServer(ThreadedAssociationServer):
 
     def _admit(self, sock: socket.socket, host: str) -> socket.socket | None:
         """The connection once it is ready for pynetdicom, or None (closed and logged)."""
-        start = time.monotonic()
-        deadline = start + self.policy.request_timeout_s
+        deadline = time.monotonic() + self.policy.request_timeout_s
         try:
             sock.setblocking(False)
             if self.ssl_context is not None:
+                self._await_client_hello(sock, deadline)
                 sock = self.ssl_context.wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False
                 )
@@ -270,7 +270,7 @@ class AdmissionServer(ThreadedAssociationServer):
         except _StoppingError:
             _close(sock)
             return None
-        except Exception:  # never let one connection's failure reach the accept loop
+        except Exception:  # unexpected: logged with its traceback, the connection closed
             log.exception("connection.error", address=host)
             _close(sock)
             return None
@@ -296,6 +296,24 @@ class AdmissionServer(ThreadedAssociationServer):
             f"no {waiting_for} within {self.policy.request_timeout_s:g} s",
             **fields,
         )
+
+    def _await_client_hello(self, sock: socket.socket, deadline: float) -> None:
+        """Until the peer has sent something, so a connection closed without a word (a port
+        check) is not logged as a failed handshake."""
+        while True:
+            self._wait(sock, deadline, "TLS handshake", write=False)
+            try:
+                if sock.recv(1, socket.MSG_PEEK):
+                    return
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise _NotAdmittedError(
+                    "connection.closed", f"connection error before a TLS handshake: {exc}"
+                ) from exc
+            raise _NotAdmittedError(
+                "connection.closed", "closed by the peer before a TLS handshake"
+            )
 
     def _handshake(self, sock: ssl.SSLSocket, deadline: float) -> None:
         while True:

@@ -64,9 +64,12 @@ def test_tls_client_refuses_a_server_it_does_not_trust(start_node, certificate, 
 NEVER_S = 600.0  # no idle connection times out during a test that must not rely on it
 
 
-@pytest.fixture
-def pki(tmp_path, openssl) -> SimpleNamespace:
-    """A CA, a server and a client certificate signed by it, and a client of another CA."""
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> SimpleNamespace:
+    """A CA, a server and a client certificate signed by it, and a client of another CA (made
+    once per module: key generation is the slow part of these tests)."""
+    openssl = require_tool("openssl")
+    tmp_path = tmp_path_factory.mktemp("pki")
     ca = self_signed(openssl, tmp_path, "ca", "Test CA")
     other_ca = self_signed(openssl, tmp_path, "other-ca", "Other CA")
     return SimpleNamespace(
@@ -135,6 +138,17 @@ def test_idle_connection_on_the_tls_listener_is_closed_after_the_deadline_and_lo
     (line,) = log.named("connection.idle_timeout")
     assert line["address"] == "127.0.0.1"
     assert "TLS handshake" in line["reason"]
+
+
+def test_port_check_on_the_tls_listener_is_logged_as_closed_not_as_a_failed_handshake(
+    start_node, pki
+):
+    with recording() as log:
+        node = _mutual_tls_node(start_node, pki)
+        socket.create_connection(("127.0.0.1", node.port), timeout=30).close()
+        wait_until(lambda: log.named("connection.closed"), what="connection.closed")
+    assert "before a TLS handshake" in log.named("connection.closed")[0]["reason"]
+    assert not log.named("connection.tls_failed")
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")

@@ -108,7 +108,8 @@ def test_encrypted_key_is_a_config_error_and_never_prompts(tmp_path, pair, opens
     key, cert = pair
     encrypted = encrypt_key(openssl, key, tmp_path / "encrypted.key")
     config = _tls_config(tmp_path, {"certificate": str(cert), "private_key": str(encrypted)})
-    # a prompt would block on the terminal; with stdin closed it would fail differently
+    # without a password callback OpenSSL asks on the terminal (start-up hangs when there is
+    # one) or reports a PEM error that does not say "encrypted" (when there is none)
     with pytest.raises(ConfigError, match=r"listener\.tls\.private_key = .*encrypted"):
         check_runtime(config)
 
