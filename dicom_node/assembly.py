@@ -21,8 +21,14 @@ class ReadySeries:
 
 
 def ready_series(
-    receiving: Iterable[SeriesRow], now: float, cfg: AssemblyConfig
+    receiving: Iterable[SeriesRow], now: float, cfg: AssemblyConfig, clock_start: float = 0.0
 ) -> list[ReadySeries]:
+    """The series that are complete at `now`.
+
+    `clock_start`: idle time is counted from no earlier than this (the node's start), so a
+    series whose last instance arrived before a stop gets a full stable-age window after the
+    restart for its sender to resume, however long the node was down.
+    """
     ready = []
     for s in receiving:
         if (
@@ -31,6 +37,6 @@ def ready_series(
             and s.n_instances >= s.expected_count
         ):
             ready.append(ReadySeries(s, "expected-count"))
-        elif now - s.last_received >= cfg.stable_age_s:
+        elif now - max(s.last_received, clock_start) >= cfg.stable_age_s:
             ready.append(ReadySeries(s, "stable"))
     return ready

@@ -21,7 +21,7 @@ from dicom_node.config import (
     load_config,
     validate_ae_title,
 )
-from dicom_node.logs import configure_logging, get_logger
+from dicom_node.logs import configure_logging, configure_process, get_logger, safe_error_text
 from engine.interface import EngineError
 
 log = get_logger("dicom_node.cli")
@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service import Node
 
     config = _config(args)
-    configure_logging(config.log_format, config.log_level)
+    configure_process(config.log_format, config.log_level)
     for warning in check_runtime(config):
         log.warning("config.warning", message=warning)
     Node(config).run_forever()
@@ -174,7 +174,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_standardize(args: argparse.Namespace) -> int:
     import pydicom
 
-    from dicom_node.worker import derived_options
+    from dicom_node.engine_host import derived_options
     from engine.pipeline import standardize_series, write_series
     from engine.registry import load_engine
 
@@ -202,7 +202,7 @@ def cmd_standardize(args: argparse.Namespace) -> int:
             result = standardize_series(paths, engine, derived_options(config))
         except (ValueError, RuntimeError) as exc:
             failures += 1
-            print(f"series {series_uid}: FAILED: {exc}", file=sys.stderr)
+            print(f"series {series_uid}: FAILED: {safe_error_text(exc)}", file=sys.stderr)
             continue
         out = args.output / result.series_instance_uid
         out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
+from dicom_node.preflight import ReceptionLimits
 from dicom_node.tls import TLSSetupError, make_ssl_context
 from engine.registry import (
     KNOWN_ENGINE_KINDS,
@@ -82,6 +83,7 @@ class ListenerConfig:
     network_timeout_s: float = 60.0
     min_free_disk_mb: int = 1024  # below this, C-STORE answers Out of Resources (0xA700)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: ReceptionLimits = field(default_factory=ReceptionLimits)
     # a connection must finish its TLS handshake and send its A-ASSOCIATE-RQ within this time
     association_request_timeout_s: float = 10.0
     max_pending_connections: int = 32  # connections not yet associated; more are closed at once
@@ -92,6 +94,16 @@ class AssemblyConfig:
     stable_age_s: float = 60.0  # a series is complete after this long without a new instance
     poll_interval_s: float = 1.0
     use_expected_counts: bool = True  # complete early when ImagesInAcquisition is reached
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """How engine jobs run: each worker's engine runs in a child process of its own."""
+
+    max_attempts: int = 3  # a job whose engine process died this often ends `failed`
+    memory_max_mb: int = 8192  # engine process killed above this resident size (0: no limit)
+    timeout_s: float = 3600.0  # engine process killed when one job runs longer
+    disk_full_retry_s: float = 60.0  # a job that found the disk full waits this long, then retries
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,7 @@ class NodeConfig:
     retention_hours: float = 24.0  # spool/outbox files of finished or discarded series are kept
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     routes: tuple[RouteRule, ...] = ()
     unmatched: UnmatchedConfig = field(default_factory=UnmatchedConfig)
     engines: tuple[EngineConfig, ...] = ()
@@ -410,6 +423,18 @@ def _networks(t: _Table, name: str) -> tuple[str, ...]:
     return tuple(entries)
 
 
+def _limits(t: _Table) -> ReceptionLimits:
+    default = ReceptionLimits()
+    limits = ReceptionLimits(
+        max_dataset_bytes=t.integer("max_dataset_mb", default.max_dataset_bytes >> 20, 1, 65536)
+        << 20,
+        max_sequence_depth=t.integer("max_sequence_depth", default.max_sequence_depth, 1, 64),
+        max_elements=t.integer("max_elements", default.max_elements, 100, 10**7),
+    )
+    t.reject_unknown()
+    return limits
+
+
 def _match_pairs(t: _Table) -> tuple[tuple[str, str], ...]:
     pairs = []
     for attr in list(t.data):
@@ -460,6 +485,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         tls=_tls(lt.table("tls"), base_dir, server_side=True),
         association_request_timeout_s=lt.number("association_request_timeout_s", 10.0, 0.1, 600.0),
         max_pending_connections=lt.integer("max_pending_connections", 32, 1, 4096),
+        limits=_limits(lt.table("limits")),
     )
     lt.reject_unknown()
 
@@ -470,6 +496,22 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         use_expected_counts=at.boolean("use_expected_counts", True),
     )
     at.reject_unknown()
+
+    jt = top.table("jobs")
+    jobs = JobsConfig(
+        max_attempts=jt.integer("max_attempts", JobsConfig.max_attempts, 1, 100),
+        memory_max_mb=jt.integer("memory_max_mb", JobsConfig.memory_max_mb, 0, 10**7),
+        timeout_s=jt.number("timeout_s", JobsConfig.timeout_s, 1.0, 7 * 86400.0),
+        disk_full_retry_s=jt.number(
+            "disk_full_retry_s", JobsConfig.disk_full_retry_s, 0.1, 86400.0
+        ),
+    )
+    jt.reject_unknown()
+    if 0 < jobs.memory_max_mb < 256:
+        raise ConfigError(
+            f"jobs.memory_max_mb = {jobs.memory_max_mb}: an engine needs at least 256 MB "
+            "(0 disables the limit)"
+        )
 
     engines: list[EngineConfig] = []
     if top.has("engines"):
@@ -586,6 +628,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         retention_hours=retention_hours,
         listener=listener,
         assembly=assembly,
+        jobs=jobs,
         routes=tuple(routes),
         unmatched=unmatched,
         engines=tuple(engines),

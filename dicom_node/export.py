@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from dicom_node.config import DestinationConfig
-from dicom_node.logs import get_logger
+from dicom_node.logs import get_logger, safe_error_text
 from dicom_node.scp import set_tcp_nodelay
 from dicom_node.store import ExportRow, JobStore
 from dicom_node.tls import make_ssl_context
@@ -62,7 +62,7 @@ def send_files(dest: DestinationConfig, calling_ae: str, rows: Sequence[ExportRo
         try:
             ts = _transfer_syntax(r.path)
         except (OSError, ValueError) as exc:
-            failed.append((r, f"cannot read outbox file: {exc}"))
+            failed.append((r, f"cannot read outbox file: {safe_error_text(exc)}"))
             continue
         syntaxes[r.id] = ts
         lst = contexts.setdefault(r.sop_class_uid, [])
@@ -97,7 +97,7 @@ def send_files(dest: DestinationConfig, calling_ae: str, rows: Sequence[ExportRo
             try:
                 status = assoc.send_c_store(r.path)
             except (OSError, ValueError, RuntimeError) as exc:
-                failed.append((r, f"send failed: {exc}"))
+                failed.append((r, f"send failed: {safe_error_text(exc)}"))
                 continue
             code = getattr(status, "Status", None)
             if code in _STORED:

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import threading
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -41,7 +46,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_node import statuses
 from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
 from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage
-from dicom_node.logs import get_logger
+from dicom_node.logs import get_logger, safe_error_text
+from dicom_node.preflight import DatasetRejectedError, ReceptionLimits, read_header
 from dicom_node.spool import Spool, SpoolError
 from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
 from dicom_node.tls import make_ssl_context
@@ -135,27 +141,82 @@ def _expected_count(ds: Dataset) -> int | None:
     return n if n and n > 0 else None
 
 
-class StoreHandler:
-    """C-STORE: validate, spool durably, record, answer. Called on association threads."""
+@dataclass(frozen=True)
+class _Described:
+    """What reception records about an instance, read from its header before anything is
+    written, so that no exception can come after the spool write."""
 
-    def __init__(self, spool: Spool, store: JobStore) -> None:
+    header: dict[str, str]
+    own_output: bool
+    expected_count: int | None
+
+
+def _describe(ds: Dataset) -> _Described:
+    return _Described(
+        header=routing_header(ds),
+        own_output=is_ltdiff_output(ds),
+        expected_count=_expected_count(ds),
+    )
+
+
+class StoreHandler:
+    """C-STORE: bound, validate, spool durably, record, answer. Called on association threads.
+
+    Order matters: the dataset is bounded (size, inflation, nesting, element count) before
+    pydicom parses it, and everything recorded is read from the header before the spool write;
+    after the write, the instance is either recorded or its file removed. Copies of one SOP
+    Instance arriving at once on several associations are serialized by a lock striped over the
+    SOP Instance UID: the first is stored, the others answer Success as duplicates.
+    """
+
+    _STRIPES = 64
+
+    def __init__(self, spool: Spool, store: JobStore, limits: ReceptionLimits) -> None:
         self.spool = spool
         self.store = store
+        self.limits = limits
+        self._locks = [threading.Lock() for _ in range(self._STRIPES)]
+
+    def _lock_for(self, sop_uid: str) -> threading.Lock:
+        return self._locks[zlib.crc32(sop_uid.encode("ascii")) % self._STRIPES]
 
     def __call__(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
         assoc_id = event.assoc.native_id
+        request = cast(C_STORE, event.request)
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
-            ds = event.dataset
+            encoded = cast(BytesIO, request.DataSet).getbuffer()
+            ds = read_header(encoded, transfer_syntax, self.limits)
             sop_uid = ds.get("SOPInstanceUID")
             series_uid = ds.get("SeriesInstanceUID")
             study_uid = ds.get("StudyInstanceUID")
             sop_class = ds.get("SOPClassUID")
+        except DatasetRejectedError as exc:
+            status = (
+                statuses.CANNOT_UNDERSTAND_LIMIT_EXCEEDED
+                if exc.limit
+                else statuses.CANNOT_UNDERSTAND
+            )
+            log.warning(
+                "instance.rejected",
+                reason=exc.reason,
+                status=f"0x{status:04X}",
+                transfer_syntax=transfer_syntax,
+                calling_ae=calling_ae,
+                assoc=assoc_id,
+            )
+            return (
+                statuses.CANNOT_UNDERSTAND_LIMIT_EXCEEDED
+                if exc.limit
+                else statuses.CANNOT_UNDERSTAND
+            )
         except Exception as exc:  # noqa: BLE001 - any decode failure means "cannot understand"
             log.warning(
                 "instance.rejected",
                 reason="undecodable dataset",
                 error=type(exc).__name__,
+                transfer_syntax=transfer_syntax,
                 calling_ae=calling_ae,
                 assoc=assoc_id,
             )
@@ -168,7 +229,6 @@ class StoreHandler:
                 assoc=assoc_id,
             )
             return statuses.CANNOT_UNDERSTAND_INVALID_UID
-        request = cast(C_STORE, event.request)
         if sop_uid != request.AffectedSOPInstanceUID:
             log.warning(
                 "instance.rejected",
@@ -188,6 +248,32 @@ class StoreHandler:
             )
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
+            described = _describe(ds)
+        except Exception as exc:  # noqa: BLE001 - a header value pydicom cannot convert
+            log.warning(
+                "instance.rejected",
+                reason="cannot read the attributes used for routing",
+                error=type(exc).__name__,
+                calling_ae=calling_ae,
+                assoc=assoc_id,
+                sop_uid=str(sop_uid),
+            )
+            return statuses.CANNOT_UNDERSTAND
+        with self._lock_for(sop_uid):
+            return self._store(event, ds, described, transfer_syntax, calling_ae)
+
+    def _store(
+        self,
+        event: evt.Event,
+        ds: Dataset,
+        described: _Described,
+        transfer_syntax: str,
+        calling_ae: str,
+    ) -> int:
+        sop_uid, series_uid = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+        path: Path | None = None
+        created = False
+        try:
             if self.store.has_instance(sop_uid):
                 log.info(
                     "instance.duplicate",
@@ -197,36 +283,36 @@ class StoreHandler:
                 )
                 return statuses.SUCCESS
             data = event.encoded_dataset()
-            path = self.spool.store(series_uid, sop_uid, data)
+            path, created = self.spool.store(series_uid, sop_uid, data)
             outcome = self.store.record_instance(
                 InstanceRecord(
                     sop_uid=sop_uid,
                     series_uid=series_uid,
-                    study_uid=study_uid,
-                    sop_class_uid=sop_class,
-                    transfer_syntax=str(event.context.transfer_syntax),
+                    study_uid=str(ds.StudyInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax=transfer_syntax,
                     path=path,
                     size_bytes=len(data),
                     calling_ae=calling_ae,
-                    header=routing_header(ds),
-                    own_output=is_ltdiff_output(ds),
-                    expected_count=_expected_count(ds),
+                    header=described.header,
+                    own_output=described.own_output,
+                    expected_count=described.expected_count,
                 )
             )
-        except SpoolError as exc:
+        except Exception as exc:
+            if created and path is not None:
+                self.spool.discard(path)  # never acknowledged: no record may point to it
+            if isinstance(exc, SpoolError):
+                reason = str(exc)
+            elif isinstance(exc, sqlite3.Error):
+                reason = f"database: {safe_error_text(exc)}"
+            else:
+                reason = f"internal error: {type(exc).__name__}"
+                log.exception("instance.store_error", sop_uid=sop_uid, series_uid=series_uid)
             log.error(
                 "instance.refused",
-                reason=str(exc),
-                status="0xA700",
-                series_uid=series_uid,
-                calling_ae=calling_ae,
-            )
-            return statuses.OUT_OF_RESOURCES
-        except sqlite3.Error as exc:
-            log.error(
-                "instance.refused",
-                reason=f"database: {exc}",
-                status="0xA700",
+                reason=reason,
+                status=f"0x{statuses.OUT_OF_RESOURCES:04X}",
                 series_uid=series_uid,
                 calling_ae=calling_ae,
             )
@@ -274,7 +360,7 @@ def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> Admiss
     ae = build_ae(cfg)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
-        (evt.EVT_C_STORE, StoreHandler(spool, store)),
+        (evt.EVT_C_STORE, StoreHandler(spool, store, cfg.limits)),
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_REJECTED, _log_rejected),
     ]

@@ -6,8 +6,14 @@ Threads:
 - scheduler: every poll interval, closes stable series, routes them (creating jobs), queues
   forward jobs, settles exporting jobs (one canonical log line per series) and purges files past
   retention;
-- one engine worker per configured device;
+- one engine worker per configured device, each with its engine process (engine_host.py);
 - one exporter per destination.
+
+Start-up order: sweep the spool of files no record points to, count the jobs a crash
+interrupted (failing those that reached `jobs.max_attempts`), start the engine processes (a bad
+weights file stops start-up here), then open the listener. Every series still receiving gets a
+fresh stable-age window from the start, so a series interrupted by a stop is not closed half
+received before its sender has had time to resume.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from dicom_node.logs import get_logger
 from dicom_node.routing import decide
 from dicom_node.scp import start_listener
 from dicom_node.spool import Spool
-from dicom_node.store import JobKind, JobRow, JobState, JobStore, SeriesRow
-from dicom_node.worker import EngineCache, EngineWorker, forward_job, remove_outbox
+from dicom_node.store import JobFinished, JobKind, JobState, JobStore, SeriesRow
+from dicom_node.worker import EngineWorker, forward_job, remove_outbox
 
 log = get_logger("dicom_node.service")
 
@@ -51,40 +57,65 @@ def sd_notify(message: str) -> None:
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.store = JobStore(config.database_path)
+        self.store = JobStore(config.database_path, on_job_finished=self._canonical_line)
         self.spool = Spool(config.spool_dir, config.listener.min_free_disk_mb * 1024 * 1024)
         self.stop_event = threading.Event()
         self.scheduler_wake = threading.Event()
         self.worker_wake = threading.Event()
         self.export_wakes: dict[str, threading.Event] = {}
-        self.engines = EngineCache(config)
         self.threads: list[threading.Thread] = []
         self.server: Any = None
         self._last_purge = 0.0
+        self.started_at = time.time()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        requeued = self.store.requeue_interrupted()
-        log.info("node.starting", config=self.config.as_dict(), requeued_jobs=requeued)
-        self.engines.preload()
+        self.started_at = time.time()
+        log.info("node.starting", config=self.config.as_dict())
+        swept = self.spool.sweep(self.store.instance_paths())
+        if swept.orphans or swept.temporaries:
+            log.warning(
+                "spool.swept",
+                orphans=swept.orphans,
+                temporaries=swept.temporaries,
+                mb_freed=round(swept.bytes_freed / 2**20, 1),
+                reason="files of instances never acknowledged (the node stopped mid-write)",
+            )
+        interrupted = self.store.requeue_interrupted(self.config.jobs.max_attempts)
+        for job_id, state in interrupted.items():
+            log.warning(
+                "job.interrupted",
+                job=job_id,
+                state=state.value,
+                reason="the node stopped abnormally while processing",
+                max_attempts=self.config.jobs.max_attempts,
+            )
+        workers = [
+            EngineWorker(
+                device,
+                i,
+                self.store,
+                config=self.config,
+                stop=self.stop_event,
+                wake=self.worker_wake,
+                on_done=self.scheduler_wake.set,
+            )
+            for i, device in enumerate(self.config.workers)
+        ]
+        try:
+            for worker in workers:
+                worker.start_engine()
+        except BaseException:
+            for worker in workers:
+                worker.engine.close()
+            self.store.close()
+            raise
         self.server = start_listener(self.config.listener, self.spool, self.store)
         self.threads.append(
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True)
         )
-        for i, device in enumerate(self.config.workers):
-            self.threads.append(
-                EngineWorker(
-                    device,
-                    i,
-                    self.store,
-                    config=self.config,
-                    engines=self.engines,
-                    stop=self.stop_event,
-                    wake=self.worker_wake,
-                    on_done=self.scheduler_wake.set,
-                )
-            )
+        self.threads.extend(workers)
         for dest in self.config.destinations:
             wake = self.export_wakes.setdefault(dest.name, threading.Event())
             self.threads.append(
@@ -154,11 +185,11 @@ class Node:
             self.scheduler_wake.clear()
 
     def schedule_once(self, now: float) -> None:
-        for ready in ready_series(self.store.receiving_series(), now, self.config.assembly):
+        receiving = self.store.receiving_series()
+        for ready in ready_series(receiving, now, self.config.assembly, self.started_at):
             self._route(ready.series, ready.why, now)
         self._run_forward_jobs()
-        for job, state in self.store.settle_exporting_jobs():
-            self._canonical_line(job, state)
+        self.store.settle_exporting_jobs()
         if now - self._last_purge > 60:
             self._last_purge = now
             self._purge(now)
@@ -227,13 +258,13 @@ class Node:
         while (job := self.store.claim_job("scheduler", (JobKind.FORWARD,))) is not None:
             state = forward_job(job, self.store)
             log.info("job.forwarding", job=job.id, series_uid=job.series_uid, state=state.value)
-            if state is JobState.DONE:
-                self._canonical_line(job, state)
             for w in self.export_wakes.values():
                 w.set()
 
-    def _canonical_line(self, job: JobRow, state: JobState) -> None:
-        """One line per series at the end: slices, kernels, timings, status."""
+    def _canonical_line(self, event: JobFinished) -> None:
+        """One line per series at the end (the store calls this once for every job that becomes
+        done or failed): slices, kernels, timings, status."""
+        job, state = event.job, event.state
         outcome = self.store.job_outcome(job.id)
         summary = outcome["summary"]
         series = self.store.series(job.series_uid)

@@ -1,17 +1,34 @@
 """The spool: received instances on disk, durable before the node answers Success.
 
 Layout: <spool>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm, both names validated UIDs. A file is
-written to a temporary name in the same directory, flushed and fsynced, renamed into place, and
-the directory is fsynced, so after Success the instance survives a power cut.
+written to a temporary name unique to the writing thread, flushed and fsynced, then *linked* to
+its final name and the directory fsynced, so after Success the instance survives a power cut.
+
+First writer wins: `os.link` fails when the final name exists, so a second copy of the same SOP
+Instance (a resend, or the same instance arriving on several associations at once) never replaces
+or rewrites a file that is already there; the duplicate's temporary file is removed and the
+existing copy, complete and fsynced by its writer, is kept. A final name therefore only ever holds
+a complete file.
+
+Files that no database record points to (the node stopped between the link and the database
+commit, so the sender never got Success) are orphans; `sweep` removes them and stray temporary
+files at start-up, before the listener accepts anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.uids import is_valid_uid
+
+TEMPORARY_SUFFIX = ".tmp"
 
 
 class SpoolError(OSError):
@@ -26,10 +43,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(target: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `target` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+def _temporary_name(target: Path) -> Path:
+    """A name no other writer (thread or process) uses, hidden, in the target's directory."""
+    return target.with_name(
+        f".{target.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
+    )
+
+
+def _write_temporary(target: Path, data: bytes | memoryview) -> Path:
+    tmp = _temporary_name(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         view = memoryview(data)
         while view:
@@ -41,12 +64,33 @@ def write_durably(target: Path, data: bytes | memoryview) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    return tmp
+
+
+def write_first(target: Path, data: bytes | memoryview) -> bool:
+    """Write `data` to `target` durably unless `target` exists (first writer wins).
+
+    Returns True when this call created the file, False when it was already there (the existing
+    file is complete: it was fsynced before it got its name). Either way the directory entry is
+    fsynced before returning.
+    """
+    tmp = _write_temporary(target, data)
     try:
-        tmp.replace(target)
-    except BaseException:
+        os.link(tmp, target)
+        created = True
+    except FileExistsError:
+        created = False
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     fsync_dir(target.parent)
+    return created
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    orphans: int  # complete files no record points to
+    temporaries: int  # partial files of interrupted writes
+    bytes_freed: int
 
 
 class Spool:
@@ -63,8 +107,11 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def store(self, series_uid: str, sop_uid: str, data: bytes | memoryview) -> Path:
-        """Store one encoded instance durably; raises SpoolError if it cannot."""
+    def store(self, series_uid: str, sop_uid: str, data: bytes | memoryview) -> tuple[Path, bool]:
+        """Store one encoded instance durably; raises SpoolError if it cannot.
+
+        Returns the path and whether this call created it (False: a copy was already there).
+        """
         target = self.path_for(series_uid, sop_uid)
         try:
             if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
@@ -74,13 +121,45 @@ class Spool:
             if not target.parent.is_dir():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fsync_dir(self.root)
-            write_durably(target, data)
+            created = write_first(target, data)
         except SpoolError:
             raise
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool: {exc.strerror or exc}") from exc
-        return target
+        return target, created
+
+    def discard(self, path: Path) -> None:
+        """Remove a spooled file that no record will point to (a refused instance)."""
+        with contextlib.suppress(OSError):  # if it stays, the start-up sweep removes it
+            path.unlink(missing_ok=True)
 
     def remove_series(self, series_uid: str) -> None:
         if is_valid_uid(series_uid):
             shutil.rmtree(self.root / series_uid, ignore_errors=True)
+
+    def sweep(self, recorded: Iterable[str]) -> SweepResult:
+        """Remove temporary files and files no record points to; then empty series folders.
+
+        Call only while nothing writes to the spool (at start-up, before the listener runs).
+        """
+        keep = {str(Path(p)) for p in recorded}
+        orphans = temporaries = freed = 0
+        for series_dir in self.root.iterdir():
+            if not series_dir.is_dir():
+                continue
+            for entry in series_dir.iterdir():
+                if str(entry) in keep:
+                    continue
+                try:
+                    size = entry.stat().st_size
+                    entry.unlink()
+                except OSError:
+                    continue
+                freed += size
+                if entry.name.endswith(TEMPORARY_SUFFIX):
+                    temporaries += 1
+                else:
+                    orphans += 1
+            with contextlib.suppress(OSError):
+                series_dir.rmdir()  # only when empty
+        return SweepResult(orphans, temporaries, freed)

@@ -15,3 +15,6 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
 CANNOT_UNDERSTAND: Final = 0xC210
 CANNOT_UNDERSTAND_INVALID_UID: Final = 0xC211
 CANNOT_UNDERSTAND_UID_MISMATCH: Final = 0xC212
+#: Refused: the dataset exceeds a reception limit ([listener.limits]: inflated size, sequence
+#: nesting, element count). Resending the same instance gets the same answer.
+CANNOT_UNDERSTAND_LIMIT_EXCEEDED: Final = 0xC213

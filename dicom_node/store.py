@@ -5,24 +5,44 @@ the acknowledgement, so a restart resumes everything: a series still receiving k
 clock, a queued or interrupted job is processed (again), an export sends only what is unsent.
 
 Job states: queued -> processing -> exporting -> done | failed (superseded when a late instance
-reopens a series before its job started). Series states: receiving -> complete | discarded.
+reopens a series before its job started). A processing job goes back to queued when the node stops
+cleanly (`release_job`), when it must wait for disk space (`defer_job`, with a time before which
+it is not claimed), or when its engine process died (`record_crash`); a job whose engine process
+died, or that was interrupted by a crash of the node, `max_attempts` times ends failed.
+Series states: receiving -> complete | discarded.
 Export states: pending -> sent | dead (dead letter after the destination's max_attempts).
+
+Job completion has one owner: every transition to done or failed goes through `_finish`, inside
+the transaction that makes it, and the store's `on_job_finished` listener is called once per
+finished job after the commit (the node logs its canonical `series.done` / `series.failed` line
+there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: Statements that bring a database of schema N to N + 1 (run in order, in one transaction).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN not_before REAL",
+        "ALTER TABLE jobs ADD COLUMN waiting TEXT",
+    ),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +86,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at        REAL,
     worker             TEXT,
     process_attempts   INTEGER NOT NULL DEFAULT 0,
+    crashes            INTEGER NOT NULL DEFAULT 0,
+    not_before         REAL,
+    waiting            TEXT,
     derived_series_uid TEXT,
     n_out              INTEGER,
     summary_json       TEXT,
@@ -160,6 +183,19 @@ class JobRow:
     started_at: float | None
     process_attempts: int
     error: str | None
+    crashes: int = 0
+    waiting: str | None = None
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """A job reached a terminal state (done or failed): what the canonical line reports."""
+
+    job: JobRow  # the row after the transition
+    state: JobState
+
+
+JobFinishedListener = Callable[[JobFinished], None]
 
 
 @dataclass(frozen=True)
@@ -186,10 +222,12 @@ class JobStore:
     avoids a connection per short-lived association thread.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_job_finished: JobFinishedListener | None = None) -> None:
         self.path = path
+        self.on_job_finished = on_job_finished
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._finished_in_tx: list[JobFinished] = []
         self._conn = sqlite3.connect(
             str(path), timeout=30.0, check_same_thread=False, isolation_level=None
         )
@@ -197,17 +235,43 @@ class JobStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.executescript(_SCHEMA)
-        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self._conn.execute(
-                "INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
+        self._create_or_migrate()
+
+    def _create_or_migrate(self) -> None:
+        with self._lock:
+            has_meta = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
+            row = (
+                self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if has_meta
+                else None
             )
-        elif int(row["value"]) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{path}: database schema {row['value']} is not the schema {SCHEMA_VERSION} "
-                "this version of ltdiff-node uses"
-            )
+            if row is None:
+                self._conn.executescript(_SCHEMA)
+                self._conn.execute(
+                    "INSERT INTO meta(key, value) VALUES('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                return
+            version = int(row["value"])
+            if version > SCHEMA_VERSION or (
+                version < SCHEMA_VERSION
+                and any(v not in _MIGRATIONS for v in range(version, SCHEMA_VERSION))
+            ):
+                raise RuntimeError(
+                    f"{self.path}: database schema {version} is not the schema {SCHEMA_VERSION} "
+                    "this version of ltdiff-node uses, and cannot be migrated to it"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            with self._tx() as c:
+                for v in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[v]:
+                        c.execute(statement)
+                c.execute(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -215,14 +279,38 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; finished jobs are announced after it commits."""
         with self._lock:
+            self._finished_in_tx = []
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._finished_in_tx = []
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            finished, self._finished_in_tx = self._finished_in_tx, []
+        if self.on_job_finished is not None:
+            for event in finished:
+                try:
+                    self.on_job_finished(event)
+                except Exception:  # a listener's failure must not undo a committed transition
+                    logging.getLogger(__name__).exception("store.listener_failed")
+
+    def _finish(
+        self, c: sqlite3.Connection, job_id: int, state: JobState, error: str | None, now: float
+    ) -> None:
+        """The one transition to a terminal state (done or failed)."""
+        c.execute(
+            "UPDATE jobs SET state=?, error=?, updated_at=?, finished_at=?, not_before=NULL, "
+            "waiting=NULL WHERE id=?",
+            (state.value, None if error is None else error[:2000], now, now, job_id),
+        )
+        row = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        self._finished_in_tx.append(JobFinished(_job(row), state))
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -311,6 +399,10 @@ class JobStore:
         rows = self._query("SELECT * FROM series WHERE series_uid=?", (series_uid,))
         return _series(rows[0]) if rows else None
 
+    def instance_paths(self) -> list[str]:
+        """Every spooled file a record points to (for the start-up sweep)."""
+        return [str(r["path"]) for r in self._query("SELECT path FROM instances")]
+
     def instances(self, series_uid: str) -> list[tuple[str, str, Path]]:
         rows = self._query(
             "SELECT sop_uid, sop_class_uid, path FROM instances WHERE series_uid=? "
@@ -376,14 +468,15 @@ class JobStore:
         marks = ",".join("?" for _ in kinds)
         with self._tx() as c:
             row = c.execute(
-                f"SELECT * FROM jobs WHERE state=? AND kind IN ({marks}) ORDER BY id LIMIT 1",
-                (JobState.QUEUED.value, *[k.value for k in kinds]),
+                f"SELECT * FROM jobs WHERE state=? AND kind IN ({marks}) "
+                "AND (not_before IS NULL OR not_before<=?) ORDER BY id LIMIT 1",
+                (JobState.QUEUED.value, *[k.value for k in kinds], now),
             ).fetchone()
             if row is None:
                 return None
             c.execute(
                 "UPDATE jobs SET state=?, worker=?, started_at=?, updated_at=?, "
-                "process_attempts=process_attempts+1 WHERE id=?",
+                "process_attempts=process_attempts+1, not_before=NULL, waiting=NULL WHERE id=?",
                 (JobState.PROCESSING.value, worker, now, now, row["id"]),
             )
             row = c.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
@@ -418,35 +511,98 @@ class JobStore:
                 )
             c.execute(
                 "UPDATE jobs SET state=?, updated_at=?, derived_series_uid=?, n_out=?, "
-                "summary_json=?, error=NULL, finished_at=? WHERE id=?",
+                "summary_json=?, error=NULL WHERE id=?",
                 (
-                    state.value,
+                    JobState.EXPORTING.value,
                     now,
                     derived_series_uid,
                     len(outputs),
                     json.dumps(dict(summary), sort_keys=True),
-                    now if state is JobState.DONE else None,
                     job_id,
                 ),
             )
+            if state is JobState.DONE:
+                self._finish(c, job_id, JobState.DONE, None, now)
         return state
 
     def fail_job(self, job_id: int, error: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as c:
+            self._finish(c, job_id, JobState.FAILED, error, now)
+
+    def _count_crash(
+        self, c: sqlite3.Connection, job_id: int, reason: str, max_attempts: int, now: float
+    ) -> JobState:
+        row = c.execute("SELECT crashes FROM jobs WHERE id=?", (job_id,)).fetchone()
+        crashes = int(row["crashes"]) + 1
+        c.execute("UPDATE jobs SET crashes=? WHERE id=?", (crashes, job_id))
+        if crashes >= max_attempts:
+            self._finish(
+                c,
+                job_id,
+                JobState.FAILED,
+                f"{reason}; given up after {crashes} attempt(s) "
+                "(jobs.max_attempts): `ltdiff-node retry` runs it again",
+                now,
+            )
+            return JobState.FAILED
+        c.execute(
+            "UPDATE jobs SET state=?, worker=NULL, updated_at=?, error=? WHERE id=?",
+            (JobState.QUEUED.value, now, f"{reason} (attempt {crashes} of {max_attempts})", job_id),
+        )
+        return JobState.QUEUED
+
+    def record_crash(
+        self, job_id: int, reason: str, *, max_attempts: int, now: float | None = None
+    ) -> JobState:
+        """The job's engine process died (killed for memory, timed out, crashed): queue the job
+        again, or fail it once it has taken its engine down `max_attempts` times."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            return self._count_crash(c, job_id, reason, max_attempts, now)
+
+    def requeue_interrupted(
+        self, max_attempts: int, now: float | None = None
+    ) -> dict[int, JobState]:
+        """At start-up: jobs still `processing` were interrupted by a crash or kill of the node.
+        Each counts as an attempt: queued again, or failed after `max_attempts`, so that a job
+        that takes the whole node down cannot do so on every restart. Returns job id -> state."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            ids = [
+                int(r["id"])
+                for r in c.execute(
+                    "SELECT id FROM jobs WHERE state=? ORDER BY id", (JobState.PROCESSING.value,)
+                ).fetchall()
+            ]
+            return {
+                job_id: self._count_crash(
+                    c, job_id, "the node stopped abnormally while processing", max_attempts, now
+                )
+                for job_id in ids
+            }
+
+    def release_job(self, job_id: int, now: float | None = None) -> None:
+        """A clean stop interrupted the job: queue it again without counting an attempt."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
             c.execute(
-                "UPDATE jobs SET state=?, error=?, updated_at=?, finished_at=? WHERE id=?",
-                (JobState.FAILED.value, error[:2000], now, now, job_id),
+                "UPDATE jobs SET state=?, worker=NULL, updated_at=? WHERE id=? AND state=?",
+                (JobState.QUEUED.value, now, job_id, JobState.PROCESSING.value),
             )
 
-    def requeue_interrupted(self) -> int:
-        """At start-up: jobs that were processing when the node stopped are queued again."""
+    def defer_job(
+        self, job_id: int, reason: str, not_before: float, now: float | None = None
+    ) -> None:
+        """The job cannot run now (the disk is full): queue it again, not claimed before
+        `not_before`, with the reason shown by `status`."""
+        now = time.time() if now is None else now
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE jobs SET state=?, worker=NULL WHERE state=?",
-                (JobState.QUEUED.value, JobState.PROCESSING.value),
+            c.execute(
+                "UPDATE jobs SET state=?, worker=NULL, updated_at=?, not_before=?, waiting=? "
+                "WHERE id=?",
+                (JobState.QUEUED.value, now, not_before, reason[:500], job_id),
             )
-            return cur.rowcount
 
     def retry_job(self, job_id: int, now: float | None = None) -> str:
         """Operator retry: dead exports become pending again; a job failed in processing is
@@ -470,8 +626,8 @@ class JobStore:
                 return f"job {job_id}: {dead} dead-letter instance(s) queued for export again"
             if row["state"] == JobState.FAILED.value:
                 c.execute(
-                    "UPDATE jobs SET state=?, error=NULL, updated_at=?, finished_at=NULL "
-                    "WHERE id=?",
+                    "UPDATE jobs SET state=?, error=NULL, updated_at=?, finished_at=NULL, "
+                    "crashes=0, not_before=NULL, waiting=NULL WHERE id=?",
                     (JobState.QUEUED.value, now, job_id),
                 )
                 return f"job {job_id}: queued for processing again"
@@ -537,10 +693,10 @@ class JobStore:
                     )
         return dead
 
-    def settle_exporting_jobs(self, now: float | None = None) -> list[tuple[JobRow, JobState]]:
+    def settle_exporting_jobs(self, now: float | None = None) -> list[tuple[int, JobState]]:
         """Jobs whose exports are all settled become done (all sent) or failed (dead letters)."""
         now = time.time() if now is None else now
-        settled: list[tuple[JobRow, JobState]] = []
+        settled: list[tuple[int, JobState]] = []
         with self._tx() as c:
             rows = c.execute(
                 "SELECT j.*, "
@@ -557,11 +713,8 @@ class JobStore:
                     if r["dead"]
                     else None
                 )
-                c.execute(
-                    "UPDATE jobs SET state=?, error=?, updated_at=?, finished_at=? WHERE id=?",
-                    (new.value, err, now, now, r["id"]),
-                )
-                settled.append((_job(r), new))
+                self._finish(c, int(r["id"]), new, err, now)
+                settled.append((int(r["id"]), new))
         return settled
 
     # ---- retention -------------------------------------------------------------------------
@@ -657,12 +810,21 @@ class JobStore:
                 "FROM exports WHERE state='dead' GROUP BY job_id, destination"
             )
         ]
+        waiting = [
+            dict(r)
+            for r in self._query(
+                "SELECT id AS job_id, waiting AS reason, not_before AS next_attempt "
+                "FROM jobs WHERE state=? AND waiting IS NOT NULL ORDER BY id",
+                (JobState.QUEUED.value,),
+            )
+        ]
         recent = [
             dict(r)
             for r in self._query(
                 "SELECT j.id, j.kind, j.state, j.rule, j.engine, j.series_uid, j.revision, "
                 "j.derived_series_uid, j.n_out, j.created_at, j.finished_at, j.error, "
-                "s.n_instances FROM jobs j JOIN series s USING(series_uid) "
+                "j.process_attempts, j.crashes, s.n_instances "
+                "FROM jobs j JOIN series s USING(series_uid) "
                 "ORDER BY j.id DESC LIMIT ?",
                 (limit,),
             )
@@ -673,6 +835,7 @@ class JobStore:
             "exports": exports,
             "retrying": retrying,
             "dead_letters": dead,
+            "waiting": waiting,
             "recent_jobs": recent,
         }
 
@@ -706,4 +869,6 @@ def _job(r: sqlite3.Row) -> JobRow:
         started_at=r["started_at"],
         process_attempts=r["process_attempts"],
         error=r["error"],
+        crashes=r["crashes"],
+        waiting=r["waiting"],
     )

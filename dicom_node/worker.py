@@ -1,132 +1,72 @@
 """Engine workers: one thread per configured device drains the persistent job queue.
 
-Association threads only spool; decoding, inference and encoding happen here, so a slow engine
-never stalls reception. Work on one device is serialized (one worker per device). A job that
-fails on bad input is marked failed with a reason an operator can read; `ltdiff-node retry JOB`
-queues it again.
+Association threads only spool; decoding, inference and encoding happen in the worker's engine
+process (dicom_node/engine_host.py), so a slow or runaway engine never stalls reception and cannot
+take the node down. Work on one device is serialized (one worker per device).
+
+What a worker does with each outcome:
+- the derived series is written: its exports are queued (or the job is done);
+- the series cannot be standardized: the job fails with a reason an operator can read
+  (`ltdiff-node retry JOB` queues it again);
+- the disk is full: the job waits `jobs.disk_full_retry_s` and retries by itself (`status` shows
+  it waiting); while free space is below `listener.min_free_disk_mb` no job is started;
+- the engine process died or was killed (memory, time): the job is queued again, and fails after
+  `jobs.max_attempts` such crashes;
+- the node stops: the engine process is stopped and the job released for the next start.
+A database that cannot be written (disk full) is waited for, logged once when it starts and once
+when it ends, not once per poll.
 """
 
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from dicom_node.config import NodeConfig
+from dicom_node.engine_host import (
+    EngineCrash,
+    EngineFailure,
+    EngineInterrupted,
+    EngineJob,
+    EngineOutcome,
+    EngineProcess,
+    EngineResult,
+    FailureKind,
+)
 from dicom_node.logs import get_logger
 from dicom_node.store import JobKind, JobRow, JobState, JobStore
-from engine.derived import DerivedSeriesOptions
-from engine.interface import Engine
-from engine.pipeline import standardize_series, write_series
-from engine.registry import load_engine
+from engine.interface import EngineError
 
 log = get_logger("dicom_node.worker")
 
-
-def derived_options(config: NodeConfig) -> DerivedSeriesOptions:
-    return DerivedSeriesOptions(
-        series_description_prefix=config.derived.series_description_prefix,
-        series_number_offset=config.derived.series_number_offset,
-    )
+T = TypeVar("T")
+_ENGINE_RESTART_BACKOFF_S = 30.0
+_DB_RETRY_S = 5.0
 
 
-class EngineCache:
-    """Engines are loaded once per (engine name, device) and reused across jobs."""
+class _Condition:
+    """A condition that is logged once when it starts and once when it ends."""
 
-    def __init__(self, config: NodeConfig) -> None:
-        self.config = config
-        self._engines: dict[tuple[str, str], Engine] = {}
-        self._lock = threading.Lock()
+    def __init__(self, worker: str, start_event: str, end_event: str) -> None:
+        self.worker = worker
+        self.start_event = start_event
+        self.end_event = end_event
+        self.active = False
 
-    def preload(self) -> None:
-        """Load every engine a route uses on every worker device, so that a missing or
-        incompatible weights file stops start-up (EngineError) instead of failing the first
-        series."""
-        used = {route.engine for route in self.config.routes}
-        for name in sorted(used):
-            for device in self.config.workers:
-                self.get(name, device)
+    def set(self, **fields: object) -> None:
+        if not self.active:
+            self.active = True
+            log.warning(self.start_event, worker=self.worker, **fields)
 
-    def get(self, name: str, device: str) -> Engine:
-        with self._lock:
-            key = (name, device)
-            if key not in self._engines:
-                ec = self.config.engine(name)
-                self._engines[key] = load_engine(ec.kind, ec.weights, device, ec.options)
-                log.info(
-                    "engine.loaded",
-                    engine=name,
-                    kind=ec.kind,
-                    device=device,
-                    identity=self._engines[key].identity.short,
-                )
-            return self._engines[key]
-
-
-def process_job(
-    job: JobRow, store: JobStore, config: NodeConfig, engines: EngineCache, device: str
-) -> JobState:
-    """Run one standardize job end to end (up to queuing its exports). Never raises."""
-    t0 = time.monotonic()
-    out_dir = config.outbox_dir / str(job.id)
-    try:
-        paths = [path for _, _, path in store.instances(job.series_uid)]
-        if not paths:
-            raise ValueError("the series has no stored instances")
-        engine = engines.get(job.engine or "", device)
-        result = standardize_series(paths, engine, derived_options(config))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
-        written = write_series(result.datasets, out_dir)
-        outputs = [
-            (str(ds.SOPInstanceUID), str(ds.SOPClassUID), p)
-            for ds, p in zip(result.datasets, written, strict=True)
-        ]
-        summary: dict[str, Any] = {
-            "slices_in": len(paths),
-            "slices_out": len(outputs),
-            "engine": engine.identity.short,
-            "kernel_in": engine.identity.source_kernel,
-            "kernel_out": engine.identity.target_kernel,
-            "clipped_pixels": int(result.clipped_pixels),
-            "decode_ms": round(result.timings.decode_ms, 1),
-            "engine_ms": round(result.timings.engine_ms, 1),
-            "encode_ms": round(result.timings.encode_ms, 1),
-            "processing_ms": round((time.monotonic() - t0) * 1000, 1),
-            "device": device,
-            "notes": list(result.notes),
-        }
-        state = store.start_export(
-            job.id,
-            outputs,
-            job.destinations,
-            derived_series_uid=result.series_instance_uid,
-            summary=summary,
-        )
-        log.info(
-            "job.processed",
-            job=job.id,
-            series_uid=job.series_uid,
-            derived_series_uid=result.series_instance_uid,
-            state=state.value,
-            **summary,
-        )
-        return state
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        store.fail_job(job.id, reason)
-        log.error(
-            "job.failed",
-            job=job.id,
-            series_uid=job.series_uid,
-            reason=reason,
-            exc_info=not isinstance(exc, ValueError | RuntimeError),
-        )
-        return JobState.FAILED
+    def clear(self) -> None:
+        if self.active:
+            self.active = False
+            log.info(self.end_event, worker=self.worker)
 
 
 def forward_job(job: JobRow, store: JobStore) -> JobState:
@@ -149,7 +89,6 @@ class EngineWorker(threading.Thread):
         store: JobStore,
         *,
         config: NodeConfig,
-        engines: EngineCache,
         stop: threading.Event,
         wake: threading.Event,
         on_done: Callable[[], None],
@@ -158,32 +97,131 @@ class EngineWorker(threading.Thread):
         self.device = device
         self.store = store
         self.config = config
-        self.engines = engines
         self.stop_event = stop
         self.wake = wake
         self.on_done = on_done
+        self.engine = EngineProcess(config, device, self.name)
+        self._low_disk = _Condition(self.name, "worker.waiting_for_disk", "worker.disk_available")
+        self._db_down = _Condition(
+            self.name, "worker.database_unavailable", "worker.database_available"
+        )
+
+    def start_engine(self) -> None:
+        """Start the engine process and load its engines: EngineError stops the node's start."""
+        self.engine.start(self.stop_event)
 
     def run(self) -> None:
-        while not self.stop_event.is_set():
+        try:
+            while not self.stop_event.is_set():
+                if not self._enough_disk():
+                    self._idle(self.config.assembly.poll_interval_s * 10)
+                    continue
+                job = self._db(lambda: self.store.claim_job(self.name, (JobKind.STANDARDIZE,)))
+                if job is None:
+                    self._idle(self.config.assembly.poll_interval_s)
+                    continue
+                log.info(
+                    "job.started",
+                    job=job.id,
+                    series_uid=job.series_uid,
+                    worker=self.name,
+                    engine=job.engine,
+                    attempt=job.process_attempts,
+                )
+                self._process(job)
+                self.on_done()
+        finally:
+            self.engine.close()
+
+    def _idle(self, seconds: float) -> None:
+        self.wake.wait(seconds)
+        self.wake.clear()
+
+    def _enough_disk(self) -> bool:
+        minimum = self.config.listener.min_free_disk_mb << 20
+        if not minimum:
+            return True
+        try:
+            free = shutil.disk_usage(self.config.state_dir).free
+        except OSError:
+            return True  # the write itself will tell
+        if free < minimum:
+            self._low_disk.set(free_mb=free >> 20, min_free_disk_mb=minimum >> 20)
+            return False
+        self._low_disk.clear()
+        return True
+
+    def _db(self, action: Callable[[], T]) -> T | None:
+        """Run a database action; while the database cannot be written (disk full, I/O error),
+        wait and try again until it works or the node stops (then None)."""
+        while True:
             try:
-                job = self.store.claim_job(self.name, (JobKind.STANDARDIZE,))
-            except Exception:
-                log.exception("worker.claim_failed", worker=self.name)
-                job = None
-            if job is None:
-                self.wake.wait(self.config.assembly.poll_interval_s)
-                self.wake.clear()
+                value = action()
+            except sqlite3.Error as exc:
+                self._db_down.set(error=str(exc))
+                if self.stop_event.wait(_DB_RETRY_S):
+                    return None
                 continue
-            log.info(
-                "job.started",
-                job=job.id,
-                series_uid=job.series_uid,
-                worker=self.name,
-                engine=job.engine,
-                attempt=job.process_attempts,
+            self._db_down.clear()
+            return value
+
+    def _process(self, job: JobRow) -> None:
+        out_dir = self.config.outbox_dir / str(job.id)
+        paths = tuple(str(path) for _, _, path in self.store.instances(job.series_uid))
+        request = EngineJob(job.id, job.engine or "", paths, str(out_dir))
+        try:
+            outcome: EngineOutcome = self.engine.run(request, self.stop_event)
+        except EngineError as exc:
+            log.error("worker.engine_unavailable", worker=self.name, job=job.id, reason=str(exc))
+            self._db(lambda: self.store.release_job(job.id))
+            self.stop_event.wait(_ENGINE_RESTART_BACKOFF_S)
+            return
+        self._settle(job, outcome)
+
+    def _settle(self, job: JobRow, outcome: EngineOutcome) -> None:
+        context = {"job": job.id, "series_uid": job.series_uid, "worker": self.name}
+        if isinstance(outcome, EngineResult):
+            outputs = [(sop, cls, Path(p)) for sop, cls, p in outcome.outputs]
+            state = self._db(
+                lambda: self.store.start_export(
+                    job.id,
+                    outputs,
+                    job.destinations,
+                    derived_series_uid=outcome.derived_series_uid,
+                    summary=outcome.summary,
+                )
             )
-            process_job(job, self.store, self.config, self.engines, self.device)
-            self.on_done()
+            log.info(
+                "job.processed",
+                derived_series_uid=outcome.derived_series_uid,
+                state=None if state is None else state.value,
+                peak_rss_mb=self.engine.peak_rss >> 20,
+                **context,
+                **outcome.summary,
+            )
+        elif isinstance(outcome, EngineFailure) and outcome.kind is FailureKind.DISK_FULL:
+            retry_s = self.config.jobs.disk_full_retry_s
+            self._db(lambda: self.store.defer_job(job.id, outcome.reason, time.time() + retry_s))
+            log.warning("job.waiting_for_disk", reason=outcome.reason, retry_s=retry_s, **context)
+        elif isinstance(outcome, EngineFailure):
+            self._db(lambda: self.store.fail_job(job.id, outcome.reason))
+            log.error("job.failed", reason=outcome.reason, **context)
+        elif isinstance(outcome, EngineCrash):
+            state = self._db(
+                lambda: self.store.record_crash(
+                    job.id, outcome.reason, max_attempts=self.config.jobs.max_attempts
+                )
+            )
+            log.error(
+                "job.crashed",
+                reason=outcome.reason,
+                state=None if state is None else state.value,
+                max_attempts=self.config.jobs.max_attempts,
+                **context,
+            )
+        elif isinstance(outcome, EngineInterrupted):
+            self._db(lambda: self.store.release_job(job.id))
+            log.info("job.interrupted", reason="the node is stopping", **context)
 
 
 def remove_outbox(outbox: Path, job_id: int) -> None:

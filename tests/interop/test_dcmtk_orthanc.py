@@ -169,7 +169,9 @@ def test_pacs_routes_series_to_node_and_receives_the_standardized_series(
         node.stop()
 
 
-def _write_site_config(path: Path, state: Path, port: int, orthanc: Orthanc) -> Path:
+def _write_site_config(
+    path: Path, state: Path, port: int, orthanc: Orthanc, stable_age_s: float = 1.0
+) -> Path:
     path.write_text(
         f"""
 [node]
@@ -181,7 +183,7 @@ bind_address = "127.0.0.1"
 port = {port}
 min_free_disk_mb = 0
 [assembly]
-stable_age_s = 1.0
+stable_age_s = {stable_age_s}
 poll_interval_s = 0.1
 [[destinations]]
 name = "pacs"
@@ -228,10 +230,19 @@ def _status_json(cfg: Path) -> dict[str, Any]:
 
 
 def test_node_killed_mid_series_loses_nothing(tmp_path, orthanc, storescu):
+    """The series completes by its expected count (ImagesInAcquisition) and never by idle time
+    (an hour), so the outcome does not depend on how fast a busy machine restarts the node and
+    the sender: one job with all 8 instances."""
     port = free_port()
-    cfg = _write_site_config(tmp_path / "site.toml", tmp_path / "state", port, orthanc)
+    cfg = _write_site_config(
+        tmp_path / "site.toml", tmp_path / "state", port, orthanc, stable_age_s=3600
+    )
     log = tmp_path / "node.log"
     series = write_series(tmp_path / "src", n_slices=8, size=96, uid_seed="killed")
+    for p in series:
+        ds = dcmread(p)
+        ds.ImagesInAcquisition = len(series)
+        ds.save_as(p)
     proc = _serve(cfg, log)
     assert _storescu(storescu, port, series[:4]).returncode == 0
     os.kill(proc.pid, signal.SIGKILL)  # power cut: no clean shutdown

@@ -26,3 +26,22 @@ def test_expected_count_completes_early():
 def test_expected_count_ignored_when_disabled():
     cfg = AssemblyConfig(stable_age_s=60, use_expected_counts=False)
     assert ready_series([_series(last=100, n=26, expected=26)], now=100.5, cfg=cfg) == []
+
+
+def test_a_series_interrupted_by_a_restart_gets_a_full_window_after_the_start():
+    """Defect 7: the idle clock ran from before a crash, so a series interrupted by a restart
+    longer than stable_age_s was closed half received at start-up."""
+    cfg = AssemblyConfig(stable_age_s=60)
+    half_received = _series(last=100, n=4)
+    started = 5000.0  # the node was down for more than an hour
+    assert ready_series([half_received], now=5059.9, cfg=cfg, clock_start=started) == []
+    (ready,) = ready_series([half_received], now=5060.0, cfg=cfg, clock_start=started)
+    assert ready.why == "stable"
+
+
+def test_the_expected_count_still_completes_at_once_after_a_restart():
+    cfg = AssemblyConfig(stable_age_s=60)
+    (ready,) = ready_series(
+        [_series(last=100, n=8, expected=8)], now=5000.5, cfg=cfg, clock_start=5000.0
+    )
+    assert ready.why == "expected-count"

@@ -1,6 +1,8 @@
 """The spool writes durably under validated UID names and refuses when it cannot."""
 
 import os
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +37,8 @@ def test_invalid_uids_never_reach_a_path(uid):
 
 def test_store_writes_file_atomically_under_series_folder(tmp_path):
     spool = Spool(tmp_path)
-    p = spool.store("1.2.3", "1.2.3.4", b"DICM-bytes")
+    p, created = spool.store("1.2.3", "1.2.3.4", b"DICM-bytes")
+    assert created
     assert p == tmp_path / "1.2.3" / "1.2.3.4.dcm"
     assert p.read_bytes() == b"DICM-bytes"
     assert [x.name for x in p.parent.iterdir()] == ["1.2.3.4.dcm"], "no temporary file left behind"
@@ -61,3 +64,55 @@ def test_minimum_free_space_refuses_before_writing(tmp_path):
     with pytest.raises(SpoolError, match="free disk space below"):
         spool.store("1.2.3", "1.2.3.4", b"x")
     assert not (tmp_path / "1.2.3" / "1.2.3.4.dcm").exists()
+
+
+def test_concurrent_writers_of_one_instance_all_succeed_and_the_first_copy_wins(tmp_path):
+    """Defect 6: threads shared one temporary name, so one of 4 concurrent copies failed with
+    'No such file or directory' (answered 0xA700)."""
+    spool = Spool(tmp_path)
+    barrier = threading.Barrier(8)
+    results: list[tuple[Path, bool]] = []
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        barrier.wait()
+        try:
+            results.append(spool.store("1.2.3", "1.2.3.4", f"copy {i}".encode() * 1000))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(created for _, created in results) == 1, "exactly one writer created the file"
+    (target,) = {p for p, _ in results}
+    content = target.read_bytes()
+    assert content.startswith(b"copy ") and len(set(content.split(b"copy ")[1:])) == 1, (
+        "the file is one writer's complete copy, never a mix"
+    )
+    assert [x.name for x in target.parent.iterdir()] == ["1.2.3.4.dcm"]
+
+
+def test_a_second_copy_never_rewrites_the_first(tmp_path):
+    spool = Spool(tmp_path)
+    p, created = spool.store("1.2.3", "1.2.3.4", b"first")
+    inode = p.stat().st_ino
+    p2, created2 = spool.store("1.2.3", "1.2.3.4", b"second")
+    assert (created, created2) == (True, False)
+    assert p2 == p and p.read_bytes() == b"first" and p.stat().st_ino == inode
+
+
+def test_sweep_removes_orphans_and_temporaries_and_keeps_recorded_files(tmp_path):
+    """Defect 9: files no record points to were never deleted."""
+    spool = Spool(tmp_path)
+    kept, _ = spool.store("1.2.3", "1.2.3.4", b"recorded")
+    orphan, _ = spool.store("1.2.3", "1.2.3.5", b"never acknowledged")
+    (tmp_path / "1.2.3" / ".1.2.3.6.dcm.1.2.abc.tmp").write_bytes(b"partial")
+    lonely, _ = spool.store("1.2.9", "1.2.9.1", b"orphan series")
+    result = spool.sweep([str(kept)])
+    assert (result.orphans, result.temporaries) == (2, 1)
+    assert kept.exists() and not orphan.exists() and not lonely.parent.exists()
+    assert [x.name for x in (tmp_path / "1.2.3").iterdir()] == ["1.2.3.4.dcm"]

@@ -76,7 +76,7 @@ def test_job_lifecycle_to_done(store):
     assert len(due) == 3
     store.mark_sent([r.id for r in due])
     ((settled, state),) = store.settle_exporting_jobs()
-    assert settled.id == job_id and state is JobState.DONE
+    assert settled == job_id and state is JobState.DONE
 
 
 def test_failed_exports_back_off_then_become_dead_letters_and_retry_revives_them(store):
@@ -124,9 +124,9 @@ def test_interrupted_processing_is_requeued_on_restart(tmp_path):
     s.claim_job("w", (JobKind.STANDARDIZE,))
     s.close()  # the node dies mid-job
     s2 = JobStore(tmp_path / "db.sqlite3")
-    assert s2.requeue_interrupted() == 1
+    assert s2.requeue_interrupted(max_attempts=3) == {job_id: JobState.QUEUED}
     job = s2.claim_job("w", (JobKind.STANDARDIZE,))
-    assert job.id == job_id and job.process_attempts == 2
+    assert job.id == job_id and job.process_attempts == 2 and job.crashes == 1
     s2.close()
 
 
@@ -175,3 +175,169 @@ def test_export_state_values_are_stable():
         "failed",
         "superseded",
     ]
+
+
+class _Finished:
+    """Collects the store's job-finished announcements."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, JobState]] = []
+
+    def __call__(self, event) -> None:
+        self.events.append((event.job.id, event.state))
+
+
+@pytest.fixture
+def watched(tmp_path):
+    finished = _Finished()
+    s = JobStore(tmp_path / "watched.sqlite3", on_job_finished=finished)
+    yield s, finished
+    s.close()
+
+
+def test_a_job_that_takes_its_engine_down_fails_after_max_attempts(watched):
+    """Defect 1: interrupted jobs were re-queued without a cap, so a poison series took the node
+    down again on every restart."""
+    store, finished = watched
+    store.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(store)
+    for attempt in (1, 2):
+        store.claim_job("w", (JobKind.STANDARDIZE,))
+        state = store.record_crash(job_id, "engine process killed: memory", max_attempts=3)
+        assert state is JobState.QUEUED, f"attempt {attempt} is retried"
+        assert f"attempt {attempt} of 3" in store.job(job_id).error
+    store.claim_job("w", (JobKind.STANDARDIZE,))
+    assert store.record_crash(job_id, "engine process killed: memory", max_attempts=3) is (
+        JobState.FAILED
+    )
+    job = store.job(job_id)
+    assert job.state is JobState.FAILED and job.crashes == 3
+    assert "memory" in job.error and "given up after 3" in job.error
+    assert finished.events == [(job_id, JobState.FAILED)], "one canonical announcement"
+    assert store.claim_job("w", (JobKind.STANDARDIZE,)) is None
+
+
+def test_crashes_of_the_node_count_at_start_up_and_stop_a_restart_loop(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    s = JobStore(path)
+    s.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(s)
+    s.close()
+    for restart in (1, 2):
+        s = JobStore(path)
+        assert s.claim_job("w", (JobKind.STANDARDIZE,)).id == job_id
+        s.close()  # the node dies while processing (kill -9, out of memory)
+        s = JobStore(path)
+        expected = JobState.QUEUED if restart == 1 else JobState.FAILED
+        assert s.requeue_interrupted(max_attempts=2) == {job_id: expected}
+        s.close()
+    s = JobStore(path)
+    assert s.job(job_id).state is JobState.FAILED
+    assert "stopped abnormally while processing" in s.job(job_id).error
+    assert "queued for processing again" in s.retry_job(job_id)
+    assert s.job(job_id).crashes == 0, "an operator retry resets the count"
+    s.close()
+
+
+def test_a_clean_stop_releases_the_job_without_counting_an_attempt(store):
+    store.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(store)
+    store.claim_job("w", (JobKind.STANDARDIZE,))
+    store.release_job(job_id)
+    job = store.job(job_id)
+    assert job.state is JobState.QUEUED and job.crashes == 0
+
+
+def test_a_job_waiting_for_disk_is_not_claimed_before_its_time_and_shows_why(store):
+    """Defect 8: a job that hit ENOSPC failed and needed a manual retry."""
+    store.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(store)
+    store.claim_job("w", (JobKind.STANDARDIZE,), now=300.0)
+    store.defer_job(job_id, "disk full writing the output", not_before=360.0, now=300.0)
+    assert store.claim_job("w", (JobKind.STANDARDIZE,), now=359.0) is None
+    (waiting,) = store.status_report()["waiting"]
+    assert waiting == {
+        "job_id": job_id,
+        "reason": "disk full writing the output",
+        "next_attempt": 360.0,
+    }
+    job = store.claim_job("w", (JobKind.STANDARDIZE,), now=360.0)
+    assert job.id == job_id and job.waiting is None
+    assert store.status_report()["waiting"] == []
+
+
+def test_every_terminal_transition_is_announced_once(watched):
+    """Defect 14: one owner of job completion; every done/failed is announced exactly once."""
+    store, finished = watched
+    ids = {}
+    for i, name in enumerate(("no-dest", "engine-fail", "exported", "dead")):
+        series = f"1.2.{10 + i}"
+        store.record_instance(_rec(f"{series}.1", series=series), now=100.0)
+        dests = () if name == "no-dest" else ("pacs",)
+        ids[name] = _complete(store, series=series, dests=dests)
+    outs = [("9.9.1", "1.2.840.10008.5.1.4.1.1.2", Path("/o/1.dcm"))]
+    for name in ("no-dest", "exported", "dead"):
+        store.claim_job("w", (JobKind.STANDARDIZE,))
+        dests = () if name == "no-dest" else ("pacs",)
+        store.start_export(ids[name], outs, dests, derived_series_uid="9.9", summary={})
+    store.fail_job(ids["engine-fail"], "SeriesError: no pixel data")
+    rows = {r.job_id: r for r in store.due_exports("pacs", now=1e12)}
+    exported = next(r for r in rows.values() if r.job_id == ids["exported"])
+    dead = next(r for r in rows.values() if r.job_id == ids["dead"])
+    store.mark_sent([exported.id])
+    store.mark_export_failed([dead], "refused", max_attempts=1, backoff=lambda a: 1, now=1.0)
+    store.settle_exporting_jobs()
+    store.settle_exporting_jobs()  # settling again announces nothing new
+    assert sorted(finished.events) == sorted(
+        [
+            (ids["no-dest"], JobState.DONE),
+            (ids["engine-fail"], JobState.FAILED),
+            (ids["exported"], JobState.DONE),
+            (ids["dead"], JobState.FAILED),
+        ]
+    )
+
+
+def test_a_failing_listener_does_not_undo_the_transition(tmp_path):
+    def broken(_event) -> None:
+        raise RuntimeError("listener bug")
+
+    s = JobStore(tmp_path / "db.sqlite3", on_job_finished=broken)
+    s.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(s)
+    s.fail_job(job_id, "x")
+    assert s.job(job_id).state is JobState.FAILED
+    s.close()
+
+
+def test_a_schema_1_database_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    s = JobStore(path)
+    s.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(s)
+    s.close()
+    con = sqlite3.connect(path)  # make it look like a database written by schema 1
+    con.executescript(
+        "ALTER TABLE jobs DROP COLUMN crashes; ALTER TABLE jobs DROP COLUMN not_before; "
+        "ALTER TABLE jobs DROP COLUMN waiting; UPDATE meta SET value='1';"
+    )
+    con.close()
+    s = JobStore(path)
+    job = s.claim_job("w", (JobKind.STANDARDIZE,))
+    assert job.id == job_id and job.crashes == 0
+    s.close()
+
+
+def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "new.sqlite3"
+    JobStore(path).close()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value='99'")
+    con.commit()
+    con.close()
+    with pytest.raises(RuntimeError, match=r"schema 99 .* cannot be migrated"):
+        JobStore(path)

@@ -1,0 +1,392 @@
+"""Engine work in a child process, so that no job can take the node down.
+
+Each engine worker (one per configured device) owns one long-lived child process, the *engine
+process*. The child loads the engines once and runs jobs one at a time: read and decode the
+series, run the engine, build the derived series, write it to the outbox. The parent (the
+worker thread in the node) sends a job over a pipe and waits for the answer, watching the child:
+
+- its resident memory (`jobs.memory_max_mb`): above the limit the child is killed;
+- its run time per job (`jobs.timeout_s`): past it the child is killed;
+- its life: a child that dies (killed by the kernel, a crash in native code) is noticed at once;
+- the node's stop: the child is stopped and the job is released for the next start.
+
+A job whose child had to be killed or died is an `EngineCrash`; the worker counts it and fails
+the job after `jobs.max_attempts` crashes (store.record_crash). The child is started again for
+the next job. Reception, the scheduler and the exporters never share memory with the engine.
+
+Children are forked from multiprocessing's fork server: a small single-threaded process started
+once, which imports the engine modules ahead of time, so a child starts in milliseconds, and
+forks no thread state of the node (pynetdicom's association threads, SQLite) into it. A child
+dies with the fork server, which dies with the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import NodeConfig
+from dicom_node.logs import configure_process, get_logger, safe_error_text
+from engine.derived import DerivedSeriesOptions
+from engine.interface import Engine, EngineError
+from engine.pipeline import standardize_series, write_series
+from engine.registry import LINEAR_FILTER_KIND, load_engine
+
+log = get_logger("dicom_node.engine_host")
+
+#: errno values that mean "no space left": the job waits for space instead of failing.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_POLL_S = 0.1
+_STOP_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def derived_options(config: NodeConfig) -> DerivedSeriesOptions:
+    return DerivedSeriesOptions(
+        series_description_prefix=config.derived.series_description_prefix,
+        series_number_offset=config.derived.series_number_offset,
+    )
+
+
+# ---- messages between the worker and its engine process ----------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    job_id: int
+    engine: str  # name of an [engines.NAME] table
+    paths: tuple[str, ...]
+    out_dir: str
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """The derived series is in the outbox."""
+
+    outputs: tuple[tuple[str, str, str], ...]  # (SOP Instance UID, SOP Class UID, path)
+    derived_series_uid: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class FailureKind(StrEnum):
+    INPUT = "input"  # the series cannot be standardized (bad input, engine refused): fail the job
+    DISK_FULL = "disk-full"  # no space to write the output: the job waits and retries
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    kind: FailureKind
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineCrash:
+    """The engine process died or was killed while running the job."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineInterrupted:
+    """The node is stopping; the job was not finished."""
+
+
+EngineOutcome = EngineResult | EngineFailure | EngineCrash | EngineInterrupted
+
+
+# ---- the child side ------------------------------------------------------------------------------
+
+
+class EngineCache:
+    """Engines are loaded once per (engine name, device) and reused across jobs."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._engines: dict[tuple[str, str], Engine] = {}
+        self._lock = threading.Lock()
+
+    def preload(self, device: str) -> None:
+        """Load every engine a route uses, so that a missing or incompatible weights file stops
+        start-up (EngineError) instead of failing the first series."""
+        for name in sorted({route.engine for route in self.config.routes}):
+            self.get(name, device)
+
+    def get(self, name: str, device: str) -> Engine:
+        with self._lock:
+            key = (name, device)
+            if key not in self._engines:
+                ec = self.config.engine(name)
+                self._engines[key] = load_engine(ec.kind, ec.weights, device, ec.options)
+                log.info(
+                    "engine.loaded",
+                    engine=name,
+                    kind=ec.kind,
+                    device=device,
+                    identity=self._engines[key].identity.short,
+                )
+            return self._engines[key]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc`, or an exception it was raised from, is "no space left on device".
+    pydicom re-raises write errors as a new OSError without errno (tag_in_exception), so the
+    chain is followed."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def run_job(
+    job: EngineJob, engines: EngineCache, config: NodeConfig, device: str
+) -> EngineResult | EngineFailure:
+    """Standardize one series into `job.out_dir`. Never raises for a job's own problems."""
+    t0 = time.monotonic()
+    out_dir = Path(job.out_dir)
+    try:
+        if not job.paths:
+            raise ValueError("the series has no stored instances")
+        engine = engines.get(job.engine, device)
+        result = standardize_series(job.paths, engine, derived_options(config))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        written = write_series(result.datasets, out_dir)
+    except Exception as exc:
+        if is_disk_full(exc):
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return EngineFailure(
+                FailureKind.DISK_FULL, f"disk full writing the output to {out_dir.parent}"
+            )
+        if not isinstance(exc, ValueError | RuntimeError):
+            log.error("job.engine_error", job=job.job_id, exc_info=True)
+        return EngineFailure(FailureKind.INPUT, safe_error_text(exc))
+    outputs = tuple(
+        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(p))
+        for ds, p in zip(result.datasets, written, strict=True)
+    )
+    summary: dict[str, Any] = {
+        "slices_in": len(job.paths),
+        "slices_out": len(outputs),
+        "engine": engine.identity.short,
+        "kernel_in": engine.identity.source_kernel,
+        "kernel_out": engine.identity.target_kernel,
+        "clipped_pixels": int(result.clipped_pixels),
+        "decode_ms": round(result.timings.decode_ms, 1),
+        "engine_ms": round(result.timings.engine_ms, 1),
+        "encode_ms": round(result.timings.encode_ms, 1),
+        "processing_ms": round((time.monotonic() - t0) * 1000, 1),
+        "device": device,
+        "notes": list(result.notes),
+    }
+    return EngineResult(outputs, result.series_instance_uid, summary)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (the fork server) exits."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
+    """The engine process: load the engines, then run jobs until told to stop."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    configure_process(config.log_format, config.log_level)
+    engines = EngineCache(config)
+    try:
+        engines.preload(device)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops start-up
+        conn.send(("failed", safe_error_text(exc)))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        conn.send(run_job(job, engines, config, device))
+
+
+# ---- the parent side -----------------------------------------------------------------------------
+
+_context_lock = threading.Lock()
+
+
+def _context(config: NodeConfig) -> multiprocessing.context.ForkServerContext:
+    """The fork-server context; the server preloads the engine modules (torch only when a learned
+    engine is configured). The preload list is fixed when the server first starts."""
+    ctx = multiprocessing.get_context("forkserver")
+    with _context_lock:
+        modules = ["dicom_node.engine_host"]
+        if any(e.kind != LINEAR_FILTER_KIND for e in config.engines):
+            modules += ["torch", "engine.ltdiff.engine"]
+        ctx.set_forkserver_preload(modules)
+    return ctx
+
+
+def resident_bytes(pid: int) -> int | None:
+    """Resident set size of a process (Linux /proc), None when it is gone."""
+    try:
+        with Path(f"/proc/{pid}/status").open() as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return 0
+
+
+class EngineProcess:
+    """One worker's engine process: started on demand, watched while it runs a job."""
+
+    def __init__(self, config: NodeConfig, device: str, name: str) -> None:
+        self.config = config
+        self.device = device
+        self.name = name
+        self._proc: Any = None  # multiprocessing.Process of the fork-server context
+        self._conn: Connection | None = None
+        self.peak_rss = 0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
+    def start(self, stop: threading.Event | None = None, timeout_s: float = 600.0) -> None:
+        """Start the child and wait until its engines are loaded. Raises EngineError when they
+        cannot be loaded (bad weights) or the child does not come up."""
+        self.close()
+        ctx = _context(self.config)
+        parent_conn, child_conn = ctx.Pipe()
+        proc = ctx.Process(
+            target=_child_main,
+            args=(child_conn, self.config, self.device),
+            name=f"ltdiff-engine-{self.name}",
+            daemon=True,
+        )
+        proc.start()
+        child_conn.close()
+        self._proc, self._conn = proc, parent_conn
+        deadline = time.monotonic() + timeout_s
+        while not parent_conn.poll(_POLL_S):
+            if not proc.is_alive():
+                self.close()
+                raise EngineError(f"the engine process exited at start (exit code {proc.exitcode})")
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                self.close()
+                raise EngineError("the engine process did not load its engines in time")
+        try:
+            kind, detail = parent_conn.recv()
+        except (EOFError, OSError) as exc:
+            self.close()
+            raise EngineError(f"the engine process exited at start ({exc})") from exc
+        if kind != "ready":
+            self.close()
+            raise EngineError(str(detail))
+        log.info("engine_process.started", worker=self.name, pid=proc.pid, device=self.device)
+
+    def run(self, job: EngineJob, stop: threading.Event) -> EngineOutcome:
+        """Run one job in the child; start the child first if needed (EngineError if it
+        cannot start)."""
+        if self._proc is None or not self._proc.is_alive():
+            self.start(stop)
+        proc, conn = self._proc, self._conn
+        if conn is None:
+            raise EngineError("the engine process has no connection")
+        limit = self.config.jobs.memory_max_mb << 20
+        deadline = time.monotonic() + self.config.jobs.timeout_s
+        self.peak_rss = 0
+        try:
+            conn.send(job)
+        except OSError:
+            return self._crashed(f"the engine process is gone (exit code {proc.exitcode})")
+        while True:
+            try:
+                if conn.poll(_POLL_S):
+                    outcome: EngineResult | EngineFailure = conn.recv()
+                    return outcome
+            except (EOFError, OSError):
+                proc.join(_STOP_GRACE_S)
+                return self._crashed(_exit_reason(proc.exitcode))
+            if not proc.is_alive():
+                return self._crashed(_exit_reason(proc.exitcode))
+            rss = resident_bytes(proc.pid) or 0
+            self.peak_rss = max(self.peak_rss, rss)
+            if limit and rss > limit:
+                self._kill()
+                return self._crashed(
+                    f"engine process killed: resident memory {rss >> 20} MB above "
+                    f"jobs.memory_max_mb = {limit >> 20}"
+                )
+            if time.monotonic() > deadline:
+                self._kill()
+                return self._crashed(
+                    f"engine process killed: the job ran longer than jobs.timeout_s = "
+                    f"{self.config.jobs.timeout_s:g} s"
+                )
+            if stop.is_set():
+                self._kill()
+                self._forget()
+                return EngineInterrupted()
+
+    def _crashed(self, reason: str) -> EngineCrash:
+        self._kill()
+        self._forget()
+        return EngineCrash(reason)
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is None or not proc.is_alive():
+            return
+        proc.terminate()
+        proc.join(_STOP_GRACE_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(_STOP_GRACE_S)
+
+    def _forget(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._proc, self._conn = None, None
+
+    def close(self) -> None:
+        """Stop the child: ask it to exit, then terminate it if it does not."""
+        proc, conn = self._proc, self._conn
+        if proc is None:
+            return
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        proc.join(1.0)
+        self._kill()
+        self._forget()
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"engine process died: {name}{hint}"
+    return f"engine process died: exit code {exitcode}"

@@ -1,0 +1,63 @@
+"""Hand-encoded DICOM datasets for tests that need what pydicom will not write: sequences nested
+hundreds of levels deep, lengths that lie, deflate bombs. Explicit VR Little Endian unless said
+otherwise (PS3.5 7.1.2); no file meta."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from io import BytesIO
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+UNDEFINED = 0xFFFFFFFF
+
+
+def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a defined length."""
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL"):
+        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def nested_sequence(depth: int, tag: tuple[int, int] = (0x0018, 0xA001)) -> bytes:
+    """`depth` levels of one sequence (default ContributingEquipmentSequence) inside its own item,
+    undefined lengths throughout, as a hostile sender would write it in a few KB."""
+    group, elem = tag
+    opening = struct.pack("<HH2sHL", group, elem, b"SQ", 0, UNDEFINED) + struct.pack(
+        "<HHL", 0xFFFE, 0xE000, UNDEFINED
+    )
+    closing = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return opening * depth + closing * depth
+
+
+def encode(ds: Dataset, *, implicit: bool = False, little: bool = True) -> bytes:
+    """A pydicom dataset encoded without file meta."""
+    buf = BytesIO()
+    ds_copy = ds.copy()
+    ds_copy.file_meta = Dataset()  # type: ignore[assignment]
+    dcmwrite(buf, ds_copy, implicit_vr=implicit, little_endian=little)
+    return buf.getvalue()
+
+
+def deflate(data: bytes) -> bytes:
+    """Raw deflate (no zlib header), as Deflated Explicit VR Little Endian uses (PS3.5 A.5)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def deflate_bomb(dataset: bytes, padding: int) -> bytes:
+    """An encoded dataset followed by `padding` zero bytes of Data Set Trailing Padding
+    (FFFC,FFFC), deflated: about 1 KB on the wire per MB inflated."""
+    head = struct.pack("<HH2sHL", 0xFFFC, 0xFFFC, b"OB", 0, padding)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [compressor.compress(dataset + head)]
+    chunk = bytes(1 << 20)
+    remaining = padding
+    while remaining:
+        n = min(remaining, len(chunk))
+        out.append(compressor.compress(chunk[:n]))
+        remaining -= n
+    out.append(compressor.flush())
+    return b"".join(out)

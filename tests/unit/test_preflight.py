@@ -1,0 +1,180 @@
+"""Reception limits (dicom_node/preflight.py): what is refused before pydicom parses a dataset."""
+
+from __future__ import annotations
+
+import struct
+import time
+from io import BytesIO
+
+import pytest
+from dicom_bytes import deflate, deflate_bomb, element, encode, nested_sequence
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.filereader import read_preamble
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from dicom_node.preflight import (
+    DatasetRejectedError,
+    ReceptionLimits,
+    inflate_capped,
+    read_header,
+    scan_structure,
+)
+from engine.synthetic import make_ct_series
+
+LIMITS = ReceptionLimits()
+
+
+def _dataset_bytes(path: str) -> tuple[bytes, str]:
+    """The encoded dataset of a Part 10 file (after its file meta) and its transfer syntax."""
+    raw = open(path, "rb").read()  # noqa: PTH123, SIM115 - a small test file
+    ds = dcmread(path, stop_before_pixels=True)
+    fp = BytesIO(raw)
+    read_preamble(fp, False)
+    # group 0002 is explicit VR LE; its group length says where the dataset starts
+    group_length = struct.unpack("<L", raw[fp.tell() + 8 : fp.tell() + 12])[0]
+    start = fp.tell() + 12 + group_length
+    return raw[start:], str(ds.file_meta.TransferSyntaxUID)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "image_dfl.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_rle.dcm",
+        "rtplan.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+    ],
+)
+def test_real_files_in_every_encoding_pass_and_decode(name):
+    data, syntax = _dataset_bytes(get_testdata_file(name))
+    header = read_header(data, syntax, LIMITS)
+    assert header.SOPInstanceUID == dcmread(get_testdata_file(name)).SOPInstanceUID
+    assert "PixelData" not in header, "the header stops before the pixel data"
+
+
+def test_synthetic_ct_in_implicit_and_big_endian_encodings_passes():
+    (ds,) = make_ct_series(1, 16, 16, "Br40d", uid_seed="preflight")
+    for implicit, little, syntax in (
+        (True, True, ImplicitVRLittleEndian),
+        (False, True, ExplicitVRLittleEndian),
+        (False, False, ExplicitVRBigEndian),
+    ):
+        data = encode(ds, implicit=implicit, little=little)
+        assert read_header(data, syntax, LIMITS).SeriesInstanceUID == ds.SeriesInstanceUID
+
+
+def test_sequences_nested_300_deep_are_refused_as_a_limit_quickly():
+    data = element(0x0008, 0x0060, b"CS", b"CT") + nested_sequence(300)
+    assert len(data) < 12_000, "the campaign's poison pill was a few KB on the wire"
+    started = time.perf_counter()
+    with pytest.raises(DatasetRejectedError, match="nested deeper than 16") as info:
+        read_header(data, ExplicitVRLittleEndian, LIMITS)
+    assert info.value.limit
+    assert time.perf_counter() - started < 1.0
+
+
+def test_nesting_up_to_the_limit_passes_and_one_more_is_refused():
+    limits = ReceptionLimits(max_sequence_depth=5)
+    assert (
+        scan_structure(
+            nested_sequence(5), implicit_vr=False, little_endian=True, limits=limits
+        ).max_depth
+        == 5
+    )
+    with pytest.raises(DatasetRejectedError):
+        scan_structure(nested_sequence(6), implicit_vr=False, little_endian=True, limits=limits)
+
+
+def test_implicit_vr_nesting_is_counted_too():
+    # implicit VR: undefined-length elements are sequences (PS3.5 7.5.1)
+    opening = struct.pack("<HHL", 0x0018, 0xA001, 0xFFFFFFFF) + struct.pack(
+        "<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF
+    )
+    closing = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    with pytest.raises(DatasetRejectedError, match="nested deeper"):
+        scan_structure(
+            opening * 40 + closing * 40, implicit_vr=True, little_endian=True, limits=LIMITS
+        )
+
+
+def test_element_count_limit():
+    data = b"".join(element(0x0009, 0x1000 + i % 0xFF, b"LO", b"ab") for i in range(500))
+    with pytest.raises(DatasetRejectedError, match="more than 100 data elements") as info:
+        scan_structure(
+            data,
+            implicit_vr=False,
+            little_endian=True,
+            limits=ReceptionLimits(max_elements=100),
+        )
+    assert info.value.limit
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (struct.pack("<HH2sH", 0x0008, 0x0016, b"UI", 720) + b"1.2.3\x00", "truncated value"),
+        (struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 4000) + b"\x00" * 16, "truncated"),
+        (
+            struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+            + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF),
+            "without its delimiter",
+        ),
+        (
+            struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 8) + struct.pack("<HHL", 8, 0x10, 0),
+            "where a sequence item was expected",
+        ),
+        (struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, 0xFFFFFFFF), "undefined length"),
+        (struct.pack("<HHL", 0xFFFE, 0xE00D, 0), "item delimiter outside"),
+    ],
+)
+def test_malformed_structure_is_refused_as_malformed_not_as_a_limit(data, why):
+    with pytest.raises(DatasetRejectedError, match=why) as info:
+        scan_structure(data, implicit_vr=False, little_endian=True, limits=LIMITS)
+    assert not info.value.limit
+
+
+def test_trailing_bytes_shorter_than_a_header_are_tolerated():
+    data = element(0x0008, 0x0060, b"CS", b"CT") + b"\x00\x00\x00"
+    assert scan_structure(data, implicit_vr=False, little_endian=True, limits=LIMITS).elements == 1
+
+
+def test_deflate_bomb_stops_at_the_cap_with_bounded_memory():
+    (ds,) = make_ct_series(1, 16, 16, "Br40d", uid_seed="bomb")
+    bomb = deflate_bomb(encode(ds), 256 << 20)
+    assert len(bomb) < 400_000, "a 256 MB bomb is a few hundred KB on the wire"
+    limits = ReceptionLimits(max_dataset_bytes=8 << 20)
+    with pytest.raises(DatasetRejectedError, match="inflates beyond the limit of 8 MB") as info:
+        read_header(bomb, DeflatedExplicitVRLittleEndian, limits)
+    assert info.value.limit
+
+
+def test_deflated_dataset_under_the_cap_decodes():
+    (ds,) = make_ct_series(1, 16, 16, "Br40d", uid_seed="deflated")
+    data = deflate(encode(ds))
+    assert read_header(data, DeflatedExplicitVRLittleEndian, LIMITS).SOPInstanceUID == (
+        ds.SOPInstanceUID
+    )
+    assert len(inflate_capped(data, 1 << 20)) == len(encode(ds))
+
+
+def test_corrupt_deflate_stream_is_malformed():
+    with pytest.raises(DatasetRejectedError, match="does not inflate") as info:
+        inflate_capped(b"\xff" * 64, 1 << 20)
+    assert not info.value.limit
+
+
+def test_an_uncompressed_dataset_over_the_size_limit_is_refused():
+    with pytest.raises(DatasetRejectedError, match="larger than the limit of 1 MB"):
+        read_header(
+            bytes(2 << 20), ExplicitVRLittleEndian, ReceptionLimits(max_dataset_bytes=1 << 20)
+        )
