@@ -149,6 +149,13 @@ class DestinationConfig:
     max_attempts: int = 10
     backoff_initial_s: float = 10.0
     backoff_max_s: float = 900.0
+    # Association negotiation, and the wait for the peer to close after a release or abort.
+    acse_timeout_s: float = 10.0
+    # Wait for the peer's answer to one C-STORE; past it the association is aborted and the
+    # instance counts a failed attempt (retried with backoff).
+    dimse_timeout_s: float = 30.0
+    # Idle connection (no PDU either way) before the association is given up.
+    network_timeout_s: float = 30.0
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -557,6 +564,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             max_attempts=t.integer("max_attempts", 10, 1, 1000),
             backoff_initial_s=t.number("backoff_initial_s", 10.0, 0.01, 86400.0),
             backoff_max_s=t.number("backoff_max_s", 900.0, 0.01, 7 * 86400.0),
+            acse_timeout_s=t.number("acse_timeout_s", 10.0, 1.0, 600.0),
+            dimse_timeout_s=t.number("dimse_timeout_s", 30.0, 1.0, 3600.0),
+            network_timeout_s=t.number("network_timeout_s", 30.0, 1.0, 3600.0),
             tls=_tls(t.table("tls"), base_dir, server_side=False),
         )
         if not dest.host:

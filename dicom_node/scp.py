@@ -43,7 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from dicom_node import statuses
+from dicom_node import dimse_guard, statuses
 from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
 from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage
 from dicom_node.logs import get_logger, safe_error_text
@@ -362,6 +362,7 @@ def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> Admiss
         (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
         (evt.EVT_C_STORE, StoreHandler(spool, store, cfg.limits)),
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, dimse_guard.install),  # answer or abort malformed requests
         (evt.EVT_REJECTED, _log_rejected),
     ]
     ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None

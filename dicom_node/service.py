@@ -153,8 +153,17 @@ class Node:
         self.worker_wake.set()
         for w in self.export_wakes.values():
             w.set()
+        # An exporter finishes the C-STORE in flight (at most its DIMSE timeout plus the
+        # association teardown) and records it; the threads stop concurrently, so the deadline
+        # is shared.
+        deadline = time.monotonic() + max(
+            [30.0] + [d.dimse_timeout_s + d.acse_timeout_s + 5.0 for d in self.config.destinations]
+        )
         for t in self.threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        still_running = [t.name for t in self.threads if t.is_alive()]
+        if still_running:
+            log.warning("node.stop_timeout", threads=still_running)
         self.store.close()
         log.info("node.stopped")
 

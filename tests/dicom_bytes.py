@@ -61,3 +61,27 @@ def deflate_bomb(dataset: bytes, padding: int) -> bytes:
         remaining -= n
     out.append(compressor.flush())
     return b"".join(out)
+
+
+_LONG = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+
+def top_level_elements(encoded: bytes) -> list[tuple[int, int, int]]:
+    """(offset, tag, header size) of each top-level element of an explicit VR little endian
+    dataset written by pydicom (defined lengths)."""
+    found = []
+    pos = 0
+    while pos + 8 <= len(encoded):
+        group, elem = struct.unpack_from("<HH", encoded, pos)
+        vr = encoded[pos + 4 : pos + 6]
+        if vr in _LONG:
+            length = struct.unpack_from("<L", encoded, pos + 8)[0]
+            header = 12
+        else:
+            length = struct.unpack_from("<H", encoded, pos + 6)[0]
+            header = 8
+        found.append((pos, (group << 16) | elem, header))
+        if length == UNDEFINED:
+            break
+        pos += header + length
+    return found

@@ -87,6 +87,12 @@ def test_shipped_config_file_is_valid_and_documents_the_defaults():
         ),
         ({"destinations": [_dest(port=None)]}, ""),
         ({"destinations": [_dest(), _dest()]}, "names must be unique"),
+        (
+            {"destinations": [_dest(dimse_timeout_s=0)]},
+            "destinations[0].dimse_timeout_s = 0: expected a number from 1.0 to 3600.0",
+        ),
+        ({"destinations": [_dest(acse_timeout_s=601)]}, "destinations[0].acse_timeout_s = 601"),
+        ({"destinations": [_dest(network_timeout_s="30")]}, "destinations[0].network_timeout_s"),
         ({"unmatched": {"action": "forward"}}, "required when unmatched.action = 'forward'"),
         ({"node": {"workers": ["gpu0"]}}, "'gpu0' is not 'cpu', 'cuda' or 'cuda:N'"),
         ({"node": {"log_format": "xml"}}, "node.log_format"),
@@ -98,6 +104,20 @@ def test_invalid_values_are_rejected_with_the_key_named(data, message):
         message = "destinations[0].port: required"
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(data)
+
+
+def test_destination_timeouts_have_defaults_that_detect_a_stall_within_a_minute():
+    (dest,) = parse_config({"destinations": [_dest()]}).destinations
+    assert (dest.acse_timeout_s, dest.dimse_timeout_s, dest.network_timeout_s) == (10, 30, 30)
+    assert dest.dimse_timeout_s + dest.acse_timeout_s < 60, "no answer + abort, under a minute"
+    (shipped,) = load_config(REPO / "config" / "ltdiff-node.toml").destinations
+    assert (shipped.acse_timeout_s, shipped.dimse_timeout_s, shipped.network_timeout_s) == (
+        dest.acse_timeout_s,
+        dest.dimse_timeout_s,
+        dest.network_timeout_s,
+    ), "config/ltdiff-node.toml documents the defaults"
+    (custom,) = parse_config({"destinations": [_dest(dimse_timeout_s=2.5)]}).destinations
+    assert custom.dimse_timeout_s == 2.5
 
 
 def test_route_destinations_default_to_all_destinations():
