@@ -13,10 +13,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
 from dicom_node.preflight import ReceptionLimits
+from dicom_node.tls import TLSSetupError, make_ssl_context
 from engine.registry import (
     KNOWN_ENGINE_KINDS,
     LINEAR_FILTER_KIND,
@@ -76,12 +78,15 @@ class ListenerConfig:
     port: int = 11112
     max_associations: int = 8
     allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: any calling AE title
-    allowed_addresses: tuple[str, ...] = ()  # empty: any source address
+    allowed_addresses: tuple[str, ...] = ()  # networks in CIDR form; empty: any source address
     other_storage: OtherStorage = OtherStorage.REJECT
     network_timeout_s: float = 60.0
     min_free_disk_mb: int = 1024  # below this, C-STORE answers Out of Resources (0xA700)
     tls: TLSConfig = field(default_factory=TLSConfig)
     limits: ReceptionLimits = field(default_factory=ReceptionLimits)
+    # a connection must finish its TLS handshake and send its A-ASSOCIATE-RQ within this time
+    association_request_timeout_s: float = 10.0
+    max_pending_connections: int = 32  # connections not yet associated; more are closed at once
 
 
 @dataclass(frozen=True)
@@ -356,7 +361,8 @@ def _regex(value: str, key: str) -> str:
     return value
 
 
-def _tls(t: _Table, base: Path) -> TLSConfig:
+def _tls(t: _Table, base: Path, server_side: bool) -> TLSConfig:
+    """A [*.tls] table. Whether the files can be loaded is checked by `check_runtime`."""
     tls = TLSConfig(
         enabled=t.boolean("enabled", False),
         certificate=t.path_or_none("certificate", base),
@@ -365,19 +371,63 @@ def _tls(t: _Table, base: Path) -> TLSConfig:
         require_client_certificate=t.boolean("require_client_certificate", False),
     )
     t.reject_unknown()
-    if tls.enabled:
-        for name in ("certificate", "private_key"):
+    if not tls.enabled:
+        return tls
+    # the listener needs its own certificate; a client certificate (destinations) is optional
+    pair = ("certificate", "private_key")
+    if server_side or any(getattr(tls, name) is not None for name in pair):
+        for name in pair:
             p = getattr(tls, name)
             if p is None or not p.is_file():
-                raise ConfigError(f"{t.key(name)} = {p}: TLS is enabled, so this file must exist")
-        if tls.require_client_certificate and (
-            tls.ca_certificates is None or not tls.ca_certificates.is_file()
-        ):
-            raise ConfigError(
-                f"{t.key('ca_certificates')}: required (an existing file) when "
-                "require_client_certificate = true"
-            )
+                why = (
+                    "TLS is enabled, so this file must exist"
+                    if server_side
+                    else "a client certificate needs both certificate and private_key"
+                )
+                raise ConfigError(f"{t.key(name)} = {p}: {why}")
+    if tls.ca_certificates is not None and not tls.ca_certificates.is_file():
+        raise ConfigError(f"{t.key('ca_certificates')} = {tls.ca_certificates}: file not found")
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        raise ConfigError(
+            f"{t.key('ca_certificates')}: required (an existing file) when "
+            "require_client_certificate = true"
+        )
     return tls
+
+
+_IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
+
+
+def parse_network(entry: str) -> IPv4Network | IPv6Network:
+    """An allow-list entry: an IP address or a network in CIDR form ("10.1.0.0/16").
+
+    Raises ValueError saying what is wrong. Host names are refused (they are not resolved), and
+    so are IPv4-mapped IPv6 forms: a mapped peer address is matched against the IPv4 entries.
+    """
+    try:
+        network = ip_network(entry.strip(), strict=True)
+    except ValueError as exc:
+        try:
+            loose = ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                "not an IP address or a network in CIDR form (e.g. 10.1.2.3 or 10.1.0.0/16); "
+                "host names are not resolved"
+            ) from exc
+        raise ValueError(f"host bits are set (the network is {loose})") from exc
+    if isinstance(network, IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        raise ValueError("an IPv4-mapped IPv6 address: write it in its IPv4 form")
+    return network
+
+
+def _networks(t: _Table, name: str) -> tuple[str, ...]:
+    entries = []
+    for entry in t.strings(name, ()):
+        try:
+            entries.append(str(parse_network(entry)))
+        except ValueError as exc:
+            raise ConfigError(f"{t.key(name)}: {entry!r}: {exc}") from exc
+    return tuple(entries)
 
 
 def _limits(t: _Table) -> ReceptionLimits:
@@ -433,13 +483,15 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             validate_ae_title(v, lt.key("allowed_calling_ae_titles"))
             for v in lt.strings("allowed_calling_ae_titles", ())
         ),
-        allowed_addresses=lt.strings("allowed_addresses", ()),
+        allowed_addresses=_networks(lt, "allowed_addresses"),
         other_storage=OtherStorage(
             lt.choice("other_storage", "reject", tuple(o.value for o in OtherStorage))
         ),
         network_timeout_s=lt.number("network_timeout_s", 60.0, 1.0, 3600.0),
         min_free_disk_mb=lt.integer("min_free_disk_mb", 1024, 0, 10**9),
-        tls=_tls(lt.table("tls"), base_dir),
+        tls=_tls(lt.table("tls"), base_dir, server_side=True),
+        association_request_timeout_s=lt.number("association_request_timeout_s", 10.0, 0.1, 600.0),
+        max_pending_connections=lt.integer("max_pending_connections", 32, 1, 4096),
         limits=_limits(lt.table("limits")),
     )
     lt.reject_unknown()
@@ -515,7 +567,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             acse_timeout_s=t.number("acse_timeout_s", 10.0, 1.0, 600.0),
             dimse_timeout_s=t.number("dimse_timeout_s", 30.0, 1.0, 3600.0),
             network_timeout_s=t.number("network_timeout_s", 30.0, 1.0, 3600.0),
-            tls=_tls(t.table("tls"), base_dir),
+            tls=_tls(t.table("tls"), base_dir, server_side=False),
         )
         if not dest.host:
             raise ConfigError(f"{t.key('host')}: required (host name or IP address of the peer)")
@@ -645,9 +697,28 @@ def check_runtime(config: NodeConfig) -> list[str]:
         if not os.access(d, os.W_OK):
             raise ConfigError(f"node.state_dir: {d} is not writable by this user")
     warnings = []
+    _check_tls_files("listener.tls", config.listener.tls, server_side=True)
+    for i, dest in enumerate(config.destinations):
+        _check_tls_files(f"destinations[{i}].tls", dest.tls, server_side=False)
+    tls = config.listener.tls
+    if tls.enabled and tls.ca_certificates is not None and not tls.require_client_certificate:
+        warnings.append(
+            "listener.tls.ca_certificates is set but require_client_certificate = false: client "
+            "certificates are not asked for, so any TLS client may connect"
+        )
     if not config.destinations:
         warnings.append("no [[destinations]] configured: standardized series stay in the outbox")
     for route in config.routes:
         if not route.destinations:
             warnings.append(f"route {route.name!r} has no destinations")
     return warnings
+
+
+def _check_tls_files(key: str, tls: TLSConfig, server_side: bool) -> None:
+    """Load the certificate, key and CA files as `serve` will (so errors stop start-up here)."""
+    if not tls.enabled:
+        return
+    try:
+        make_ssl_context(tls, server_side=server_side)
+    except TLSSetupError as exc:
+        raise ConfigError(f"{key}.{exc}") from exc

@@ -32,8 +32,9 @@ from pynetdicom.association import Association
 
 from dicom_node.config import DestinationConfig
 from dicom_node.logs import get_logger, safe_error_text
-from dicom_node.scp import make_ssl_context, set_tcp_nodelay
+from dicom_node.scp import set_tcp_nodelay
 from dicom_node.store import ExportRow, JobStore
+from dicom_node.tls import make_ssl_context
 
 log = get_logger("dicom_node.export")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-import ssl
 import threading
 import zlib
 from dataclasses import dataclass
@@ -43,14 +42,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import dimse_guard, statuses
-from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage, TLSConfig
+from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
+from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage
 from dicom_node.logs import get_logger, safe_error_text
 from dicom_node.preflight import DatasetRejectedError, ReceptionLimits, read_header
 from dicom_node.spool import Spool, SpoolError
 from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
+from dicom_node.tls import make_ssl_context
 from dicom_node.uids import is_valid_uid
 from engine.derived import is_ltdiff_output
 
@@ -139,18 +139,6 @@ def _expected_count(ds: Dataset) -> int | None:
     except (TypeError, ValueError):
         return None
     return n if n and n > 0 else None
-
-
-def make_ssl_context(tls: TLSConfig, server_side: bool) -> ssl.SSLContext:
-    purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
-    ctx = ssl.create_default_context(
-        purpose, cafile=str(tls.ca_certificates) if tls.ca_certificates else None
-    )
-    if tls.certificate and tls.private_key:
-        ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if server_side:
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
-    return ctx
 
 
 @dataclass(frozen=True)
@@ -362,8 +350,13 @@ def build_ae(cfg: ListenerConfig) -> AE:
     return ae
 
 
-def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> ThreadedAssociationServer:
-    """Start the SCP in background threads; returns the server (call .shutdown() to stop)."""
+def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> AdmissionServer:
+    """Start the SCP in background threads; returns the server (call .shutdown() to stop).
+
+    Connections go through admission first (dicom_node/admission.py): source address, TLS
+    handshake and A-ASSOCIATE-RQ within `association_request_timeout_s`, before pynetdicom makes
+    an Association of them.
+    """
     ae = build_ae(cfg)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
@@ -373,23 +366,13 @@ def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> Thread
         (evt.EVT_REJECTED, _log_rejected),
     ]
     ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None
-    server = ae.start_server(
-        (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    return start_admission_server(
+        ae,
+        (cfg.bind_address, cfg.port),
+        AdmissionPolicy.from_config(cfg),
+        evt_handlers=handlers,
+        ssl_context=ssl_context,
     )
-    if server is None:  # only a blocking server returns None
-        raise RuntimeError("pynetdicom did not return a server")
-    if cfg.allowed_addresses:
-        allowed = set(cfg.allowed_addresses)
-
-        def verify_request(request: Any, client_address: Any) -> bool:
-            host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
-            if host in allowed:
-                return True
-            log.warning("association.refused", reason="source address not allowed", address=host)
-            return False
-
-        server.verify_request = verify_request  # type: ignore[method-assign]
-    return server
 
 
 def _log_rejected(event: evt.Event) -> None:
