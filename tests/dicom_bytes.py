@@ -47,20 +47,20 @@ def deflate(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-def deflate_bomb(dataset: bytes, padding: int) -> bytes:
-    """An encoded dataset followed by `padding` zero bytes of Data Set Trailing Padding
-    (FFFC,FFFC), deflated: about 1 KB on the wire per MB inflated."""
-    head = struct.pack("<HH2sHL", 0xFFFC, 0xFFFC, b"OB", 0, padding)
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out = [compressor.compress(dataset + head)]
-    chunk = bytes(1 << 20)
-    remaining = padding
-    while remaining:
-        n = min(remaining, len(chunk))
-        out.append(compressor.compress(chunk[:n]))
-        remaining -= n
-    out.append(compressor.flush())
-    return b"".join(out)
+def deflate_bomb(dataset: bytes, padding_mb: int) -> bytes:
+    """An encoded dataset followed by `padding_mb` MB of zero Data Set Trailing Padding
+    (FFFC,FFFC), deflated: about 1 KB on the wire per MB inflated.
+
+    Built in constant time: after a full flush a deflate stream refers to nothing before it, so
+    one compressed megabyte of zeros is repeated, then a final empty block ends the stream.
+    """
+    head = struct.pack("<HH2sHL", 0xFFFC, 0xFFFC, b"OB", 0, padding_mb << 20)
+    prefix = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = prefix.compress(dataset + head) + prefix.flush(zlib.Z_FULL_FLUSH)
+    megabyte = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = megabyte.compress(bytes(1 << 20)) + megabyte.flush(zlib.Z_FULL_FLUSH)
+    end = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS).flush()
+    return start + block * padding_mb + end
 
 
 _LONG = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")

@@ -161,7 +161,7 @@ def _deflate_bomb(rng: random.Random, ds: Dataset) -> Case:
     return _case(
         "deflate-bomb",
         ds,
-        deflate_bomb(encode(ds), rng.randint(600, 900) << 20),
+        deflate_bomb(encode(ds), rng.randint(600, 3200)),
         syntax=DeflatedExplicitVRLittleEndian,
     )
 

@@ -105,7 +105,7 @@ def test_two_deflate_bombs_at_once_are_refused_at_the_cap(tmp_path):
         bombs = []
         for seed in ("bomb-1", "bomb-2"):
             ds = _ct(seed)
-            bombs.append((ds, deflate_bomb(encode(ds), 512 << 20)))
+            bombs.append((ds, deflate_bomb(encode(ds), 3100)))
         results: list[int | None] = []
 
         def send(ds, bomb) -> None:

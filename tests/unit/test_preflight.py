@@ -150,7 +150,7 @@ def test_trailing_bytes_shorter_than_a_header_are_tolerated():
 
 def test_deflate_bomb_stops_at_the_cap_with_bounded_memory():
     (ds,) = make_ct_series(1, 16, 16, "Br40d", uid_seed="bomb")
-    bomb = deflate_bomb(encode(ds), 256 << 20)
+    bomb = deflate_bomb(encode(ds), 256)
     assert len(bomb) < 400_000, "a 256 MB bomb is a few hundred KB on the wire"
     limits = ReceptionLimits(max_dataset_bytes=8 << 20)
     with pytest.raises(DatasetRejectedError, match="inflates beyond the limit of 8 MB") as info:
