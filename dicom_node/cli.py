@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -138,6 +139,19 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"attempt {r['attempts']}, next at {_fmt_time(r['next_attempt'])}: "
                 f"{r['last_error']}"
             )
+    if report["waiting"]:
+        print("waiting (retried by the node itself):")
+        for w in report["waiting"]:
+            print(f"  job {w['job_id']}: {w['reason']}; next try {_fmt_time(w['next_attempt'])}")
+    minimum = config.listener.min_free_disk_mb
+    try:
+        free_mb = shutil.disk_usage(config.state_dir).free >> 20
+        low = f": BELOW the minimum {minimum} MB, reception refuses (0xA700) and no job starts"
+        print(
+            f"disk:    {free_mb} MB free{low if free_mb < minimum else f' (minimum {minimum} MB)'}"
+        )
+    except OSError as exc:
+        print(f"disk:    cannot read free space of {config.state_dir} ({exc.strerror})")
     if report["dead_letters"]:
         print("dead letters (ltdiff-node retry JOB):")
         for r in report["dead_letters"]:
@@ -151,6 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  #{j['id']:<5} {j['kind']:<11} {j['state']:<10} rule={j['rule'] or '-'} "
             f"in={j['n_instances']} out={j['n_out'] if j['n_out'] is not None else '-'} "
             f"series={j['series_uid']} created={_fmt_time(j['created_at'])}"
+            + (f" engine-crashes={j['crashes']}" if j.get("crashes") else "")
             + (f" error={j['error']}" if j["error"] else "")
         )
     return EXIT_OK

@@ -204,9 +204,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _prefer_as_oom_victim() -> None:
+    """If the kernel must kill a process at the service's memory limit, let it be this one: the
+    node notices and retries the job; killing the node would stop reception."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("500")
+
+
 def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
     """The engine process: load the engines, then run jobs until told to stop."""
     _die_with_parent()
+    _prefer_as_oom_victim()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     configure_process(config.log_format, config.log_level)

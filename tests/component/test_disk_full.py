@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 from tests_support import REQUIRE_PEERS, node_config, wait_until, write_series
 
+from dicom_node.cli import main
 from dicom_node.config import AssemblyConfig, DestinationConfig, JobsConfig
 from dicom_node.export import send_paths
 from dicom_node.logs import configure_logging
@@ -66,6 +67,7 @@ def test_a_job_that_finds_the_disk_full_waits_and_finishes_by_itself(
         ds = dcmread(p)
         ds.ImagesInAcquisition = len(series)
         ds.save_as(p)
+    seen: list[str] = []
     node = Node(cfg)
     node.start()
     try:
@@ -80,6 +82,10 @@ def test_a_job_that_finds_the_disk_full_waits_and_finishes_by_itself(
         assert "disk full" in waiting["reason"]
         (job,) = node.store.status_report()["recent_jobs"]
         assert job["state"] == "queued", "waiting, not failed"
+        assert main(["status", "--set", f"node.state_dir='{cfg.state_dir}'"]) == 0
+        seen.append(capsys.readouterr().out)
+        assert "waiting (retried by the node itself):" in seen[-1]
+        assert f"job {job['id']}: disk full writing the output" in seen[-1]
         filler.unlink()
         wait_until(
             lambda: node.store.status_report()["recent_jobs"][0]["state"] == "done",
@@ -90,10 +96,9 @@ def test_a_job_that_finds_the_disk_full_waits_and_finishes_by_itself(
         assert len(archive.series_files(derived)) == len(series)
     finally:
         node.stop()
+    seen.append(capsys.readouterr().out)
     events = [
-        json.loads(line)["event"]
-        for line in capsys.readouterr().out.splitlines()
-        if line.startswith("{")
+        json.loads(line)["event"] for line in "".join(seen).splitlines() if line.startswith("{")
     ]
     assert "job.waiting_for_disk" in events
     assert "job.failed" not in events and "worker.claim_failed" not in events

@@ -169,3 +169,30 @@ def test_learned_engine_options_are_parsed_and_handed_to_the_loader():
     assert (eng.sample_steps, eng.batch_slices) == (4, 2)
     assert (eng.options.sample_steps, eng.options.batch_slices) == (4, 2)
     assert parse_config({}).engines[0].options.sample_steps is None
+
+
+def test_reception_limits_and_jobs_have_documented_defaults_and_are_validated():
+    cfg = parse_config({})
+    shipped = load_config(REPO / "config" / "ltdiff-node.toml")
+    assert shipped.listener.limits == cfg.listener.limits, "the shipped file shows the defaults"
+    assert shipped.jobs == cfg.jobs
+    assert cfg.listener.limits.max_dataset_bytes == 1024 << 20
+    assert (cfg.jobs.max_attempts, cfg.jobs.memory_max_mb) == (3, 8192)
+    custom = parse_config(
+        {
+            "listener": {"limits": {"max_dataset_mb": 64, "max_sequence_depth": 4}},
+            "jobs": {"max_attempts": 1, "memory_max_mb": 0, "disk_full_retry_s": 5},
+        }
+    )
+    assert custom.listener.limits.max_dataset_bytes == 64 << 20
+    assert custom.listener.limits.max_sequence_depth == 4
+    assert (custom.jobs.max_attempts, custom.jobs.memory_max_mb) == (1, 0)
+    for data, message in (
+        ({"listener": {"limits": {"max_sequence_depth": 0}}}, "listener.limits.max_sequence_depth"),
+        ({"listener": {"limits": {"max_depth": 3}}}, "listener.limits: unknown key(s) max_depth"),
+        ({"jobs": {"max_attempts": 0}}, "jobs.max_attempts = 0"),
+        ({"jobs": {"memory_max_mb": 100}}, "jobs.memory_max_mb = 100: an engine needs at least"),
+        ({"jobs": {"timeout_s": "1h"}}, "jobs.timeout_s = '1h'"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config(data)

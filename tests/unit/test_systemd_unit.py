@@ -40,6 +40,17 @@ def test_unit_runs_hardened_as_dedicated_user_with_state_directory_and_gpu_acces
     assert any("ltdiff-node serve" in v for v in svc["ExecStart"])
 
 
+def test_unit_bounds_memory_and_survives_an_engine_process_killed_for_it():
+    """Issue 8 defect 1: a job must not take the node down; the unit caps memory, and a kill of
+    the engine process at the cap is handled by the node, not by stopping the service."""
+    svc = _service_section()
+    (memory_max,) = svc["MemoryMax"]
+    assert memory_max.endswith("G") and int(memory_max[:-1]) >= 8 + 4, (
+        "above one worker's jobs.memory_max_mb (8 GB) plus room for reception"
+    )
+    assert svc["OOMPolicy"] == ["continue"]
+
+
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     tool = shutil.which("systemd-analyze")
     if tool is None:
