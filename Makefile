@@ -12,6 +12,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make test` runs every test, the slow ones (fault suite, fuzz run) included: this is what CI
+# runs. A bare `pytest` skips the slow ones; `make test PYTEST_MARKS="not slow"` does the same.
+PYTEST_MARKS ?= slow or not slow
 
 .PHONY: demo test install peers lint typecheck check bench clean
 
@@ -45,7 +48,7 @@ peers:
 	  systemctl stop orthanc || true; fi
 
 test: install peers
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check dicom_node engine training tests benchmarks
