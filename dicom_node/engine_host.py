@@ -18,6 +18,11 @@ Children are forked from multiprocessing's fork server: a small single-threaded 
 once, which imports the engine modules ahead of time, so a child starts in milliseconds, and
 forks no thread state of the node (pynetdicom's association threads, SQLite) into it. A child
 dies with the fork server, which dies with the node.
+
+For programs that embed `dicom_node.service.Node` (the CLI, the demo, the benchmarks, tests):
+as with any multiprocessing start method other than fork, a child re-imports the main module
+under the name `__mp_main__`, so a script must start the node under
+`if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
