@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmwrite
@@ -76,3 +80,75 @@ def node_config(state_dir: Path, dest_port: int | None, **listener: object) -> N
         backoff_max_s=1.0,
         **listener,
     )
+
+
+# ---- the node as hospital IT runs it: `ltdiff-node serve` in a process of its own --------------
+
+
+def write_site_config(
+    path: Path,
+    state: Path,
+    port: int,
+    extra: str = "",
+    *,
+    stable_age_s: float = 0.5,
+    poll_interval_s: float = 0.05,
+) -> Path:
+    """A site file for a node on loopback: JSON logs at info level, no free-space minimum, quick
+    series completion. `extra` is appended (more tables, e.g. [[destinations]])."""
+    path.write_text(
+        f"""
+[node]
+state_dir = "{state}"
+log_format = "json"
+log_level = "info"
+[listener]
+ae_title = "LTDIFF"
+bind_address = "127.0.0.1"
+port = {port}
+min_free_disk_mb = 0
+[assembly]
+stable_age_s = {stable_age_s}
+poll_interval_s = {poll_interval_s}
+{extra}
+"""
+    )
+    return path
+
+
+def log_events(log: Path) -> list[dict[str, Any]]:
+    """The JSON events of a node's log file, in order."""
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def serve(
+    config: Path,
+    log: Path,
+    *,
+    stderr: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 90.0,
+) -> subprocess.Popen[bytes]:
+    """Start `python -m dicom_node.cli serve -c config` with stdout appended to `log` (stderr
+    too, unless `stderr` names its own file) and wait for a new `node.ready` event."""
+    ready_before = sum(e["event"] == "node.ready" for e in log_events(log))
+    with log.open("ab") as out, (stderr or log).open("ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT if stderr is None else err,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+        )
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] + (stderr.read_text()[-3000:] if stderr else "")
+            raise AssertionError(f"the node exited: {tail}")
+        return sum(e["event"] == "node.ready" for e in log_events(log)) > ready_before
+
+    wait_until(ready, timeout, "node.ready in the log")
+    return proc

@@ -3,63 +3,18 @@ issue 8 defect 1, "the node dies again on every restart and every later job star
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tests_support import free_port, wait_until, write_series
+from tests_support import free_port, log_events, serve, wait_until, write_series, write_site_config
 
 from dicom_node.config import DestinationConfig
 from dicom_node.export import send_paths
 
 pytestmark = pytest.mark.slow
-
-
-def _config(path: Path, state: Path, port: int) -> Path:
-    path.write_text(
-        f"""
-[node]
-state_dir = "{state}"
-log_format = "json"
-[listener]
-ae_title = "LTDIFF"
-bind_address = "127.0.0.1"
-port = {port}
-min_free_disk_mb = 0
-[assembly]
-stable_age_s = 0.5
-poll_interval_s = 0.05
-[jobs]
-max_attempts = 2
-"""
-    )
-    return path
-
-
-def _events(log: Path) -> list[dict[str, object]]:
-    return [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-
-
-def _serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    ready_before = sum(e["event"] == "node.ready" for e in _events(log)) if log.exists() else 0
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(config)],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the node exited: {log.read_text()[-3000:]}")
-        return sum(e["event"] == "node.ready" for e in _events(log)) > ready_before
-
-    wait_until(ready, 60, "node.ready")
-    return proc
 
 
 def _job_states(db: Path) -> list[tuple[int, str, int]]:
@@ -72,7 +27,7 @@ def _job_states(db: Path) -> list[tuple[int, str, int]]:
 
 def _engine_pid(log: Path) -> int:
     return int(
-        next(e for e in reversed(_events(log)) if e["event"] == "engine_process.started")["pid"]
+        next(e for e in reversed(log_events(log)) if e["event"] == "engine_process.started")["pid"]
     )  # type: ignore[arg-type]
 
 
@@ -90,10 +45,10 @@ def _gone(pid: int) -> bool:
 def test_a_job_that_keeps_killing_the_node_fails_at_start_up_and_later_jobs_run(tmp_path):
     port = free_port()
     state = tmp_path / "state"
-    config = _config(tmp_path / "site.toml", state, port)
+    config = write_site_config(tmp_path / "site.toml", state, port, "[jobs]\nmax_attempts = 2")
     log = tmp_path / "node.log"
     series = write_series(tmp_path / "big", n_slices=100, size=512, uid_seed="node-killer")
-    proc = _serve(config, log)
+    proc = serve(config, log)
     to_node = DestinationConfig("node", "LTDIFF", "127.0.0.1", port)
     try:
         assert not send_paths(to_node, "PACS", series).failed
@@ -111,10 +66,10 @@ def test_a_job_that_keeps_killing_the_node_fails_at_start_up_and_later_jobs_run(
             wait_until(
                 lambda pid=engine_pid: _gone(pid), 30, "the engine process to die with the node"
             )
-            proc = _serve(config, log)
+            proc = serve(config, log)
         ((job_id, job_state, crashes),) = _job_states(state / "ltdiff-node.sqlite3")
         assert (job_state, crashes) == ("failed", 2), "failed at the second start, not run again"
-        failed_lines = [e for e in _events(log) if e["event"] == "series.failed"]
+        failed_lines = [e for e in log_events(log) if e["event"] == "series.failed"]
         assert [e["job"] for e in failed_lines] == [job_id], "one canonical line"
         assert "stopped abnormally while processing" in str(failed_lines[0]["error"])
         small = write_series(tmp_path / "small", n_slices=3, size=64, uid_seed="after-killer")

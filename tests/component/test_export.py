@@ -7,8 +7,6 @@ import dataclasses
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +17,14 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
-from tests_support import free_port, node_config, wait_until, write_series
+from tests_support import (
+    free_port,
+    node_config,
+    serve,
+    wait_until,
+    write_series,
+    write_site_config,
+)
 
 from dicom_node import export, statuses
 from dicom_node.config import DestinationConfig
@@ -195,52 +200,6 @@ def test_unanswered_c_store_is_given_up_after_dimse_timeout_and_retried(
 # ---- kill -9 mid-export ------------------------------------------------------------------------
 
 
-def _site_toml(path: Path, state: Path, port: int, dest_port: int) -> Path:
-    path.write_text(
-        f"""
-[node]
-state_dir = "{state}"
-log_format = "json"
-[listener]
-ae_title = "LTDIFF"
-bind_address = "127.0.0.1"
-port = {port}
-min_free_disk_mb = 0
-[assembly]
-stable_age_s = 0.5
-poll_interval_s = 0.05
-[[destinations]]
-name = "counter"
-ae_title = "COUNTER"
-host = "127.0.0.1"
-port = {dest_port}
-backoff_initial_s = 0.2
-"""
-    )
-    return path
-
-
-def _serve(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    def ready_lines() -> int:
-        text = log.read_text() if log.exists() else ""
-        return sum('"node.ready"' in line for line in text.splitlines())
-
-    before = ready_lines()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"node exited: {log.read_text()[-3000:]}")
-        return ready_lines() > before
-
-    wait_until(ready, 90, "node.ready in the log")
-    return proc
-
-
 def test_node_killed_mid_export_resends_only_unrecorded_instances(tmp_path, destination):
     n, hold = 40, 20
     # The 20th C-STORE is stored but its answer is held until the node has been killed: the
@@ -249,10 +208,22 @@ def test_node_killed_mid_export_resends_only_unrecorded_instances(tmp_path, dest
     destination.append(dest)
     port = free_port()
     state = tmp_path / "state"
-    cfg = _site_toml(tmp_path / "site.toml", state, port, dest.port)
+    cfg = write_site_config(
+        tmp_path / "site.toml",
+        state,
+        port,
+        f"""
+[[destinations]]
+name = "counter"
+ae_title = "COUNTER"
+host = "127.0.0.1"
+port = {dest.port}
+backoff_initial_s = 0.2
+""",
+    )
     log = tmp_path / "node.log"
     series = write_series(tmp_path / "src", n_slices=n, size=32, uid_seed="killed-export")
-    proc = _serve(cfg, log)
+    proc = serve(cfg, log)
     try:
         to = DestinationConfig(name="node", ae_title="LTDIFF", host="127.0.0.1", port=port)
         assert len(send_paths(to, "PACS", series).sent) == n
@@ -268,7 +239,7 @@ def test_node_killed_mid_export_resends_only_unrecorded_instances(tmp_path, dest
         f"of the {hold - 1} confirmed may be missing"
     )
 
-    proc = _serve(cfg, log)
+    proc = serve(cfg, log)
     try:
         wait_until(lambda: _job_states(db) == ["done"], 120, f"job done: {_job_states(db)}")
     finally:

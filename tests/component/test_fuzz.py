@@ -47,7 +47,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
-from tests_support import free_port, wait_until
+from tests_support import free_port, serve, wait_until, write_site_config
 
 from dicom_node import statuses
 from engine.synthetic import make_ct_series
@@ -325,27 +325,6 @@ class _MemoryWatch(threading.Thread):
             self.peak = max(self.peak, _process_tree_rss(self.pid))
 
 
-def _write_config(path: Path, state: Path, port: int) -> None:
-    path.write_text(
-        f"""
-[node]
-state_dir = "{state}"
-log_format = "json"
-log_level = "info"
-[listener]
-ae_title = "LTDIFF"
-bind_address = "127.0.0.1"
-port = {port}
-min_free_disk_mb = 0
-[listener.limits]
-max_dataset_mb = 64
-[assembly]
-stable_age_s = 0.5
-poll_interval_s = 0.1
-"""
-    )
-
-
 def _send(port: int, case: Case) -> tuple[int | None, str]:
     with HostileSCU(
         "127.0.0.1", port, called_ae="LTDIFF", calling_ae="FUZZER", contexts=CONTEXTS, timeout=30
@@ -384,28 +363,18 @@ def test_the_node_survives_330_hostile_datasets(tmp_path):
     cwd, tmpdir, home, etc = (tmp_path / n for n in ("cwd", "tmp", "home", "etc"))
     for d in (cwd, tmpdir, home, etc):
         d.mkdir()
-    config = etc / "site.toml"
-    _write_config(config, tmp_path / "state", port)
-    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    env = {
-        **os.environ,
-        "TMPDIR": str(tmpdir),
-        "HOME": str(home),
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(config)],
-        cwd=cwd,
-        env=env,
-        stdout=out.open("wb"),
-        stderr=err.open("wb"),
+    config = write_site_config(
+        etc / "site.toml",
+        tmp_path / "state",
+        port,
+        "[listener.limits]\nmax_dataset_mb = 64",
+        poll_interval_s=0.1,
     )
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    env = {**os.environ, "TMPDIR": str(tmpdir), "HOME": str(home)}
+    proc = serve(config, out, stderr=err, env=env, cwd=cwd)
     watch = _MemoryWatch(proc.pid)
     try:
-        wait_until(
-            lambda: '"node.ready"' in out.read_text() or proc.poll() is not None, 60, "ready"
-        )
-        assert proc.poll() is None, err.read_text()[-3000:]
         watch.start()
         answers: Counter[str] = Counter()
         for i, case in enumerate(cases):

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from tests_support import free_port, wait_until
+from tests_support import free_port, serve, wait_until, write_site_config
 
 from dicom_node.config import load_config
 from dicom_node.store import JobStore
@@ -163,27 +163,6 @@ def _write_case(directory: Path, name: str, case: Case) -> list[Path]:
     return paths
 
 
-def _site(tmp_path: Path, port: int) -> Path:
-    cfg = tmp_path / "site.toml"
-    cfg.write_text(
-        f"""
-[node]
-state_dir = "{tmp_path / "state"}"
-log_format = "json"
-log_level = "info"
-[listener]
-ae_title = "LTDIFF"
-bind_address = "127.0.0.1"
-port = {port}
-min_free_disk_mb = 0
-[assembly]
-stable_age_s = 0.5
-poll_interval_s = 0.1
-"""
-    )
-    return cfg
-
-
 def _send_raw(port: int, path: Path) -> int | None:
     """C-STORE one file over its own association; the status, or None without an answer."""
     ae = AE(ae_title="MODALITY")
@@ -231,22 +210,10 @@ def test_nothing_the_node_writes_carries_phi_from_malformed_instances(
         assert s.encode() in sent, f"the instances sent carry {s}"
 
     port = free_port()
-    cfg = _site(tmp_path, port)
+    cfg = write_site_config(tmp_path / "site.toml", tmp_path / "state", port, poll_interval_s=0.1)
     out, err = tmp_path / "node.stdout", tmp_path / "node.stderr"
-    with out.open("wb") as out_f, err.open("wb") as err_f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
-            stdout=out_f,
-            stderr=err_f,
-        )
+    proc = serve(cfg, out, stderr=err)
     try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"node exited: {out.read_text()[-2000:]}{err.read_text()}")
-            return '"node.ready"' in out.read_text()
-
-        wait_until(ready, 90, "node.ready in the log")
         monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
         statuses = {p.name: _send_raw(port, p) for paths in files.values() for p in paths}
         db = load_config(cfg, []).database_path

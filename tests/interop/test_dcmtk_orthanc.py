@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from tests_support import free_port, require_tool, wait_until, write_series
+from tests_support import (
+    free_port,
+    require_tool,
+    serve,
+    wait_until,
+    write_series,
+    write_site_config,
+)
 
 from dicom_node.config import DestinationConfig, NodeConfig
 from dicom_node.service import Node
@@ -169,55 +176,6 @@ def test_pacs_routes_series_to_node_and_receives_the_standardized_series(
         node.stop()
 
 
-def _write_site_config(
-    path: Path, state: Path, port: int, orthanc: Orthanc, stable_age_s: float = 1.0
-) -> Path:
-    path.write_text(
-        f"""
-[node]
-state_dir = "{state}"
-log_format = "json"
-[listener]
-ae_title = "LTDIFF"
-bind_address = "127.0.0.1"
-port = {port}
-min_free_disk_mb = 0
-[assembly]
-stable_age_s = {stable_age_s}
-poll_interval_s = 0.1
-[[destinations]]
-name = "pacs"
-ae_title = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-backoff_initial_s = 0.5
-"""
-    )
-    return path
-
-
-def _ready_lines(log: Path) -> int:
-    text = log.read_text() if log.exists() else ""
-    return sum('"node.ready"' in line for line in text.splitlines())
-
-
-def _serve(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    before = _ready_lines(log)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"node exited: {log.read_text()[-3000:]}")
-        return _ready_lines(log) > before
-
-    wait_until(ready, 60, "node.ready in the log")
-    return proc
-
-
 def _status_json(cfg: Path) -> dict[str, Any]:
     """`ltdiff-node status --json` as an operator would run it, in its own process."""
     out = subprocess.run(
@@ -234,8 +192,20 @@ def test_node_killed_mid_series_loses_nothing(tmp_path, orthanc, storescu):
     (an hour), so the outcome does not depend on how fast a busy machine restarts the node and
     the sender: one job with all 8 instances."""
     port = free_port()
-    cfg = _write_site_config(
-        tmp_path / "site.toml", tmp_path / "state", port, orthanc, stable_age_s=3600
+    cfg = write_site_config(
+        tmp_path / "site.toml",
+        tmp_path / "state",
+        port,
+        f"""
+[[destinations]]
+name = "pacs"
+ae_title = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+backoff_initial_s = 0.5
+""",
+        stable_age_s=3600,
+        poll_interval_s=0.1,
     )
     log = tmp_path / "node.log"
     series = write_series(tmp_path / "src", n_slices=8, size=96, uid_seed="killed")
@@ -243,11 +213,11 @@ def test_node_killed_mid_series_loses_nothing(tmp_path, orthanc, storescu):
         ds = dcmread(p)
         ds.ImagesInAcquisition = len(series)
         ds.save_as(p)
-    proc = _serve(cfg, log)
+    proc = serve(cfg, log)
     assert _storescu(storescu, port, series[:4]).returncode == 0
     os.kill(proc.pid, signal.SIGKILL)  # power cut: no clean shutdown
     proc.wait(timeout=10)
-    proc = _serve(cfg, log)
+    proc = serve(cfg, log)
     try:
         assert _storescu(storescu, port, series[4:]).returncode == 0
 
