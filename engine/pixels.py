@@ -90,7 +90,7 @@ def check_pixel_format(ds: Dataset) -> None:
     if samples != 1 or photometric not in _MONOCHROME:
         raise PixelFormatError(
             f"{label}: colour or multi-sample image (Photometric Interpretation "
-            f"{photometric or 'missing'}, Samples per Pixel {samples}); only MONOCHROME1 / "
+            f"{photometric or 'missing'!r}, Samples per Pixel {samples}); only MONOCHROME1 / "
             "MONOCHROME2 grayscale CT can be processed"
         )
     for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"):

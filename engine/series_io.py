@@ -193,11 +193,15 @@ def _check_instance(ds: Dataset, name: str) -> None:
     label = f"file {name} (instance {ds.get('SOPInstanceUID', 'without SOPInstanceUID')})"
     modality = ds.get("Modality")
     if modality != "CT":
-        raise SeriesError(f"{label}: Modality is {modality or 'missing'}, only CT is accepted")
+        raise SeriesError(
+            f"{label}: Modality is {str(modality)!r}, only CT is accepted"
+            if modality
+            else f"{label}: Modality is missing, only CT is accepted"
+        )
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class != CT_IMAGE_STORAGE and sop_class not in MULTI_FRAME_CT_SOP_CLASSES:
         raise SeriesError(
-            f"{label}: SOP Class {sop_class or 'missing'} is not CT Image Storage or Enhanced CT "
+            f"{label}: SOP Class {sop_class or 'missing'!r} is not CT Image Storage or Enhanced CT "
             "Image Storage (localizers as Secondary Capture, dose reports, ... are not images "
             "to standardize)"
         )

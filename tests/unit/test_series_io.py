@@ -116,7 +116,7 @@ def test_same_instance_received_twice_is_skipped_and_noted(tmp_path):
 
 
 def test_non_ct_and_junk_files_rejected_by_file_name(tmp_path):
-    with pytest.raises(SeriesError, match="Modality is MR"):
+    with pytest.raises(SeriesError, match="Modality is 'MR'"):
         load_series([_testfile("MR_small.dcm")])
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all" * 10)
