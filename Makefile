@@ -62,6 +62,7 @@ check: lint typecheck test
 bench: install
 	$(BIN)/python benchmarks/bench_linear_engine.py
 	$(BIN)/python benchmarks/bench_node.py
+	$(BIN)/python benchmarks/bench_engine_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -54,9 +54,8 @@ def main() -> None:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         started = time.monotonic()
-        outcome = engine.run(
-            EngineJob(1, config.routes[0].engine, tuple(paths), str(root / "out")), threading.Event()
-        )
+        job = EngineJob(1, config.routes[0].engine, tuple(paths), str(root / "out"))
+        outcome = engine.run(job, threading.Event())
         seconds = time.monotonic() - started
         done.set()
         sampler.join()
@@ -64,7 +63,8 @@ def main() -> None:
     if not isinstance(outcome, EngineResult):
         raise SystemExit(f"the job did not succeed: {outcome}")
     print(
-        f"engine {args.engine}: {args.slices} slices of {args.size}x{args.size} in {seconds:.1f} s; "
+        f"engine {args.engine}: {args.slices} slices of {args.size}x{args.size} "
+        f"in {seconds:.1f} s; "
         f"engine process resident memory {idle >> 20} MB idle, {peak >> 20} MB peak "
         f"({(peak - idle) / args.slices / 2**20:.2f} MB per slice above idle)"
     )
