@@ -106,12 +106,12 @@ class Node:
         try:
             for worker in workers:
                 worker.start_engine()
-        except BaseException:
+            self.server = start_listener(self.config.listener, self.spool, self.store)
+        except BaseException:  # bad weights, port in use, ...: leave nothing running
             for worker in workers:
                 worker.engine.close()
             self.store.close()
             raise
-        self.server = start_listener(self.config.listener, self.spool, self.store)
         self.threads.append(
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True)
         )

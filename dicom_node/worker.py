@@ -113,25 +113,41 @@ class EngineWorker(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
-                if not self._enough_disk():
-                    self._idle(self.config.assembly.poll_interval_s * 10)
-                    continue
-                job = self._db(lambda: self.store.claim_job(self.name, (JobKind.STANDARDIZE,)))
-                if job is None:
-                    self._idle(self.config.assembly.poll_interval_s)
-                    continue
-                log.info(
-                    "job.started",
-                    job=job.id,
-                    series_uid=job.series_uid,
-                    worker=self.name,
-                    engine=job.engine,
-                    attempt=job.process_attempts,
-                )
-                self._process(job)
-                self.on_done()
+                try:
+                    self._run_once()
+                except Exception:  # a defect must not end the worker: log it, go on
+                    log.exception("worker.error", worker=self.name)
+                    self.stop_event.wait(_DB_RETRY_S)
         finally:
             self.engine.close()
+
+    def _run_once(self) -> None:
+        if not self._enough_disk():
+            self._idle(self.config.assembly.poll_interval_s * 10)
+            return
+        job = self._db(lambda: self.store.claim_job(self.name, (JobKind.STANDARDIZE,)))
+        if job is None:
+            self._idle(self.config.assembly.poll_interval_s)
+            return
+        log.info(
+            "job.started",
+            job=job.id,
+            series_uid=job.series_uid,
+            worker=self.name,
+            engine=job.engine,
+            attempt=job.process_attempts,
+        )
+        try:
+            self._process(job)
+        except Exception as exc:  # a defect: count it like a crash, so the job cannot loop
+            log.exception("worker.error", worker=self.name, job=job.id)
+            reason = f"internal error in the worker ({type(exc).__name__})"
+            self._db(
+                lambda: self.store.record_crash(
+                    job.id, reason, max_attempts=self.config.jobs.max_attempts
+                )
+            )
+        self.on_done()
 
     def _idle(self, seconds: float) -> None:
         self.wake.wait(seconds)
@@ -167,7 +183,10 @@ class EngineWorker(threading.Thread):
 
     def _process(self, job: JobRow) -> None:
         out_dir = self.config.outbox_dir / str(job.id)
-        paths = tuple(str(path) for _, _, path in self.store.instances(job.series_uid))
+        instances = self._db(lambda: self.store.instances(job.series_uid))
+        if instances is None:  # stopping while the database could not be read
+            return
+        paths = tuple(str(path) for _, _, path in instances)
         request = EngineJob(job.id, job.engine or "", paths, str(out_dir))
         try:
             outcome: EngineOutcome = self.engine.run(request, self.stop_event)

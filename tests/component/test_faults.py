@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -282,3 +283,48 @@ def test_every_finished_job_logs_exactly_one_canonical_line(tmp_path, archive, c
     assert sorted(str(line["event"]) for line in found) == ["series.done", "series.failed"], found
     failed = next(line for line in found if line["event"] == "series.failed")
     assert failed["status"] == "failed" and failed["error"]
+
+
+def test_a_start_that_fails_leaves_no_engine_process_running(tmp_path):
+    """A node that cannot open its port stops its engine processes and database again."""
+    first = Node(node_config(tmp_path / "a", None))
+    first.start()
+    try:
+        base = node_config(tmp_path / "b", None)
+        clash = dataclasses.replace(
+            base, listener=dataclasses.replace(base.listener, port=first.port)
+        )
+        second = Node(clash)
+        with pytest.raises(OSError, match="in use"):
+            second.start()
+        assert not [
+            p for p in multiprocessing.active_children() if p.name.startswith("ltdiff-engine")
+        ][1:], "the second node's engine process is gone"
+    finally:
+        first.stop()
+
+
+def test_a_defect_in_the_worker_counts_as_a_crash_and_the_worker_goes_on(tmp_path, archive):
+    node = Node(_with_jobs(node_config(tmp_path / "state", archive.port), max_attempts=1))
+    real = node.store.instances
+    calls = {"n": 0}
+
+    def broken_once(series_uid):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return real(series_uid)
+
+    node.store.instances = broken_once  # type: ignore[method-assign]
+    node.start()
+    try:
+        first = write_series(tmp_path / "one", n_slices=3, size=32, uid_seed="defect-1")
+        assert not send_paths(_to(node), "PACS", first).failed
+        wait_until(lambda: _job_in(node, "failed"), 60, "the first job to fail")
+        failed = node.store.job(int(_job_in(node, "failed")["id"]))  # type: ignore[arg-type]
+        assert "internal error in the worker (RuntimeError)" in failed.error
+        second = write_series(tmp_path / "two", n_slices=3, size=32, uid_seed="defect-2")
+        assert not send_paths(_to(node), "PACS", second).failed
+        wait_until(lambda: _job_in(node, "done"), 60, "the worker still runs jobs")
+    finally:
+        node.stop()
