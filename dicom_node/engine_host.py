@@ -115,12 +115,12 @@ EngineOutcome = EngineResult | EngineFailure | EngineCrash | EngineInterrupted
 
 
 class EngineCache:
-    """Engines are loaded once per (engine name, device) and reused across jobs."""
+    """Engines are loaded once per (engine name, device) and reused across jobs (in the engine
+    process, which runs one job at a time)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self._engines: dict[tuple[str, str], Engine] = {}
-        self._lock = threading.Lock()
 
     def preload(self, device: str) -> None:
         """Load every engine a route uses, so that a missing or incompatible weights file stops
@@ -129,19 +129,18 @@ class EngineCache:
             self.get(name, device)
 
     def get(self, name: str, device: str) -> Engine:
-        with self._lock:
-            key = (name, device)
-            if key not in self._engines:
-                ec = self.config.engine(name)
-                self._engines[key] = load_engine(ec.kind, ec.weights, device, ec.options)
-                log.info(
-                    "engine.loaded",
-                    engine=name,
-                    kind=ec.kind,
-                    device=device,
-                    identity=self._engines[key].identity.short,
-                )
-            return self._engines[key]
+        key = (name, device)
+        if key not in self._engines:
+            ec = self.config.engine(name)
+            self._engines[key] = load_engine(ec.kind, ec.weights, device, ec.options)
+            log.info(
+                "engine.loaded",
+                engine=name,
+                kind=ec.kind,
+                device=device,
+                identity=self._engines[key].identity.short,
+            )
+        return self._engines[key]
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -181,10 +181,21 @@ class StoreHandler:
         return self._locks[zlib.crc32(sop_uid.encode("ascii")) % self._STRIPES]
 
     def __call__(self, event: evt.Event) -> int:
-        calling_ae = event.assoc.requestor.ae_title
-        assoc_id = event.assoc.native_id
         request = cast(C_STORE, event.request)
         transfer_syntax = str(event.context.transfer_syntax)
+
+        def reject(status: int, reason: str, **fields: object) -> int:
+            log.warning(
+                "instance.rejected",
+                reason=reason,
+                status=f"0x{status:04X}",
+                transfer_syntax=transfer_syntax,
+                calling_ae=event.assoc.requestor.ae_title,
+                assoc=event.assoc.native_id,
+                **fields,
+            )
+            return status
+
         try:
             encoded = cast(BytesIO, request.DataSet).getbuffer()
             ds = read_header(encoded, transfer_syntax, self.limits)
@@ -193,74 +204,42 @@ class StoreHandler:
             study_uid = ds.get("StudyInstanceUID")
             sop_class = ds.get("SOPClassUID")
         except DatasetRejectedError as exc:
-            status = (
-                statuses.CANNOT_UNDERSTAND_LIMIT_EXCEEDED
-                if exc.limit
-                else statuses.CANNOT_UNDERSTAND
-            )
-            log.warning(
-                "instance.rejected",
-                reason=exc.reason,
-                status=f"0x{status:04X}",
-                transfer_syntax=transfer_syntax,
-                calling_ae=calling_ae,
-                assoc=assoc_id,
-            )
-            return (
-                statuses.CANNOT_UNDERSTAND_LIMIT_EXCEEDED
-                if exc.limit
-                else statuses.CANNOT_UNDERSTAND
-            )
+            limit = statuses.CANNOT_UNDERSTAND_LIMIT_EXCEEDED
+            return reject(limit if exc.limit else statuses.CANNOT_UNDERSTAND, exc.reason)
         except Exception as exc:  # noqa: BLE001 - any decode failure means "cannot understand"
-            log.warning(
-                "instance.rejected",
-                reason="undecodable dataset",
-                error=type(exc).__name__,
-                transfer_syntax=transfer_syntax,
-                calling_ae=calling_ae,
-                assoc=assoc_id,
+            return reject(
+                statuses.CANNOT_UNDERSTAND, "undecodable dataset", error=type(exc).__name__
             )
-            return statuses.CANNOT_UNDERSTAND
         if not all(is_valid_uid(u) for u in (sop_uid, series_uid, study_uid, sop_class)):
-            log.warning(
-                "instance.rejected",
-                reason="missing or invalid UID (SOP instance, series, study or SOP class)",
-                calling_ae=calling_ae,
-                assoc=assoc_id,
+            return reject(
+                statuses.CANNOT_UNDERSTAND_INVALID_UID,
+                "missing or invalid UID (SOP instance, series, study or SOP class)",
             )
-            return statuses.CANNOT_UNDERSTAND_INVALID_UID
         if sop_uid != request.AffectedSOPInstanceUID:
-            log.warning(
-                "instance.rejected",
-                reason="SOPInstanceUID differs from the C-STORE request",
-                calling_ae=calling_ae,
-                assoc=assoc_id,
+            return reject(
+                statuses.CANNOT_UNDERSTAND_UID_MISMATCH,
+                "SOPInstanceUID differs from the C-STORE request",
                 sop_uid=str(sop_uid),
             )
-            return statuses.CANNOT_UNDERSTAND_UID_MISMATCH
         if sop_class != request.AffectedSOPClassUID:
-            log.warning(
-                "instance.rejected",
-                reason="SOPClassUID differs from the presentation context",
-                calling_ae=calling_ae,
-                assoc=assoc_id,
+            return reject(
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOPClassUID differs from the presentation context",
                 sop_uid=str(sop_uid),
             )
-            return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
             described = _describe(ds)
         except Exception as exc:  # noqa: BLE001 - a header value pydicom cannot convert
-            log.warning(
-                "instance.rejected",
-                reason="cannot read the attributes used for routing",
+            return reject(
+                statuses.CANNOT_UNDERSTAND,
+                "cannot read the attributes used for routing",
                 error=type(exc).__name__,
-                calling_ae=calling_ae,
-                assoc=assoc_id,
                 sop_uid=str(sop_uid),
             )
-            return statuses.CANNOT_UNDERSTAND
         with self._lock_for(sop_uid):
-            return self._store(event, ds, described, transfer_syntax, calling_ae)
+            return self._store(
+                event, ds, described, transfer_syntax, event.assoc.requestor.ae_title
+            )
 
     def _store(
         self,
