@@ -66,8 +66,10 @@ from engine.ltdiff.latent_diffusion import (
     Prediction,
     ScheduleConfig,
     ScheduleKind,
+    SeriesCondition,
     diffusion_x0,
     q_sample,
+    series_condition_vector,
     split_prediction,
     standard_latent,
     training_target,
@@ -79,6 +81,7 @@ from engine.ltdiff.weights import (
     HUNormalization,
     LTDiffWeights,
     SamplingConfig,
+    load_weights,
     save_weights,
     unwrap_state,
 )
@@ -144,6 +147,8 @@ class TrainConfig:
     schedule: ScheduleKind = "cosine"
     prediction: Prediction = "v"
     diffusion_target: DiffusionTarget = "residual"
+    # The clinical-envelope run and later: the denoiser knows the series' spacing and noise.
+    condition: SeriesCondition = "spacing-noise"
     sample_steps: int = 8
     sample_eta: float = 0.0
     command: str = field(default="", compare=False)
@@ -207,7 +212,20 @@ class Objective(nn.Module):
         for module in frozen:
             module.requires_grad_(False)
 
-    def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def series_vectors(self, series: Tensor | None) -> Tensor | None:
+        """[N, 2] (pixel spacing, noise) -> the denoiser's condition vectors (None if it has
+        none): the same `series_condition_vector` the engine applies at inference."""
+        if self.denoiser is None or self.denoiser.config.condition == "none":
+            return None
+        if series is None:
+            raise ValueError("a conditioned denoiser needs each patch's series (spacing, noise)")
+        kind = self.denoiser.config.condition
+        rows = [series_condition_vector(kind, float(s), float(n)) for s, n in series.tolist()]
+        return torch.tensor(rows, dtype=torch.float32, device=series.device)
+
+    def forward(
+        self, a: Tensor, b: Tensor, series: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         if self.phase == "1":
             loss = reconstruction_loss(self.autoencoder(a), a, cfg.recon_loss)
@@ -228,7 +246,8 @@ class Objective(nn.Module):
         z_t = q_sample(self.schedule, x0, t, noise)
         abar = self.schedule.abar(t, x0)
         pred = self.denoiser.config.prediction
-        out = self.denoiser(z_t, t, latent_a * self.latent_scale).float()
+        vectors = self.series_vectors(series)
+        out = self.denoiser(z_t, t, latent_a * self.latent_scale, vectors).float()
         l_denoise = F.mse_loss(out, training_target(pred, x0, noise, abar))
         x0_hat, _ = split_prediction(pred, out, z_t, abar)
         l_latent = F.mse_loss(x0_hat, x0)  # ||Z_A' - Z_B||^2 in the diffusion's scaled units
@@ -275,7 +294,7 @@ def setup_distributed(device: str) -> DistContext:
 
 def _batches(
     dataset: PatchPairs, sampler: DistributedSampler[Any], batch: int, start_step: int
-) -> Iterator[tuple[Tensor, Tensor]]:
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Batches for steps start_step, start_step + 1, ...: epochs of len(sampler) // batch steps,
     resumed exactly at start_step (indices of a DistributedSampler epoch are a pure function of
     its seed and epoch)."""
@@ -290,7 +309,8 @@ def _batches(
             items = [dataset[i] for i in indices[k * batch : (k + 1) * batch]]
             a = torch.stack([item[0] for item in items])
             b = torch.stack([item[1] for item in items])
-            yield a, b
+            series = torch.stack([item[2] for item in items])
+            yield a, b, series
         step = (epoch + 1) * steps_per_epoch
 
 
@@ -328,6 +348,8 @@ def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device
         return Models(UNetPlusPlusAutoencoder(ae_cfg), None, None, 1.0, 1.0, [])
     if config.init is None:
         raise ValueError(f"phase {config.phase} needs --init (the previous phase's checkpoint)")
+    if config.init.suffix == ".safetensors":
+        return _models_from_weights(config)
     init = _load_checkpoint(config.init)
     want = {"2": "1", "3": "2"}[config.phase]
     if init["phase"] not in (want, config.phase):
@@ -350,10 +372,44 @@ def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device
         channels=config.denoiser_channels,
         prediction=config.prediction,
         target=config.diffusion_target,
+        condition=config.condition,
     )
     s, s_r = measure_latent_scales(ae, train, config, device)
     schedule = ScheduleConfig(kind=config.schedule)
     return Models(ae, LatentDenoiser(den_cfg), schedule, s, s_r, history)
+
+
+def _models_from_weights(config: TrainConfig) -> Models:
+    """Phase 2 or 3 warm-started from an exported LTDiff++ weights file (e.g. the shipped one):
+    its autoencoder, schedule and latent scales as they are (the latent space does not move),
+    its denoiser with the series condition of `config` added. A condition the file lacks starts
+    at zero (`LatentDenoiser.series_mlp`), so training starts from the file's behaviour."""
+    if config.init is None:
+        raise ValueError("no --init weights file")
+    weights, sha = load_weights(config.init, expected_kind=EngineMode.LTDIFF.value)
+    if weights.denoiser_config is None or weights.denoiser_state is None:
+        raise ValueError(f"{config.init}: holds no latent denoiser")
+    ae = weights.build_autoencoder()
+    old = weights.denoiser_config
+    if old.condition not in ("none", config.condition):
+        raise ValueError(
+            f"{config.init}: denoiser is conditioned on {old.condition!r}, not {config.condition!r}"
+        )
+    den = LatentDenoiser(replace(old, condition=config.condition))
+    state = dict(weights.denoiser_state)
+    missing, unexpected = den.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("series_mlp.") for k in missing):
+        raise ValueError(
+            f"{config.init}: denoiser tensors do not fit: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}"
+        )
+    history = list(cast(list[dict[str, object]], weights.training.get("history", [])))
+    history.append({"phase": "init", "weights": str(config.init), "sha256": sha})
+    if weights.schedule_config is None:
+        raise ValueError(f"{config.init}: holds no schedule")
+    return Models(
+        ae, den, weights.schedule_config, weights.latent_scale, weights.target_scale, history
+    )
 
 
 def measure_latent_scales(
@@ -378,7 +434,12 @@ def measure_latent_scales(
 
 
 def _weights_for_export(
-    config: TrainConfig, models: Models, train: PairedSlices, mode: EngineMode
+    config: TrainConfig,
+    models: Models,
+    train: PairedSlices,
+    mode: EngineMode,
+    *,
+    with_envelope: bool = True,
 ) -> LTDiffWeights:
     den = models.denoiser
     return LTDiffWeights(
@@ -400,6 +461,8 @@ def _weights_for_export(
             "holdout": list(config.holdout),
             "code_version": __version__,
         },
+        # What the model has seen; the held-out subjects are listed as validated on.
+        envelope=train.envelope(config.holdout) if with_envelope else None,
     )
 
 
@@ -429,12 +492,12 @@ def validate(
     indices = spread_indices(len(val), config.val_slices)
     if not indices:
         return {}
-    a_hu = np.stack([norm.to_hu(val.source[i]) for i in indices])
-    b_hu = np.stack([norm.to_hu(val.target[i]) for i in indices])
-    body = b_hu > -500.0
     out: dict[str, float] = {}
     ae = models.autoencoder.eval()
     if config.phase == "1":
+        a_hu = np.stack([norm.to_hu(val.source[i]) for i in indices])
+        b_hu = np.stack([norm.to_hu(val.target[i]) for i in indices])
+        body = b_hu > -500.0
         with torch.no_grad():
             for name, ref in (("a", a_hu), ("b", b_hu)):
                 x = torch.from_numpy(norm.to_model(ref))[:, None].to(device)
@@ -446,13 +509,27 @@ def validate(
         ae.train()
         return out
     mode = EngineMode.UNETPP_REGRESSION if config.phase == "regression" else EngineMode.LTDIFF
-    weights = _weights_for_export(config, models, val, mode)
+    weights = _weights_for_export(config, models, val, mode, with_envelope=False)
     engine = LTDiffEngine(weights, weights_sha256="validation", device=str(device), batch_slices=2)
-    geometry = SeriesGeometry(val.pixel_spacing_mm[0], tuple(float(i) for i in indices))
-    pred = engine.standardize(a_hu, geometry, seed=config.seed)
-    out["rmse_hu"] = float(np.sqrt(np.mean((pred - b_hu) ** 2)))
-    out["hp_sd_ratio"] = _highpass_sd(pred, body) / _highpass_sd(b_hu, body)
-    out["input_rmse_hu"] = float(np.sqrt(np.mean((a_hu - b_hu) ** 2)))
+    # Per held-out subject (each is one series with its own spacing and noise, which a
+    # conditioned engine measures): `val_slices` slices each, then the mean over subjects.
+    per: dict[str, list[float]] = {"rmse_hu": [], "hp_sd_ratio": [], "input_rmse_hu": []}
+    for subject in sorted(set(val.subjects)):
+        members = val.indices_of(subject)
+        picks = [members[i] for i in spread_indices(len(members), config.val_slices)]
+        a_hu = np.stack([norm.to_hu(val.source[i]) for i in picks])
+        b_hu = np.stack([norm.to_hu(val.target[i]) for i in picks])
+        body = b_hu > -500.0
+        # The series condition comes from the whole source series, as at inference.
+        geometry = SeriesGeometry(val.pixel_spacing_mm[members[0]], tuple(map(float, picks)))
+        noise = val.noise_hu[members[0]] if val.noise_hu else None
+        pred = engine.standardize(a_hu, geometry, seed=config.seed, noise_hu=noise)
+        ratio = _highpass_sd(pred, body) / _highpass_sd(b_hu, body)
+        per["rmse_hu"].append(float(np.sqrt(np.mean((pred - b_hu) ** 2))))
+        per["hp_sd_ratio"].append(ratio)
+        per["input_rmse_hu"].append(float(np.sqrt(np.mean((a_hu - b_hu) ** 2))))
+        out[f"hp_sd_ratio_{subject}"] = ratio
+    out.update({k: float(np.mean(v)) for k, v in per.items()})
     ae.train()
     return out
 
@@ -607,11 +684,11 @@ def train(config: TrainConfig) -> TrainResult:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        a, b = next(batches)
-        a, b = a.to(ctx.device), b.to(ctx.device)
+        a, b, series = next(batches)
+        a, b, series = a.to(ctx.device), b.to(ctx.device), series.to(ctx.device)
         autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else nullcontext()
         with autocast:
-            loss, parts = wrapped(a, b)
+            loss, parts = wrapped(a, b, series)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.grad_clip > 0:
@@ -714,7 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", required=True, choices=["1", "2", "3", "regression"])
     p.add_argument("--data", type=Path, action="append", required=True, help="repeatable")
     p.add_argument("--out", type=Path, required=True, help="run folder (ckpt.pt, metrics.jsonl)")
-    p.add_argument("--init", type=Path, help="previous phase's ckpt.pt (phases 2 and 3)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="previous phase's ckpt.pt (phases 2 and 3), or an exported LTDiff++ .safetensors "
+        "file to warm-start from (its autoencoder, scales and denoiser)",
+    )
     p.add_argument("--export", type=Path, help="write the weights file at the end")
     p.add_argument("--holdout", default=",".join(d.holdout), help="subjects kept out, comma list")
     p.add_argument("--source-kernel", default=d.source_kernel, help="regex")
@@ -748,6 +830,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["linear", "scaled_linear", "cosine"], default=d.schedule)
     p.add_argument("--prediction", choices=["epsilon", "sample", "v"], default=d.prediction)
     p.add_argument("--diffusion-target", choices=["residual", "latent"], default=d.diffusion_target)
+    p.add_argument(
+        "--condition",
+        choices=["none", "spacing-noise"],
+        default=d.condition,
+        help="what the denoiser knows of the series (pixel spacing, measured noise level)",
+    )
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps, <= 10")
     return p
 
@@ -783,6 +871,7 @@ _ARG_FIELDS = (
     "schedule",
     "prediction",
     "diffusion_target",
+    "condition",
     "sample_steps",
     "init",
     "export",

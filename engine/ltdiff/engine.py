@@ -34,10 +34,16 @@ import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from torch import Tensor, nn
 
 from engine import __version__
+from engine.envelope import ValidatedEnvelope
 from engine.interface import EngineError, EngineIdentity, FloatVolume, SeriesGeometry
-from engine.ltdiff.latent_diffusion import NoiseSchedule, standard_latent
+from engine.ltdiff.latent_diffusion import (
+    NoiseSchedule,
+    series_condition_vector,
+    standard_latent,
+)
 from engine.ltdiff.sampler import DDIMSampler
 from engine.ltdiff.weights import EngineMode, LTDiffWeights, load_weights
+from engine.noise_level import measure_noise_hu
 
 DEFAULT_BATCH_SLICES: Final = {"cpu": 4, "cuda": 16}
 """Slices per forward pass: ~0.5 GB of activations per 4 slices of 512 x 512 on the CPU model."""
@@ -176,6 +182,11 @@ class LTDiffEngine:
         return self._identity
 
     @property
+    def envelope(self) -> ValidatedEnvelope | None:
+        """The inputs these weights were validated on (None: weights that record none)."""
+        return self._weights.envelope
+
+    @property
     def weights(self) -> LTDiffWeights:
         return self._weights
 
@@ -206,27 +217,60 @@ class LTDiffEngine:
             raise EngineError(f"sampler settings: {exc}") from exc
 
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
-        """Map a Br40d-like HU volume [slices, rows, cols] to a Bl64d-like one (float32 HU)."""
-        del geometry  # trained at the data's pixel spacing; slices are processed independently
+        """Map a Br40d-like HU volume [slices, rows, cols] to a Bl64d-like one (float32 HU).
+
+        noise_hu: the series' noise level when it was measured on more slices than `volume_hu`
+        holds (training validates on a few slices of a series); None measures it here."""
         volume = np.asarray(volume_hu)
         if volume.ndim != 3 or min(volume.shape[1:]) < 2:
             raise EngineError(f"expected a volume [slices, rows, cols], got shape {volume.shape}")
         if not np.all(np.isfinite(volume)):
             raise EngineError("the input volume contains NaN or infinite values")
         sampler = self._new_sampler() if self._denoiser is not None else None
+        series = self._series_condition(volume, geometry, noise_hu)
         out = np.empty(volume.shape, dtype=np.float32)
         norm = self._weights.normalization
         with torch.inference_mode():
             for start in range(0, volume.shape[0], self._batch):
                 chunk = norm.to_model(volume[start : start + self._batch].astype(np.float32))
-                result = self._run_batch(chunk, start, seed, sampler)
+                result = self._run_batch(chunk, start, seed, sampler, series)
                 out[start : start + len(chunk)] = norm.to_hu(result)
         return out
 
+    def _series_condition(
+        self, volume: np.ndarray, geometry: SeriesGeometry, noise_hu: float | None
+    ) -> list[float]:
+        """The denoiser's series condition (pixel spacing, measured noise); [] when it has none.
+        Slices are processed independently otherwise, so unconditioned weights ignore geometry."""
+        cfg = self._weights.denoiser_config
+        if self._denoiser is None or cfg is None or cfg.condition == "none":
+            return []
+        spacing = float(np.mean(geometry.pixel_spacing_mm))
+        noise = measure_noise_hu(volume, spacing) if noise_hu is None else noise_hu
+        if noise is None:
+            raise EngineError(
+                "cannot measure the noise level of this series (no slice holds enough soft "
+                "tissue); these weights need it"
+            )
+        try:
+            return series_condition_vector(cfg.condition, spacing, noise)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+
     def _run_batch(
-        self, chunk: np.ndarray, start: int, seed: int, sampler: DDIMSampler | None
+        self,
+        chunk: np.ndarray,
+        start: int,
+        seed: int,
+        sampler: DDIMSampler | None,
+        series: list[float],
     ) -> np.ndarray:
         _, rows, cols = chunk.shape
         pad_r = (-rows) % self._multiple
@@ -243,18 +287,25 @@ class LTDiffEngine:
                 dtype=self._amp_dtype or torch.bfloat16,
                 enabled=self._amp_dtype is not None,
             ):
-                latent = self._sample(latent, start, seed, sampler)
+                latent = self._sample(latent, start, seed, sampler, series)
         y = self._autoencoder.decode(latent.float().contiguous(memory_format=self._memory_format))
         result: np.ndarray = y[:, 0, :rows, :cols].float().cpu().numpy()
         return result
 
-    def _sample(self, latent: Tensor, start: int, seed: int, sampler: DDIMSampler) -> Tensor:
+    def _sample(
+        self, latent: Tensor, start: int, seed: int, sampler: DDIMSampler, series: list[float]
+    ) -> Tensor:
         if self._denoiser is None:
             raise EngineError("this engine has no latent diffusion")
         denoiser = self._denoiser
         cfg = denoiser.config
         z_a = latent.float()
         condition = z_a * self._weights.latent_scale
+        series_t = (
+            torch.tensor([series] * latent.shape[0], dtype=torch.float32, device=self._device)
+            if series
+            else None
+        )
         generators = [
             torch.Generator(device="cpu").manual_seed(slice_seed(seed, start + k))
             for k in range(latent.shape[0])
@@ -262,7 +313,7 @@ class LTDiffEngine:
 
         def model(z_t: Tensor, t: Tensor) -> Tensor:
             z_in = z_t.contiguous(memory_format=self._memory_format)
-            out: Tensor = denoiser(z_in, t, condition)
+            out: Tensor = denoiser(z_in, t, condition, series_t)
             return out.float()
 
         z0 = sampler.sample(model, tuple(latent.shape), generators, device=self._device)

@@ -43,6 +43,17 @@ having to reproduce the whole anatomy to a few HU through every step; Z_B' = Z_A
 
 COSINE_OFFSET = 0.008
 """s of the cosine schedule (Nichol & Dhariwal 2021, eq. 17)."""
+SeriesCondition = Literal["none", "spacing-noise"]
+"""What the denoiser knows about the series besides its latent. "none": nothing (weights before
+the clinical-envelope run). "spacing-noise": the pixel spacing and the noise level measured from
+the source pixels (`engine.noise_level.measure_noise_hu`), as `series_condition_vector`: the
+sharp kernel's grain, and how much of it is aliased, depend on both (docs/METHOD.md)."""
+
+CONDITION_REFERENCE_SPACING_MM = 0.75
+CONDITION_REFERENCE_NOISE_HU = 15.0
+CONDITION_NOISE_FLOOR_HU = 1.0
+CONDITION_FEATURES = {"none": 0, "spacing-noise": 2}
+
 MAX_BETA = 0.999
 """Clip of beta_t for the cosine schedule near t = T (Nichol & Dhariwal 2021, section 3.2)."""
 
@@ -177,8 +188,14 @@ class DenoiserConfig:
     groups: int = 8
     prediction: Prediction = "v"
     target: DiffusionTarget = "residual"
+    condition: SeriesCondition = "none"
 
     def __post_init__(self) -> None:
+        if self.condition not in CONDITION_FEATURES:
+            raise ValueError(
+                f"DenoiserConfig.condition must be one of {sorted(CONDITION_FEATURES)}, got "
+                f"{self.condition!r}"
+            )
         if self.target not in ("residual", "latent"):
             raise ValueError(
                 f"DenoiserConfig.target must be residual or latent, got {self.target!r}"
@@ -191,6 +208,11 @@ class DenoiserConfig:
             raise ValueError(
                 f"DenoiserConfig.prediction must be epsilon, sample or v, got {self.prediction!r}"
             )
+
+    @property
+    def condition_features(self) -> int:
+        """Length of the series condition vector (0: unconditioned)."""
+        return CONDITION_FEATURES[self.condition]
 
     @property
     def size_multiple(self) -> int:
@@ -231,6 +253,27 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def series_condition_vector(
+    kind: SeriesCondition, pixel_spacing_mm: float, noise_hu: float
+) -> list[float]:
+    """The denoiser's series condition: log-ratios to reference values, scaled to about unit
+    range over the clinical envelope (0.6-1.0 mm pixels, noise 5-40 HU)."""
+    if kind == "none":
+        return []
+    if not (pixel_spacing_mm > 0 and math.isfinite(pixel_spacing_mm) and noise_hu >= 0):
+        raise ValueError(
+            f"series condition needs a positive pixel spacing and a noise level >= 0, got "
+            f"{pixel_spacing_mm} mm and {noise_hu} HU"
+        )
+    # A noise-free input (a digital phantom) is far outside any envelope; the floor keeps the
+    # logarithm finite for a route that processes such a series anyway.
+    noise = max(noise_hu, CONDITION_NOISE_FLOOR_HU)
+    return [
+        math.log(pixel_spacing_mm / CONDITION_REFERENCE_SPACING_MM) / 0.25,
+        math.log(noise / CONDITION_REFERENCE_NOISE_HU) / 0.5,
+    ]
+
+
 class TimeBlock(nn.Module):
     """A ConvBlock whose features are scaled and shifted by the timestep embedding (FiLM)."""
 
@@ -264,6 +307,15 @@ class LatentDenoiser(nn.Module):
         self.to_blocks = nn.PixelUnshuffle(config.patch)
         self.from_blocks = nn.PixelShuffle(config.patch)
         self.time_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.series_mlp: nn.Sequential | None = None
+        if config.condition_features:
+            # Added to the timestep embedding, so it reaches every block's FiLM. Zero-initialized
+            # output: a denoiser warm-started from unconditioned weights starts where they were.
+            self.series_mlp = nn.Sequential(
+                nn.Linear(config.condition_features, emb), nn.SiLU(), nn.Linear(emb, emb)
+            )
+            nn.init.zeros_(self.series_mlp[2].weight)
+            nn.init.zeros_(self.series_mlp[2].bias)
         self.stem = nn.Conv2d(2 * config.latent_channels * p2, chans[0], 3, padding=1)
         self.down = nn.ModuleList(
             TimeBlock(chans[max(i - 1, 0)], chans[i], emb, config.groups) for i in range(len(chans))
@@ -284,9 +336,18 @@ class LatentDenoiser(nn.Module):
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, z_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
-        """z_t, condition: [N, C_z, h, w] (h, w multiples of `size_multiple`); t: [N] timesteps."""
+    def forward(
+        self, z_t: Tensor, t: Tensor, condition: Tensor, series: Tensor | None = None
+    ) -> Tensor:
+        """z_t, condition: [N, C_z, h, w] (h, w multiples of `size_multiple`); t: [N] timesteps;
+        series: [N, condition_features] (`series_condition_vector`), required when conditioned."""
         emb = self.time_mlp(timestep_embedding(t, self.config.time_embed_dim))
+        if self.series_mlp is not None:
+            if series is None:
+                raise ValueError(
+                    f"this denoiser is conditioned on {self.config.condition!r}: pass `series`"
+                )
+            emb = emb + self.series_mlp(series.to(emb.dtype))
         h = self.stem(self.to_blocks(torch.cat([z_t, condition], dim=1)))
         skips: list[Tensor] = []
         for i, block in enumerate(self.down):

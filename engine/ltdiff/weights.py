@@ -7,7 +7,9 @@ schedule recomputed from its config). String metadata (JSON where structured):
     format, format_version, engine_kind ("ltdiff" | "unetpp-regression"),
     autoencoder_config, denoiser_config, schedule_config, sampling (steps, eta, spacing),
     latent_scale, target_scale, normalization (HU clip and scale), source_kernel, target_kernel,
-    training (command, steps, device, data summary ...), code_version, code_sha256, created
+    training (command, steps, device, data summary ...), envelope (the validated input range,
+    `engine.envelope`; "null" or absent in files before it existed), code_version, code_sha256,
+    created
 
 Loading is strict: unknown format or version, a kind that is not the expected one, a missing or
 unexpected tensor, a shape that does not fit the stored config, or a schedule that does not match
@@ -35,6 +37,7 @@ from safetensors.torch import save as _safetensors_save
 from torch import Tensor, nn
 
 from engine import __version__
+from engine.envelope import ValidatedEnvelope
 from engine.interface import EngineError
 from engine.linear_filter import read_weights_metadata
 from engine.ltdiff.latent_diffusion import (
@@ -125,6 +128,8 @@ class LTDiffWeights:
     """s_r: scales z_0 = Z_B - Z_A to unit variance (target "residual")."""
     normalization: HUNormalization = field(default_factory=HUNormalization)
     training: Mapping[str, object] = field(default_factory=dict)
+    envelope: ValidatedEnvelope | None = None
+    """The inputs the weights were trained and validated on (None: files before issue 9)."""
 
     def __post_init__(self) -> None:
         if self.mode is EngineMode.LTDIFF and (
@@ -194,6 +199,7 @@ def save_weights(path: Path, weights: LTDiffWeights, *, created: str | None = No
         "source_kernel": weights.source_kernel,
         "target_kernel": weights.target_kernel,
         "training": json.dumps(dict(weights.training), sort_keys=True, default=str),
+        "envelope": weights.envelope.to_json() if weights.envelope is not None else "null",
         "code_version": __version__,
         "code_sha256": code_sha256(),
         "created": created or datetime.now(UTC).isoformat(timespec="seconds"),
@@ -282,6 +288,8 @@ def parse_weights(data: bytes, *, source: str, expected_kind: str | None = None)
         training = json.loads(meta["training"])
         latent_scale = float(meta["latent_scale"])
         target_scale = float(meta["target_scale"])
+        envelope_raw = json.loads(meta.get("envelope", "null"))
+        envelope = None if envelope_raw is None else ValidatedEnvelope.from_dict(envelope_raw)
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise EngineError(f"{source}: invalid configuration metadata: {exc}") from exc
     try:
@@ -323,6 +331,7 @@ def parse_weights(data: bytes, *, source: str, expected_kind: str | None = None)
         target_scale=target_scale,
         normalization=norm,
         training=training,
+        envelope=envelope,
     )
 
 
