@@ -194,7 +194,8 @@ class ValidatedEnvelope:
     def describe(self) -> str:
         """One line for `check-config` and the model card."""
         return (
-            f"pixel {self.pixel_spacing_mm.text(' mm')}, slices {self.slice_thickness_mm.text(' mm')}, "
+            f"pixel {self.pixel_spacing_mm.text(' mm')}, "
+            f"slices {self.slice_thickness_mm.text(' mm')}, "
             f"matrix {self.rows.text()}x{self.columns.text()}, kernels "
             f"{', '.join(self.source_kernels)}, noise {self.noise_hu.text(' HU')}"
         )

@@ -42,7 +42,7 @@ def _box_mean(image: npt.NDArray[np.float64], width: int) -> npt.NDArray[np.floa
 
 def window_pixels(pixel_spacing_mm: float) -> int:
     """Odd window width in pixels for `WINDOW_MM` at this spacing (at least 3)."""
-    return max(3, int(round(WINDOW_MM / pixel_spacing_mm)) | 1)
+    return max(3, round(WINDOW_MM / pixel_spacing_mm) | 1)
 
 
 def slice_noise_hu(image_hu: npt.NDArray[np.floating], pixel_spacing_mm: float) -> float | None:

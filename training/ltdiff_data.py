@@ -23,10 +23,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydicom import dcmread
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from pydicom import dcmread
 
 from engine.envelope import Span, ValidatedEnvelope
 from engine.ltdiff.weights import HUNormalization

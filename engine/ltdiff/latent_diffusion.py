@@ -311,11 +311,12 @@ class LatentDenoiser(nn.Module):
         if config.condition_features:
             # Added to the timestep embedding, so it reaches every block's FiLM. Zero-initialized
             # output: a denoiser warm-started from unconditioned weights starts where they were.
+            last = nn.Linear(emb, emb)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
             self.series_mlp = nn.Sequential(
-                nn.Linear(config.condition_features, emb), nn.SiLU(), nn.Linear(emb, emb)
+                nn.Linear(config.condition_features, emb), nn.SiLU(), last
             )
-            nn.init.zeros_(self.series_mlp[2].weight)
-            nn.init.zeros_(self.series_mlp[2].bias)
         self.stem = nn.Conv2d(2 * config.latent_channels * p2, chans[0], 3, padding=1)
         self.down = nn.ModuleList(
             TimeBlock(chans[max(i - 1, 0)], chans[i], emb, config.groups) for i in range(len(chans))
