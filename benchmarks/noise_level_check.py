@@ -7,7 +7,8 @@ measured in the heart blood pool (`truth.json` -> noise_measured). The ratio sho
 constant across pixel spacings and doses: the engine is conditioned on this figure and the
 validated envelope is stated in it.
 
-    python benchmarks/noise_level_check.py ../shared/data/kernel-pairs/train ../shared/data/kernel-pairs/wide
+    python benchmarks/noise_level_check.py \
+        ../shared/data/kernel-pairs/train ../shared/data/kernel-pairs/wide
 """
 
 from __future__ import annotations
