@@ -2,6 +2,11 @@
 
 `write_report(result, out_dir)` writes `report.md`, `report.json` and `figures/` (CCC per class
 per row as grouped bars, an image montage, NPS curves) and returns the paths written.
+
+Both carry the pooled tables (CCC over the ROIs of all subjects) and a per-subject part: each
+subject's pixel spacing and a one-line description, the noise SD and NPS peak of every row beside
+the true target, and the all-feature mean CCC of every row per ROI group over the subject's own
+ROIs (`report.json`: `per_subject`, every class).
 """
 
 from __future__ import annotations
@@ -131,6 +136,7 @@ def report_json(result: EvaluationResult) -> dict[str, Any]:
             "software": _versions(),
             "data": result.data_summary,
             "groups": groups,
+            "per_subject": result.subject_summaries(),
             "image_metrics": result.image_metrics,
             "nps": {"frequency_lp_per_mm": frequency, "curves": nps_curves},
             "rois": rois,
@@ -183,6 +189,10 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path]) -> str:
         "≥0.85 / ≥0.90: share of all features reaching the threshold.",
         "",
         "## CCC per feature class",
+        "",
+        "Pooled over the ROIs of all subjects (per subject: section “Per subject”). The "
+        "repeat-scan ceiling row exists only for the subjects with a repeat scan, so its CCC is "
+        "over their ROIs only (its ROIs column).",
         "",
     ]
     header_classes = [*FEATURE_CLASSES, "all"]
@@ -255,6 +265,7 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path]) -> str:
                 f"{_fmt(m.get('nps_integral_hu2', float('nan')), 0)} |"
             )
     lines += ["", "(“all” noise SD: mean of the subjects' medians.)", ""]
+    lines += _per_subject_markdown(result)
     if figures:
         lines += ["## Figures", ""]
         lines += [f"![{p.stem}](figures/{p.name})" for p in figures]
@@ -271,6 +282,76 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path]) -> str:
     if result.notes:
         lines += ["Notes:", "", *(f"- {n}" for n in result.notes), ""]
     return "\n".join(lines)
+
+
+def _relative(value: Any, truth: Any) -> str:
+    """`value` as a signed percentage of `truth` ("n/a" where either is missing)."""
+    if not isinstance(value, int | float) or not isinstance(truth, int | float):
+        return "n/a"
+    if not (math.isfinite(value) and math.isfinite(truth)) or truth == 0:
+        return "n/a"
+    return f"{100.0 * (value - truth) / truth:+.1f} %"
+
+
+def _per_subject_markdown(result: EvaluationResult) -> list[str]:
+    """The "Per subject" section: per subject a description line and one table with the noise
+    SD and NPS peak of every row beside the true target, and the all-feature mean CCC per ROI
+    group over the subject's own ROIs."""
+    per_subject = result.subject_summaries()
+    minimum = result.config.subject_min_rois
+    reference = result.reference_name
+    lines = [
+        "## Per subject",
+        "",
+        "The same numbers per subject: noise SD and NPS peak of every row beside "
+        f"{reference} (difference in % of {reference}), and the all-feature mean CCC per ROI "
+        "group computed over the subject's own ROIs only (every class is in `report.json`, "
+        f"`per_subject`). A group with fewer than {minimum} ROIs of a subject gets no CCC "
+        "(“n/a (k ROIs)”). The repeat-scan ceiling row exists only for the subjects that have a "
+        "repeat scan, and its pooled CCC is over those subjects' ROIs only.",
+        "",
+    ]
+    for facts in result.data_summary["subjects"]:
+        subject = facts["subject"]
+        spacing = facts["pixel_spacing_mm"]
+        metrics = result.image_metrics.get(subject, {})
+        truth = metrics.get(reference, {})
+        rois = facts.get("rois", {})
+        lines += [
+            f"### {subject}: pixel spacing {spacing[0]:.3f} / {spacing[1]:.3f} mm",
+            "",
+            facts.get("description", ""),
+            "",
+            "| Row | Noise SD (HU) | vs true | NPS peak (lp/mm) | vs true | "
+            + " | ".join(
+                f"{'Lesions' if g == LESION_GROUP else g} ({rois.get(g, 0)} ROIs)"
+                for g in result.groups
+            )
+            + " |",
+            "| --- | ---: | ---: | ---: | ---: | "
+            + " | ".join("---:" for _ in result.groups)
+            + " |",
+        ]
+        for row in [*result.subject_rows(subject), reference]:
+            m = metrics.get(row, {})
+            noise, peak = m.get("noise_sd_hu"), m.get("nps_peak_lp_per_mm")
+            cells = [
+                _fmt(noise if isinstance(noise, float) else float("nan"), 1),
+                "—" if row == reference else _relative(noise, truth.get("noise_sd_hu")),
+                _fmt(peak if isinstance(peak, float) else float("nan"), 2),
+                "—" if row == reference else _relative(peak, truth.get("nps_peak_lp_per_mm")),
+            ]
+            for group in result.groups:
+                entry = per_subject[subject][group]
+                if row == reference:
+                    cells.append("—")
+                elif entry["summary"].get(row) is None:
+                    cells.append(f"n/a ({entry['n_rois'].get(row, 0)} ROIs)")
+                else:
+                    cells.append(_fmt(entry["summary"][row]["all"]["mean"]))
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _window(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:

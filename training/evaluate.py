@@ -12,7 +12,10 @@ One loop over the paired subjects found under `--data` (pairing by tags, `traini
 
 Then PyRadiomics features of every ROI in every image (`training.radiomics_features`, a process
 pool), Lin's CCC per feature against the true target across ROIs, summaries per class
-(`training.ccc`), and the report (`training.eval_report`: Markdown, JSON, PNG figures).
+(`training.ccc`), and the report (`training.eval_report`: Markdown, JSON, PNG figures). The CCC
+is computed twice: pooled over the ROIs of all subjects, and per subject over that subject's ROIs
+only (a pooled table hides a subject that fails); a subject and ROI group with fewer than
+`subject_min_rois` ROIs gets no per-subject CCC and is reported as such.
 
 Rows: "Baseline (<source kernel>)" (the source as it is), one per engine, and "Repeat scan
 (ceiling)" on the subjects that have a repeat acquisition.
@@ -86,6 +89,11 @@ FloatVolume = npt.NDArray[np.float32]
 
 REPEAT_ROW = "Repeat scan (ceiling)"
 DEFAULT_ENGINE = "linear-filter"
+SUBJECT_MIN_ROIS = 5
+"""Fewest ROIs of one subject and group for a per-subject CCC (below it: reported, not computed)."""
+TRUTH_FACTS = ("habitus", "dose_factor")
+"""The only keys of a subject's truth.json (the simulator's sidecar) that the report repeats;
+the file also names the phantom, which stays out of reports."""
 _MARGIN_PX = 1
 """Background pixels around every ROI box handed to PyRadiomics, which refuses a mask that is
 all foreground (a window lying wholly inside one HU range). Features use masked pixels only."""
@@ -116,6 +124,7 @@ class EvaluationConfig:
     rois_per_range / window_px / range_min_pixels: random HU-range ROIs per subject and range,
         square window side in pixels, least in-range pixels per window.
     nps_patch_px: side of the square NPS patches inside the uniform region.
+    subject_min_rois: fewest ROIs of one subject and ROI group for a per-subject CCC.
     seed: the ROI placement seed (and the engines' seed through standardize_series when fixed).
     """
 
@@ -130,10 +139,17 @@ class EvaluationConfig:
     window_px: int = 48
     range_min_pixels: int = 64
     nps_patch_px: int = 32
+    subject_min_rois: int = SUBJECT_MIN_ROIS
     radiomics: RadiomicsSettings = field(default_factory=RadiomicsSettings)
     workers: int = 1
     figures: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.subject_min_rois < 2:
+            raise ValueError(
+                f"subject_min_rois = {self.subject_min_rois}: a CCC needs at least 2 ROIs"
+            )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -161,6 +177,10 @@ class EvaluationConfig:
                 "region": "truth uniform_roi (heart blood pool)",
                 "detrend": "quadratic (2-D second-order polynomial per patch)",
                 "bin_width_lp_per_mm": NPS_BIN_WIDTH_LP_PER_MM,
+            },
+            "per_subject_ccc": {
+                "rois": "the subject's own ROIs of the group (same ROIs as pooled)",
+                "min_rois": self.subject_min_rois,
             },
             "radiomics": self.radiomics.describe(),
             "workers": self.workers,
@@ -195,7 +215,11 @@ class EvaluationResult:
     features: dict[str, npt.NDArray[np.float64]]
     """Per row and for the reference: [n_rois, n_features], NaN where the row has no image."""
     ccc: dict[str, dict[str, npt.NDArray[np.float64]]]
-    """ccc[group][row] = CCC per feature (NaN where undefined)."""
+    """ccc[group][row] = CCC per feature (NaN where undefined), pooled over subjects."""
+    subject_ccc: dict[str, dict[str, dict[str, npt.NDArray[np.float64]]]]
+    """subject_ccc[subject][group][row] = CCC per feature over that subject's ROIs of the group,
+    every group for every subject; all NaN where the subject has fewer than
+    `config.subject_min_rois` ROIs there (`subject_n_rois`)."""
     image_metrics: dict[str, Any]
     nps: dict[str, dict[str, NpsAccumulator]]
     """nps[subject or "all"][row or reference]."""
@@ -238,6 +262,89 @@ class EvaluationResult:
             1 for i, r in enumerate(self.rois) if r.group == group and np.all(np.isfinite(table[i]))
         )
 
+    @property
+    def subjects(self) -> list[str]:
+        """Subject labels in evaluation order."""
+        return [s["subject"] for s in self.data_summary["subjects"]]
+
+    def subject_rows(self, subject: str) -> list[str]:
+        """The rows this subject has (the repeat-scan row only with a repeat scan)."""
+        return list(self.subject_ccc[subject][self.groups[0]]) if self.groups else []
+
+    def subject_n_rois(self, subject: str, group: str, row: str) -> int:
+        return int(np.sum(_roi_selection(self.rois, self.features[row], group, subject)))
+
+    def subject_summaries(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """per_subject[subject][group] = {"n_rois": {row: n}, "too_few_rois": bool,
+        "summary": {row: {class: ClassSummary as a dict} (classes + "all"), or None where the
+        subject has fewer than `config.subject_min_rois` ROIs in the group}}."""
+        classes = [feature_class(n) for n in self.feature_names]
+        minimum = self.config.subject_min_rois
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for subject in self.subjects:
+            out[subject] = {}
+            for group in self.groups:
+                n_rois = {
+                    row: self.subject_n_rois(subject, group, row)
+                    for row in self.subject_ccc[subject][group]
+                }
+                summary: dict[str, Any] = {}
+                for row, values in self.subject_ccc[subject][group].items():
+                    if n_rois[row] < minimum:
+                        summary[row] = None
+                        continue
+                    by_class = summarize_by_class(values, classes, FEATURE_CLASSES)
+                    summary[row] = {k: vars(v) for k, v in by_class.items()}
+                out[subject][group] = {
+                    "n_rois": n_rois,
+                    "too_few_rois": any(n < minimum for n in n_rois.values()),
+                    "summary": summary,
+                }
+        return out
+
+
+def _roi_selection(
+    rois: Sequence[Roi],
+    table: npt.NDArray[np.float64],
+    group: str,
+    subject: str | None = None,
+) -> npt.NDArray[np.bool_]:
+    """The ROIs of `group` (and of `subject`, None: all subjects) whose row `table` holds finite
+    features for every feature."""
+    chosen = np.asarray(
+        [r.group == group and (subject is None or r.subject == subject) for r in rois], dtype=bool
+    )
+    finite: npt.NDArray[np.bool_] = np.all(np.isfinite(table), axis=1)
+    return chosen & finite
+
+
+def ccc_by_group(
+    rois: Sequence[Roi],
+    features: dict[str, npt.NDArray[np.float64]],
+    reference_name: str,
+    rows: Sequence[str],
+    groups: Sequence[str],
+    *,
+    subject: str | None = None,
+    min_rois: int = 2,
+) -> dict[str, dict[str, npt.NDArray[np.float64]]]:
+    """ccc[group][row] = CCC per feature of `row` against the reference across the ROIs of the
+    group (of `subject` only, or of every subject for None) where the row has features.
+
+    features: per row and for the reference, [n_rois, n_features] aligned with `rois`. A group
+    and row with fewer than `min_rois` such ROIs gets all NaN (no CCC)."""
+    reference = features[reference_name]
+    out: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
+    for group in groups:
+        out[group] = {}
+        for row in rows:
+            have = _roi_selection(rois, features[row], group, subject)
+            if int(have.sum()) < min_rois:
+                out[group][row] = np.full(reference.shape[1], np.nan)
+            else:
+                out[group][row] = ccc_per_feature(reference[have], features[row][have])
+    return out
+
 
 def _z_index(z_values: Sequence[float], z: float) -> int | None:
     best = int(np.argmin(np.abs(np.asarray(z_values, dtype=np.float64) - z)))
@@ -276,6 +383,46 @@ def _load_truth(
             truth["hu_ideal"][order].astype(np.int16),
             truth["uniform_roi"][order].astype(bool),
         )
+
+
+def _truth_facts(pair: PairedSeries, notes: list[str]) -> dict[str, Any]:
+    """`TRUTH_FACTS` from the subject's truth.json (simulated data), else {}."""
+    path = pair.pairs[0].source_path.parent / "truth.json"
+    if not path.is_file():
+        return {}
+    try:
+        truth = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        notes.append(f"{pair.subject_label}: truth.json unreadable ({type(error).__name__})")
+        return {}
+    if not isinstance(truth, dict):
+        return {}
+    return {k: truth[k] for k in TRUTH_FACTS if isinstance(truth.get(k), str | int | float)}
+
+
+def subject_description(summary: dict[str, Any], noise_sd_hu: float | None) -> str:
+    """One line about a subject from its data summary (and the source's measured noise SD)."""
+    rows, columns = summary["matrix"]
+    spacing = summary["pixel_spacing_mm"][1]
+    parts = [
+        f"{rows}x{columns} at {spacing:.3f} mm (field of view {columns * spacing:.0f} mm), "
+        f"{summary['slices']} slices"
+    ]
+    facts = summary.get("simulation") or {}
+    if facts:
+        parts.append(
+            "simulated "
+            + ", ".join(
+                f"dose factor {v:g}"
+                if k == "dose_factor" and isinstance(v, int | float)
+                else f"{k} {v}"
+                for k, v in facts.items()
+            )
+        )
+    if noise_sd_hu is not None and np.isfinite(noise_sd_hu):
+        parts.append(f"{summary['source_kernel']} noise SD {noise_sd_hu:.1f} HU")
+    parts.append("repeat scan" if summary["repeat_scan"] else "no repeat scan")
+    return "; ".join(parts)
 
 
 def _run_engine(pair: PairedSeries, eng: Engine, z: Sequence[float]) -> FloatVolume:
@@ -498,6 +645,7 @@ def run_evaluation(
     subjects_summary: list[dict[str, Any]] = []
     montage: dict[str, Any] | None = None
     errors_pooled: dict[str, list[tuple[float, float, int]]] = {}
+    subject_row_names: dict[str, list[str]] = {}
     bar = tqdm(
         primary, desc="subjects (read, engines, ROIs)", unit="subject", disable=not config.progress
     )
@@ -528,23 +676,28 @@ def run_evaluation(
             montage = _montage(
                 subject, subject_rois, baseline_row, [n for n, _ in engine_rows], reference_name
             )
-        subjects_summary.append(
-            {
-                "subject": subject.label,
-                "slices": subject.pair.n_slices,
-                "matrix": [subject.pair.rows, subject.pair.columns],
-                "pixel_spacing_mm": list(subject.pair.pixel_spacing_mm),
-                "z_range_mm": [subject.pair.pairs[0].z_mm, subject.pair.pairs[-1].z_mm],
-                "source_kernel": subject.pair.source_kernel,
-                "target_kernel": subject.pair.target_kernel,
-                "repeat_scan": REPEAT_ROW in subject.rows,
-                "ground_truth": subject.nodule_ids is not None,
-                "rois": {
-                    g: sum(1 for r in subject_rois if r.group == g)
-                    for g in {r.group for r in subject_rois}
-                },
-            }
+        subject_facts: dict[str, Any] = {
+            "subject": subject.label,
+            "slices": subject.pair.n_slices,
+            "matrix": [subject.pair.rows, subject.pair.columns],
+            "pixel_spacing_mm": list(subject.pair.pixel_spacing_mm),
+            "field_of_view_mm": subject.pair.columns * subject.pair.pixel_spacing_mm[1],
+            "z_range_mm": [subject.pair.pairs[0].z_mm, subject.pair.pairs[-1].z_mm],
+            "source_kernel": subject.pair.source_kernel,
+            "target_kernel": subject.pair.target_kernel,
+            "repeat_scan": REPEAT_ROW in subject.rows,
+            "ground_truth": subject.nodule_ids is not None,
+            "simulation": _truth_facts(pair, notes),
+            "rois": {
+                g: sum(1 for r in subject_rois if r.group == g)
+                for g in {r.group for r in subject_rois}
+            },
+        }
+        subject_facts["description"] = subject_description(
+            subject_facts, metrics.get(baseline_row, {}).get("noise_sd_hu")
         )
+        subjects_summary.append(subject_facts)
+        subject_row_names[subject.label] = [r for r in row_order if r in subject.rows]
     timings["read_engines_rois_s"] = time.perf_counter() - started
 
     pooled: dict[str, Any] = {}
@@ -592,13 +745,20 @@ def run_evaluation(
         for k, row in enumerate(task_rows, start=1):
             features[row][i] = values[k]
 
-    ccc: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
-    for group in {r.group for r in rois}:
-        in_group = np.asarray([r.group == group for r in rois])
-        ccc[group] = {}
-        for row in rows_present:
-            have = in_group & np.all(np.isfinite(features[row]), axis=1)
-            ccc[group][row] = ccc_per_feature(features[reference_name][have], features[row][have])
+    groups = list(dict.fromkeys(r.group for r in rois))
+    ccc = ccc_by_group(rois, features, reference_name, rows_present, groups)
+    subject_ccc = {
+        label: ccc_by_group(
+            rois,
+            features,
+            reference_name,
+            [r for r in rows_present if r in subject_rows],
+            groups,
+            subject=label,
+            min_rois=config.subject_min_rois,
+        )
+        for label, subject_rows in subject_row_names.items()
+    }
 
     timings["total_s"] = time.perf_counter() - started
     return EvaluationResult(
@@ -610,6 +770,7 @@ def run_evaluation(
         feature_names=feature_names,
         features=features,
         ccc=ccc,
+        subject_ccc=subject_ccc,
         image_metrics=image_metrics,
         nps=nps,
         data_summary={
@@ -624,6 +785,16 @@ def run_evaluation(
         timings_s=timings,
         notes=notes,
     )
+
+
+def _min_rois(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: a CCC needs an integer of at least 2 ROIs")
+    return value
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -661,6 +832,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rois-per-range", type=int, default=EvaluationConfig.rois_per_range)
     parser.add_argument("--window-px", type=int, default=EvaluationConfig.window_px)
     parser.add_argument("--lesion-min-pixels", type=int, default=EvaluationConfig.lesion_min_pixels)
+    parser.add_argument(
+        "--subject-min-rois",
+        type=_min_rois,
+        default=SUBJECT_MIN_ROIS,
+        metavar="N",
+        help="fewest ROIs of one subject and group for a per-subject CCC, at least 2 "
+        f"(default {SUBJECT_MIN_ROIS})",
+    )
     parser.add_argument(
         "--bin-width",
         type=float,
@@ -703,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         target_kernel=args.target_kernel,
         seed=args.seed,
         lesion_min_pixels=args.lesion_min_pixels,
+        subject_min_rois=args.subject_min_rois,
         rois_per_range=args.rois_per_range,
         window_px=args.window_px,
         radiomics=RadiomicsSettings(bin_width_hu=args.bin_width),

@@ -179,6 +179,13 @@ def write_pair(root: Path) -> Path:
         uniform_roi=uniform,
         z=z,
     )
+    sidecar = {
+        "subject": "S001",
+        "habitus": "normal",
+        "dose_factor": 0.5,
+        "patient_name": "PHANTOM^X",
+    }
+    (subject / "truth.json").write_text(json.dumps(sidecar))
     return root
 
 
@@ -226,6 +233,21 @@ def test_report_holds_every_row_group_and_setting(tmp_path: Path) -> None:
         assert set(report["groups"][group]["summary"]["engine-a"]) == {*FEATURE_CLASSES, "all"}
     assert "| engine-a |" in markdown and "Lesion ROIs" in markdown
     assert report["image_metrics"]["S001"]["engine-a"]["noise_sd_hu"] > 0
+    # the simulator's sidecar gives the description its habitus and dose, never the phantom name
+    (facts,) = report["data"]["subjects"]
+    assert facts["simulation"] == {"habitus": "normal", "dose_factor": 0.5}
+    assert "habitus normal, dose factor 0.5" in facts["description"] in markdown
+    assert "PHANTOM" not in json.dumps(report) and "PHANTOM" not in markdown
+    # one subject: its per-subject CCC is the pooled one, or marked too few ROIs
+    assert list(report["per_subject"]) == ["S001"] and "### S001" in markdown
+    for group in result.groups:
+        entry = report["per_subject"]["S001"][group]
+        n = entry["n_rois"]["engine-a"]
+        assert n == report["groups"][group]["n_rois"]["engine-a"]
+        if n < result.config.subject_min_rois:
+            assert entry["too_few_rois"] and entry["summary"]["engine-a"] is None
+        else:
+            assert entry["summary"]["engine-a"] == report["groups"][group]["summary"]["engine-a"]
 
 
 def test_cli_runs_the_shipped_linear_engine_and_draws_figures(tmp_path: Path) -> None:
