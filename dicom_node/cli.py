@@ -15,14 +15,18 @@ from typing import Any
 
 from dicom_node import __version__
 from dicom_node.config import (
+    BUILTIN_FALLBACK,
     ConfigError,
     DestinationConfig,
+    EngineConfig,
     NodeConfig,
+    RouteRule,
     check_runtime,
     load_config,
     validate_ae_title,
 )
 from dicom_node.logs import configure_logging, configure_process, get_logger, safe_error_text
+from engine.envelope_policy import OutsideEnvelope, OutsideEnvelopeError
 from engine.interface import EngineError
 
 log = get_logger("dicom_node.cli")
@@ -61,13 +65,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.export import echo
+    from engine.envelope import engine_envelope
     from engine.registry import load_engine
 
     config = _config(args)
     warnings = check_runtime(config)
     for eng in config.engines:
-        identity = load_engine(eng.kind, eng.weights, eng.device, eng.options).identity
-        print(f"engine {eng.name!r}: {identity.short}", file=sys.stderr)
+        engine = load_engine(eng.kind, eng.weights, eng.device, eng.options)
+        envelope = engine_envelope(engine)
+        print(
+            f"engine {eng.name!r}: {engine.identity.short}; "
+            + (
+                f"validated envelope: {envelope.describe()}"
+                if envelope is not None
+                else "no validated envelope"
+            ),
+            file=sys.stderr,
+        )
+    for route in config.routes:
+        print(f"route {route.name!r}: {_envelope_policy_text(route, config)}", file=sys.stderr)
     print(json.dumps(config.as_dict(), indent=2))
     for dest in config.destinations:
         ok, what = echo(dest, config.listener.ae_title)
@@ -79,6 +95,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print("configuration is valid", file=sys.stderr)
     return EXIT_OK
+
+
+def _envelope_policy_text(route: RouteRule, config: NodeConfig) -> str:
+    """What a route does with a series outside its engine's validated envelope."""
+    action = route.outside_envelope
+    if action is OutsideEnvelope.FALLBACK:
+        fallback = config.fallback_engine(route).name
+        return f"engine {route.engine!r}; outside its validated envelope: fallback to {fallback!r}"
+    if action is OutsideEnvelope.FAIL:
+        return f"engine {route.engine!r}; outside its validated envelope: the job fails"
+    return f"engine {route.engine!r}; outside its validated envelope: processed with a warning"
 
 
 def _parse_destination(spec: str, config: NodeConfig) -> DestinationConfig:
@@ -186,19 +213,47 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _engine_config(config: NodeConfig, name: str | None, option: str) -> EngineConfig:
+    """The [engines.NAME] table `name` (the first engine when None)."""
+    if name is None:
+        return config.engines[0]
+    try:
+        return config.engine(name)
+    except KeyError:
+        names = [e.name for e in config.engines]
+        raise ConfigError(f"{option} {name!r}: no such engine; configured: {names}") from None
+
+
 def cmd_standardize(args: argparse.Namespace) -> int:
     import pydicom
 
     from dicom_node.engine_host import derived_options
+    from engine.envelope_policy import EnvelopePolicy, EnvelopeStatus
+    from engine.interface import Engine
     from engine.pipeline import standardize_series, write_series
     from engine.registry import load_engine
 
     config = _config(args)
     configure_logging("console" if sys.stdout.isatty() else config.log_format, config.log_level)
-    eng_cfg = config.engine(args.engine) if args.engine else config.engines[0]
-    engine = load_engine(
-        eng_cfg.kind, eng_cfg.weights, args.device or eng_cfg.device, eng_cfg.options
+    device = args.device
+    eng_cfg = _engine_config(config, args.engine, "--engine")
+    engine = load_engine(eng_cfg.kind, eng_cfg.weights, device or eng_cfg.device, eng_cfg.options)
+    fallback_cfg = (
+        _engine_config(config, args.fallback_engine, "--fallback-engine")
+        if args.fallback_engine
+        else BUILTIN_FALLBACK
     )
+    if args.fallback_engine and fallback_cfg.name == eng_cfg.name:
+        raise ConfigError(f"--fallback-engine {args.fallback_engine!r}: is the engine itself")
+    loaded: list[Engine] = []
+
+    def fallback() -> Engine:
+        if not loaded:
+            ec = fallback_cfg
+            loaded.append(load_engine(ec.kind, ec.weights, device or ec.device, ec.options))
+        return loaded[0]
+
+    policy = EnvelopePolicy(OutsideEnvelope(args.outside_envelope), fallback)
     by_series: dict[str, list[Path]] = defaultdict(list)
     skipped = 0
     for p in sorted(x for x in args.input.rglob("*") if x.is_file()):
@@ -214,7 +269,11 @@ def cmd_standardize(args: argparse.Namespace) -> int:
     for series_uid, paths in by_series.items():
         t0 = time.monotonic()
         try:
-            result = standardize_series(paths, engine, derived_options(config))
+            result = standardize_series(paths, engine, derived_options(config), envelope=policy)
+        except OutsideEnvelopeError as exc:
+            failures += 1
+            print(f"series {series_uid}: FAILED: {exc}", file=sys.stderr)
+            continue
         except (ValueError, RuntimeError) as exc:
             failures += 1
             print(f"series {series_uid}: FAILED: {safe_error_text(exc)}", file=sys.stderr)
@@ -222,9 +281,23 @@ def cmd_standardize(args: argparse.Namespace) -> int:
         out = args.output / result.series_instance_uid
         out.mkdir(parents=True, exist_ok=True)
         write_series(result.datasets, out)
+        check = result.envelope
+        why = ""
+        if check is not None and check.status is EnvelopeStatus.FALLBACK:
+            why = (
+                f"; outside the validated envelope of {check.checked.short}: "
+                f"{'; '.join(check.violations)}; fallback engine ran"
+            )
+        elif check is not None and check.status is EnvelopeStatus.OUTSIDE_PROCESSED:
+            why = (
+                "; WARNING: processed outside the validated envelope: "
+                f"{'; '.join(check.violations)}"
+            )
+        elif check is not None:
+            why = f"; envelope {check.status.value}"
         print(
             f"series {series_uid}: {len(result.datasets)} image(s) -> {out} "
-            f"({engine.identity.short}, {time.monotonic() - t0:.1f} s)"
+            f"({result.identity.short}, {time.monotonic() - t0:.1f} s{why})"
         )
     if skipped:
         print(f"{skipped} non-DICOM file(s) ignored", file=sys.stderr)
@@ -276,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=Path, metavar="OUT_DIR")
     p.add_argument("--engine", help="engine name from the configuration (default: the first)")
     p.add_argument("--device", help="override the engine's device (cpu, cuda, cuda:N)")
+    p.add_argument(
+        "--outside-envelope",
+        choices=[a.value for a in OutsideEnvelope],
+        default=OutsideEnvelope.FALLBACK.value,
+        help="a series outside the engine's validated envelope: run the fallback engine, fail "
+        "it, or process it anyway with a warning (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fallback-engine",
+        metavar="NAME",
+        help="engine name from the configuration to fall back to (default: the built-in linear "
+        "filter)",
+    )
     p.set_defaults(func=cmd_standardize)
 
     sub.add_parser(

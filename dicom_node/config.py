@@ -19,6 +19,7 @@ from typing import Any
 
 from dicom_node.preflight import ReceptionLimits
 from dicom_node.tls import TLSSetupError, make_ssl_context
+from engine.envelope_policy import OutsideEnvelope
 from engine.registry import (
     KNOWN_ENGINE_KINDS,
     LINEAR_FILTER_KIND,
@@ -113,6 +114,11 @@ class RouteRule:
     destinations: tuple[str, ...]
     match: tuple[tuple[str, str], ...]  # (attribute keyword, regex); all must match
     exclude: tuple[tuple[str, str], ...] = ()  # (attribute keyword, regex); any excludes
+    # A series outside the engine's validated envelope (engine/envelope_policy.py): run the
+    # fallback engine, fail the job, or process anyway with a warning.
+    outside_envelope: OutsideEnvelope = OutsideEnvelope.FALLBACK
+    # Name of an [engines.NAME] table; None: the built-in linear filter (BUILTIN_FALLBACK).
+    fallback_engine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,17 @@ class NodeConfig:
                 return eng
         raise KeyError(name)
 
+    def route(self, name: str | None) -> RouteRule | None:
+        """The first route of this name (None when there is none: the configuration changed
+        since a job was queued)."""
+        return next((r for r in self.routes if r.name == name), None)
+
+    def fallback_engine(self, route: RouteRule) -> EngineConfig:
+        """The engine a route falls back to outside its engine's validated envelope."""
+        if route.fallback_engine is None:
+            return BUILTIN_FALLBACK
+        return self.engine(route.fallback_engine)
+
     def as_dict(self) -> dict[str, Any]:
         """The effective configuration as plain data (for `check-config` and the start-up log)."""
         plain: dict[str, Any] = _plain(asdict(self))
@@ -212,6 +229,9 @@ class NodeConfig:
 
 
 DEFAULT_ENGINES = (EngineConfig(name="linear"),)
+BUILTIN_FALLBACK = EngineConfig(name="built-in linear filter", kind=LINEAR_FILTER_KIND)
+"""A route's fallback engine when it names none: the linear filter with its shipped weights
+(run on the CPU whatever the route engine's device)."""
 DEFAULT_ROUTES = (
     RouteRule(
         name="br40-to-bl64",
@@ -583,12 +603,26 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
     engine_names = [e.name for e in engines]
     route_tables = top.tables("routes")
     for t in route_tables:
+        fallback = t.string("fallback_engine", "") if t.has("fallback_engine") else None
+        if fallback == "":
+            raise ConfigError(
+                f"{t.key('fallback_engine')} = '': expected the name of an [engines.NAME] table "
+                "(leave the key out for the built-in linear filter)"
+            )
         rule = RouteRule(
             name=t.string("name", f"rule{len(routes) + 1}"),
             engine=t.string("engine", engine_names[0] if engine_names else ""),
             destinations=t.strings("destinations", tuple(dest_names)),
             match=_match_pairs(t.table("match")),
             exclude=_match_pairs(t.table("exclude")),
+            outside_envelope=OutsideEnvelope(
+                t.choice(
+                    "outside_envelope",
+                    OutsideEnvelope.FALLBACK.value,
+                    tuple(a.value for a in OutsideEnvelope),
+                )
+            ),
+            fallback_engine=fallback,
         )
         t.reject_unknown()
         routes.append(rule)
@@ -602,6 +636,18 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             raise ConfigError(
                 f"routes[{i}].engine = {rule.engine!r}: no such engine; configured: {engine_names}"
             )
+        if rule.fallback_engine is not None:
+            if rule.fallback_engine not in engine_names:
+                raise ConfigError(
+                    f"routes[{i}].fallback_engine = {rule.fallback_engine!r}: no such engine; "
+                    f"configured: {engine_names} (leave it out for the built-in linear filter)"
+                )
+            if rule.fallback_engine == rule.engine:
+                raise ConfigError(
+                    f"routes[{i}].fallback_engine = {rule.fallback_engine!r}: is the route's own "
+                    "engine; a fallback must be another engine (leave it out for the built-in "
+                    "linear filter)"
+                )
         for d in rule.destinations:
             if d not in dest_names:
                 raise ConfigError(
@@ -711,6 +757,14 @@ def check_runtime(config: NodeConfig) -> list[str]:
     for route in config.routes:
         if not route.destinations:
             warnings.append(f"route {route.name!r} has no destinations")
+        if (
+            route.fallback_engine is not None
+            and route.outside_envelope is not OutsideEnvelope.FALLBACK
+        ):
+            warnings.append(
+                f"route {route.name!r}: fallback_engine = {route.fallback_engine!r} is not used "
+                f"(outside_envelope = {route.outside_envelope.value!r})"
+            )
     return warnings
 
 

@@ -42,12 +42,19 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import BUILTIN_FALLBACK, EngineConfig, NodeConfig
 from dicom_node.logs import configure_process, get_logger, safe_error_text
 from engine.derived import DerivedSeriesOptions
+from engine.envelope_policy import (
+    OUTSIDE_STATUSES,
+    EnvelopePolicy,
+    EnvelopeStatus,
+    OutsideEnvelope,
+    OutsideEnvelopeError,
+)
 from engine.interface import Engine, EngineError
 from engine.pipeline import standardize_series, write_series
-from engine.registry import LINEAR_FILTER_KIND, load_engine
+from engine.registry import LINEAR_FILTER_KIND, EngineOptions, load_engine
 
 log = get_logger("dicom_node.engine_host")
 
@@ -74,6 +81,9 @@ class EngineJob:
     engine: str  # name of an [engines.NAME] table
     paths: tuple[str, ...]
     out_dir: str
+    route: str | None = None  # the routing rule's name (for the logs)
+    outside_envelope: OutsideEnvelope = OutsideEnvelope.FALLBACK  # the route's policy
+    fallback_engine: str | None = None  # [engines.NAME]; None: the built-in linear filter
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,9 @@ class FailureKind(StrEnum):
 class EngineFailure:
     kind: FailureKind
     reason: str
+    # The envelope check when the series was refused for being outside the validated envelope
+    # (EnvelopeCheck.as_log()); empty otherwise.
+    envelope: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,27 +128,42 @@ EngineOutcome = EngineResult | EngineFailure | EngineCrash | EngineInterrupted
 
 
 class EngineCache:
-    """Engines are loaded once per (engine name, device) and reused across jobs (in the engine
-    process, which runs one job at a time)."""
+    """Engines are loaded once per (kind, weights, options, device) and reused across jobs (in
+    the engine process, which runs one job at a time)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self._engines: dict[tuple[str, str], Engine] = {}
+        self._engines: dict[tuple[str, Path | None, EngineOptions, str], Engine] = {}
 
     def preload(self, device: str) -> None:
-        """Load every engine a route uses, so that a missing or incompatible weights file stops
-        start-up (EngineError) instead of failing the first series."""
+        """Load every engine a route uses, and the fallback engine of every route that falls
+        back outside the envelope, so that a missing or incompatible weights file stops start-up
+        (EngineError) instead of failing the first series."""
         for name in sorted({route.engine for route in self.config.routes}):
             self.get(name, device)
+        for route in self.config.routes:
+            if route.outside_envelope is OutsideEnvelope.FALLBACK:
+                self.load(self.config.fallback_engine(route), device)
 
     def get(self, name: str, device: str) -> Engine:
-        key = (name, device)
+        """The engine of the [engines.NAME] table `name`."""
+        return self.load(self.config.engine(name), device)
+
+    def fallback(self, name: str | None, device: str) -> Engine:
+        """A route's fallback engine: [engines.NAME], or the built-in linear filter for None."""
+        if name is None:
+            return self.load(BUILTIN_FALLBACK, device)
+        return self.get(name, device)
+
+    def load(self, ec: EngineConfig, device: str) -> Engine:
+        """The engine of a configuration; one that loads the same weights with the same options
+        is shared (the built-in fallback and a default [engines.linear] are one engine)."""
+        key = (ec.kind, ec.weights, ec.options, device)
         if key not in self._engines:
-            ec = self.config.engine(name)
             self._engines[key] = load_engine(ec.kind, ec.weights, device, ec.options)
             log.info(
                 "engine.loaded",
-                engine=name,
+                engine=ec.name,
                 kind=ec.kind,
                 device=device,
                 identity=self._engines[key].identity.short,
@@ -166,8 +194,12 @@ def run_job(
     try:
         if not job.paths:
             raise ValueError("the series has no stored instances")
-        engine = engines.get(job.engine, device)
-        result = standardize_series(job.paths, engine, derived_options(config))
+        policy = EnvelopePolicy(
+            job.outside_envelope, lambda: engines.fallback(job.fallback_engine, device)
+        )
+        result = standardize_series(
+            job.paths, engines.get(job.engine, device), derived_options(config), envelope=policy
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
@@ -178,6 +210,8 @@ def run_job(
             return EngineFailure(
                 FailureKind.DISK_FULL, f"disk full writing the output to {out_dir.parent}"
             )
+        if isinstance(exc, OutsideEnvelopeError):
+            return EngineFailure(FailureKind.INPUT, safe_error_text(exc), exc.check.as_log())
         if not isinstance(exc, ValueError | RuntimeError):
             log.error("job.engine_error", job=job.job_id, exc_info=True)
         return EngineFailure(FailureKind.INPUT, safe_error_text(exc))
@@ -185,12 +219,13 @@ def run_job(
         (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(p))
         for ds, p in zip(result.datasets, written, strict=True)
     )
+    ran = result.identity
     summary: dict[str, Any] = {
         "slices_in": len(job.paths),
         "slices_out": len(outputs),
-        "engine": engine.identity.short,
-        "kernel_in": engine.identity.source_kernel,
-        "kernel_out": engine.identity.target_kernel,
+        "engine": ran.short,
+        "kernel_in": ran.source_kernel,
+        "kernel_out": ran.target_kernel,
         "clipped_pixels": int(result.clipped_pixels),
         "decode_ms": round(result.timings.decode_ms, 1),
         "engine_ms": round(result.timings.engine_ms, 1),
@@ -199,7 +234,41 @@ def run_job(
         "device": device,
         "notes": list(result.notes),
     }
+    if result.envelope is not None:
+        summary.update(result.envelope.as_log())
+        summary["envelope_ms"] = round(result.timings.envelope_ms, 1)
     return EngineResult(outputs, result.series_instance_uid, summary)
+
+
+MEASUREMENT_LOG_KEYS = (
+    "pixel_spacing_mm",
+    "slice_thickness_mm",
+    "matrix",
+    "source_kernel",
+    "noise_hu",
+)
+"""The measurement fields of a job's summary (engine.envelope.SeriesMeasurement.as_log)."""
+ENVELOPE_LOG_KEYS = ("envelope", "envelope_violations", *MEASUREMENT_LOG_KEYS)
+"""What the canonical line (series.done / series.failed) reports of the envelope check."""
+
+
+def outside_envelope_fields(envelope: dict[str, Any]) -> dict[str, Any] | None:
+    """The fields of the `engine.outside_envelope` warning from a job's envelope check (its
+    summary, or EngineFailure.envelope); None when the series was not outside the envelope."""
+    if envelope.get("envelope") not in OUTSIDE_STATUSES:
+        return None
+    fields: dict[str, Any] = {
+        "action": envelope.get("envelope_action"),
+        "outcome": envelope.get("envelope"),
+        "engine": envelope.get("envelope_engine"),
+        "violations": envelope.get("envelope_violations", []),
+    }
+    if envelope.get("envelope") != EnvelopeStatus.OUTSIDE_FAILED.value:
+        fields["ran_engine"] = envelope.get("engine")
+    if "fallback_violations" in envelope:
+        fields["fallback_violations"] = envelope["fallback_violations"]
+    fields.update({k: envelope[k] for k in MEASUREMENT_LOG_KEYS if k in envelope})
+    return fields
 
 
 def _die_with_parent() -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from dicom_node.assembly import ready_series
 from dicom_node.config import NodeConfig, UnmatchedAction
+from dicom_node.engine_host import ENVELOPE_LOG_KEYS
 from dicom_node.export import Exporter
 from dicom_node.logs import get_logger
 from dicom_node.routing import decide
@@ -272,7 +273,9 @@ class Node:
 
     def _canonical_line(self, event: JobFinished) -> None:
         """One line per series at the end (the store calls this once for every job that becomes
-        done or failed): slices, kernels, timings, status."""
+        done or failed): slices, kernels, the engine that ran, the envelope check (status,
+        violations, measurement; absent for forwarded series and for jobs that failed before the
+        check), timings, status."""
         job, state = event.job, event.state
         outcome = self.store.job_outcome(job.id)
         summary = outcome["summary"]
@@ -289,6 +292,7 @@ class Node:
             kernel_in=series.header.get("ConvolutionKernel") if series else None,
             kernel_out=summary.get("kernel_out"),
             engine=summary.get("engine"),
+            **{key: summary[key] for key in ENVELOPE_LOG_KEYS if key in summary},
             processing_ms=summary.get("processing_ms"),
             turnaround_ms=round((finished - received) * 1000, 1),
             destinations=list(job.destinations),

@@ -525,9 +525,23 @@ class JobStore:
                 self._finish(c, job_id, JobState.DONE, None, now)
         return state
 
-    def fail_job(self, job_id: int, error: str, now: float | None = None) -> None:
+    def fail_job(
+        self,
+        job_id: int,
+        error: str,
+        now: float | None = None,
+        *,
+        summary: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Fail a job; `summary` (what was found before it failed, e.g. the envelope check)
+        replaces the job's summary for the canonical line."""
         now = time.time() if now is None else now
         with self._tx() as c:
+            if summary:
+                c.execute(
+                    "UPDATE jobs SET summary_json=? WHERE id=?",
+                    (json.dumps(dict(summary), sort_keys=True), job_id),
+                )
             self._finish(c, job_id, JobState.FAILED, error, now)
 
     def _count_crash(

@@ -8,6 +8,8 @@ What a worker does with each outcome:
 - the derived series is written: its exports are queued (or the job is done);
 - the series cannot be standardized: the job fails with a reason an operator can read
   (`ltdiff-node retry JOB` queues it again);
+- the series was outside the validated envelope of the route's engine (fallback engine ran,
+  processed anyway, or failed: engine/envelope_policy.py): `engine.outside_envelope` is logged;
 - the disk is full: the job waits `jobs.disk_full_retry_s` and retries by itself (`status` shows
   it waiting); while free space is below `listener.min_free_disk_mb` no job is started;
 - the engine process died or was killed (memory, time): the job is queued again, and fails after
@@ -37,9 +39,11 @@ from dicom_node.engine_host import (
     EngineProcess,
     EngineResult,
     FailureKind,
+    outside_envelope_fields,
 )
 from dicom_node.logs import get_logger
 from dicom_node.store import JobKind, JobRow, JobState, JobStore
+from engine.envelope_policy import OutsideEnvelope
 from engine.interface import EngineError
 
 log = get_logger("dicom_node.worker")
@@ -187,7 +191,17 @@ class EngineWorker(threading.Thread):
         if instances is None:  # stopping while the database could not be read
             return
         paths = tuple(str(path) for _, _, path in instances)
-        request = EngineJob(job.id, job.engine or "", paths, str(out_dir))
+        # The route's envelope policy as configured now (the defaults if the route is gone).
+        route = self.config.route(job.rule)
+        request = EngineJob(
+            job.id,
+            job.engine or "",
+            paths,
+            str(out_dir),
+            route=job.rule,
+            outside_envelope=OutsideEnvelope.FALLBACK if route is None else route.outside_envelope,
+            fallback_engine=None if route is None else route.fallback_engine,
+        )
         try:
             outcome: EngineOutcome = self.engine.run(request, self.stop_event)
         except EngineError as exc:
@@ -199,6 +213,11 @@ class EngineWorker(threading.Thread):
 
     def _settle(self, job: JobRow, outcome: EngineOutcome) -> None:
         context = {"job": job.id, "series_uid": job.series_uid, "worker": self.name}
+        if isinstance(outcome, EngineResult | EngineFailure):
+            envelope = outcome.summary if isinstance(outcome, EngineResult) else outcome.envelope
+            outside = outside_envelope_fields(envelope)
+            if outside is not None:
+                log.warning("engine.outside_envelope", route=job.rule, **context, **outside)
         if isinstance(outcome, EngineResult):
             outputs = [(sop, cls, Path(p)) for sop, cls, p in outcome.outputs]
             state = self._db(
@@ -223,7 +242,7 @@ class EngineWorker(threading.Thread):
             self._db(lambda: self.store.defer_job(job.id, outcome.reason, time.time() + retry_s))
             log.warning("job.waiting_for_disk", reason=outcome.reason, retry_s=retry_s, **context)
         elif isinstance(outcome, EngineFailure):
-            self._db(lambda: self.store.fail_job(job.id, outcome.reason))
+            self._db(lambda: self.store.fail_job(job.id, outcome.reason, summary=outcome.envelope))
             log.error("job.failed", reason=outcome.reason, **context)
         elif isinstance(outcome, EngineCrash):
             state = self._db(

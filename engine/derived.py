@@ -285,16 +285,26 @@ def series_description(source_description: str, identity: EngineIdentity, prefix
     return text.strip()[:64]
 
 
-def derivation_description(identity: EngineIdentity) -> str:
+DERIVATION_DESCRIPTION_MAX = 1024
+"""Characters of an ST value (PS3.5 6.2)."""
+
+
+def derivation_description(identity: EngineIdentity, note: str = "") -> str:
     """Derivation Description (ST): what was done, by which engine and weights, and what the
-    result is not (an original target-kernel reconstruction)."""
-    return (
+    result is not (an original target-kernel reconstruction). `note` (the validated-envelope
+    check, engine.envelope_policy) follows, cut with "..." where the whole would exceed the
+    1024 characters of ST."""
+    text = (
         f"{DERIVATION_MARKER}: {identity.source_kernel} -> {identity.target_kernel}-like by "
         f"{identity.name} {identity.version}, weights sha256 {identity.weights_sha256}"
         f"{f', settings {identity.settings}' if identity.settings else ''}. "
         f"Post-processed from the {identity.source_kernel} reconstruction; not an original "
         f"{identity.target_kernel} reconstruction."
-    )[:1024]
+    )
+    if note:
+        room = DERIVATION_DESCRIPTION_MAX - len(text) - 1
+        text += " " + (note if len(note) <= room else note[: max(room - 3, 0)] + "...")
+    return text[:DERIVATION_DESCRIPTION_MAX]
 
 
 def _kernel_sharpness(kernel: str) -> int | None:
@@ -407,6 +417,7 @@ def build_derived_series(
     options: DerivedSeriesOptions | None = None,
     *,
     now: datetime | None = None,
+    derivation_note: str = "",
 ) -> DerivedSeries:
     """Build the validated derived CT series for `volume_hu` (the engine output, HU, same shape
     as `loaded.volume_hu`).
@@ -415,7 +426,9 @@ def build_derived_series(
     sources: one single-frame CT Image Storage instance per frame, referencing the enhanced
     instance and its frame in the Source Image Sequence (Referenced Frame Number), because every
     PACS and viewer displays CT Image Storage while Enhanced CT support is still patchy.
-    Source Pixel Padding pixels are kept as padding. Raises DerivedSeriesError.
+    Source Pixel Padding pixels are kept as padding. `derivation_note`: appended to the
+    Derivation Description (why this engine ran, engine.envelope_policy). Raises
+    DerivedSeriesError.
     """
     options = options or DerivedSeriesOptions()
     if volume_hu.shape != loaded.volume_hu.shape:
@@ -427,7 +440,7 @@ def build_derived_series(
     date, time, datetime_str = _now_parts(now)
     source_series = loaded.series_instance_uid
     series_uid = derived_series_uid(source_series, identity)
-    derivation = derivation_description(identity)
+    derivation = derivation_description(identity, derivation_note)
     code = derivation_code(identity)
     out_datasets: list[Dataset] = []
     clipped_total = 0

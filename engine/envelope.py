@@ -139,7 +139,7 @@ class ValidatedEnvelope:
             out.append("source kernel is not stated (ConvolutionKernel absent)")
         elif m.source_kernel.strip().casefold() not in known:
             out.append(
-                f"source kernel {m.source_kernel.strip()!r} is not one the weights were "
+                f"source kernel {m.source_kernel.strip()} is not one the weights were "
                 f"validated on ({', '.join(self.source_kernels)})"
             )
         if m.noise_hu is None:

@@ -1,8 +1,10 @@
 """The one code path from source files to derived datasets.
 
 Used by the node's worker and by the offline `ltdiff-node standardize IN_DIR OUT_DIR` command:
-`standardize_series` reads and decodes the files, runs the engine, builds the validated derived
-series and returns datasets without writing anything; `write_series` writes them atomically.
+`standardize_series` reads and decodes the files, checks the engine's validated envelope when
+given a policy (engine/envelope_policy.py: which engine runs, or why none does), runs the engine,
+builds the validated derived series and returns datasets without writing anything;
+`write_series` writes them atomically.
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from engine.derived import DerivedSeriesOptions, build_derived_series, is_ltdiff_output
+from engine.envelope_policy import EnvelopeCheck, EnvelopePolicy, choose_engine, measure_loaded
 from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
 from engine.series_io import SeriesError, load_series
 
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Wall-clock milliseconds per stage: read + decode, engine, build + encode."""
+    """Wall-clock milliseconds per stage: read + decode, engine, build + encode; the envelope
+    check (measuring the series) is part of engine_ms and also given alone."""
 
     decode_ms: float
     engine_ms: float
     encode_ms: float
+    envelope_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,14 @@ class StandardizationResult:
     datasets: the derived instances (validated, with file meta), in volume order.
     series_instance_uid: the derived Series Instance UID.
     source_series_instance_uid: the series that was standardized.
-    identity: the engine that ran.
+    identity: the engine that ran (the fallback engine when the envelope check chose it).
     n_slices: number of slices (= len(datasets)).
     clipped_pixels: output pixels clipped to the storable range.
     seed: the seed given to the engine.
     timings: per-stage wall-clock times.
     notes: loader notes for the log (skipped duplicates, fallback ordering).
+    envelope: the envelope check (status, measurement, violations, the engine that ran); None
+        when no policy was given (the envelope was not checked).
     """
 
     datasets: list[Dataset]
@@ -58,6 +65,7 @@ class StandardizationResult:
     seed: int
     timings: StageTimings
     notes: tuple[str, ...]
+    envelope: EnvelopeCheck | None = None
 
 
 def seed_for_series(series_instance_uid: str) -> int:
@@ -86,13 +94,18 @@ def standardize_series(
     *,
     seed: int | None = None,
     now: datetime | None = None,
+    envelope: EnvelopePolicy | None = None,
 ) -> StandardizationResult:
     """Read one CT series from `paths`, standardize it with `engine`, return the derived series.
 
     `seed`: given to the engine; None derives it from the source Series Instance UID
     (`seed_for_series`) so re-runs are reproducible. `now`: timestamp for the new headers
-    (current time when None). Refuses our own output (SeriesError), so a routing mistake cannot
+    (current time when None). `envelope`: the route's policy outside the engine's validated
+    envelope (`engine.envelope_policy.choose_engine`: the engine, its fallback, or
+    OutsideEnvelopeError); None does not check the envelope (evaluation and benchmarks measure
+    the engine itself). Refuses our own output (SeriesError), so a routing mistake cannot
     standardize a series twice. Raises SeriesError / PixelFormatError for unusable input,
+    OutsideEnvelopeError (an EngineError) outside the envelope when the policy says fail,
     EngineError for a misbehaving engine, DerivedSeriesError if the output cannot be built.
     """
     started = time.perf_counter()
@@ -105,10 +118,21 @@ def standardize_series(
     decoded = time.perf_counter()
     source_uid = loaded.series_instance_uid
     run_seed = seed_for_series(source_uid) if seed is None else seed
+    check: EnvelopeCheck | None = None
+    if envelope is not None:
+        engine, check = choose_engine(engine, lambda: measure_loaded(loaded), envelope)
+    checked = time.perf_counter()
     output = engine.standardize(loaded.volume_hu, loaded.geometry, seed=run_seed)
     volume = _check_engine_output(output, loaded.volume_hu.shape)
     ran = time.perf_counter()
-    derived = build_derived_series(loaded, volume, engine.identity, options, now=now)
+    derived = build_derived_series(
+        loaded,
+        volume,
+        engine.identity,
+        options,
+        now=now,
+        derivation_note=check.derivation_note() if check is not None else "",
+    )
     built = time.perf_counter()
     return StandardizationResult(
         datasets=derived.datasets,
@@ -122,8 +146,10 @@ def standardize_series(
             decode_ms=(decoded - started) * 1000.0,
             engine_ms=(ran - decoded) * 1000.0,
             encode_ms=(built - ran) * 1000.0,
+            envelope_ms=(checked - decoded) * 1000.0,
         ),
         notes=loaded.notes,
+        envelope=check,
     )
 
 

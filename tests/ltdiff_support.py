@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from pydicom import dcmwrite
 
+from engine.envelope import ValidatedEnvelope
 from engine.ltdiff.latent_diffusion import DenoiserConfig, LatentDenoiser, ScheduleConfig
 from engine.ltdiff.unetpp import UNetPlusPlusAutoencoder, UNetPPConfig
 from engine.ltdiff.weights import EngineMode, LTDiffWeights, SamplingConfig
@@ -46,10 +47,16 @@ TINY_TRAIN_ARGS = [
 
 
 def tiny_weights(
-    mode: EngineMode = EngineMode.LTDIFF, *, seed: int = 0, num_steps: int = 3, eta: float = 0.5
+    mode: EngineMode = EngineMode.LTDIFF,
+    *,
+    seed: int = 0,
+    num_steps: int = 3,
+    eta: float = 0.5,
+    envelope: ValidatedEnvelope | None = None,
 ) -> LTDiffWeights:
     """Randomly initialized tiny weights (the denoiser head is perturbed so the output depends on
-    the network, not only on the zero-initialized head)."""
+    the network, not only on the zero-initialized head), with `envelope` as their validated
+    envelope (none by default)."""
     torch.manual_seed(seed)
     ae = UNetPlusPlusAutoencoder(TINY_AE)
     den = LatentDenoiser(TINY_DENOISER)
@@ -69,6 +76,7 @@ def tiny_weights(
         latent_scale=1.5,
         target_scale=3.0,
         training={"note": "tiny test weights"},
+        envelope=envelope,
     )
 
 

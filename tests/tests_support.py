@@ -18,6 +18,7 @@ from pydicom import dcmwrite
 
 from dicom_node.config import NodeConfig
 from dicom_node.demo import loopback_config
+from engine.envelope import Span, ValidatedEnvelope
 from engine.synthetic import make_ct_series
 
 REQUIRE_PEERS = os.environ.get("CI", "").lower() == "true"
@@ -66,6 +67,21 @@ def write_series(
         dcmwrite(p, ds, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def chest_envelope(noise_hu: tuple[float, float] = (5.0, 40.0)) -> ValidatedEnvelope:
+    """An envelope like a chest CT model's: 0.6-1.0 mm pixels, 0.5-2 mm slices, 32-512 pixels
+    square, Br40d / Br40f, `noise_hu`. The default `tests_support.write_series` series (0.7 mm,
+    1 mm, 64 x 64, Br40d) is inside it except for its noise (a noise-free phantom: 0 HU)."""
+    return ValidatedEnvelope(
+        pixel_spacing_mm=Span(0.6, 1.0),
+        slice_thickness_mm=Span(0.5, 2.0),
+        rows=Span(32, 512),
+        columns=Span(32, 512),
+        source_kernels=("Br40d", "Br40f"),
+        noise_hu=Span(*noise_hu),
+        validated_on=("T001", "T002"),
+    )
 
 
 def node_config(state_dir: Path, dest_port: int | None, **listener: object) -> NodeConfig:

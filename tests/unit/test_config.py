@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import (
+    BUILTIN_FALLBACK,
     ConfigError,
     OtherStorage,
     UnmatchedAction,
@@ -14,6 +15,7 @@ from dicom_node.config import (
     load_config,
     parse_config,
 )
+from engine.envelope_policy import OutsideEnvelope
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -196,3 +198,70 @@ def test_reception_limits_and_jobs_have_documented_defaults_and_are_validated():
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config(data)
+
+
+def test_route_envelope_policy_defaults_to_the_built_in_linear_fallback():
+    (rule,) = parse_config({}).routes
+    assert rule.outside_envelope is OutsideEnvelope.FALLBACK and rule.fallback_engine is None
+    cfg = parse_config({})
+    assert cfg.fallback_engine(rule) == BUILTIN_FALLBACK
+    assert BUILTIN_FALLBACK.kind == "linear-filter" and BUILTIN_FALLBACK.weights is None
+
+
+def test_route_envelope_policy_is_parsed():
+    cfg = parse_config(
+        {
+            "engines": {"std": {"kind": "ltdiff"}, "linear": {}},
+            "routes": [
+                {"name": "a", "engine": "std", "fallback_engine": "linear"},
+                {"name": "b", "engine": "std", "outside_envelope": "fail"},
+                {"name": "c", "engine": "std", "outside_envelope": "process"},
+            ],
+        }
+    )
+    a, b, c = cfg.routes
+    assert (a.outside_envelope, a.fallback_engine) == (OutsideEnvelope.FALLBACK, "linear")
+    assert cfg.fallback_engine(a) == cfg.engine("linear")
+    assert b.outside_envelope is OutsideEnvelope.FAIL and c.outside_envelope.value == "process"
+    assert cfg.route("b") is b and cfg.route("gone") is None
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        (
+            {"outside_envelope": "skip"},
+            "routes[0].outside_envelope = 'skip': expected one of 'fallback', 'fail', 'process'",
+        ),
+        ({"outside_envelope": True}, "routes[0].outside_envelope = True: expected a string"),
+        (
+            {"fallback_engine": "nope"},
+            "routes[0].fallback_engine = 'nope': no such engine; configured: ['std', 'linear']",
+        ),
+        ({"fallback_engine": "std"}, "routes[0].fallback_engine = 'std': is the route's own"),
+        ({"fallback_engine": ""}, "routes[0].fallback_engine = '': expected the name of an"),
+        ({"fallback": "linear"}, "routes[0]: unknown key(s) fallback"),
+    ],
+)
+def test_route_envelope_policy_errors_name_the_key(route, message):
+    data = {
+        "engines": {"std": {"kind": "ltdiff"}, "linear": {}},
+        "routes": [{"engine": "std", **route}],
+    }
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(data)
+
+
+def test_a_fallback_engine_that_is_never_used_is_a_warning(tmp_path):
+    cfg = parse_config(
+        {
+            "node": {"state_dir": str(tmp_path / "state")},
+            "engines": {"std": {"kind": "ltdiff"}, "linear": {}},
+            "routes": [{"engine": "std", "outside_envelope": "fail", "fallback_engine": "linear"}],
+        }
+    )
+    warnings = check_runtime(cfg)
+    assert any(
+        "route 'rule1': fallback_engine = 'linear' is not used (outside_envelope = 'fail')" in w
+        for w in warnings
+    ), warnings
