@@ -51,7 +51,7 @@ def test_a_series_like_the_training_data_is_inside() -> None:
         ({"slice_thickness_mm": 5.0}, "slice thickness 5 mm is outside the validated 1 mm"),
         ({"slice_thickness_mm": None}, "slice thickness is not stated"),
         ({"rows": 256, "columns": 256}, "matrix 256x256 is outside"),
-        ({"source_kernel": "B30f"}, "source kernel 'B30f' is not one the weights were validated"),
+        ({"source_kernel": "B30f"}, "source kernel B30f is not one the weights were validated"),
         ({"source_kernel": None}, "source kernel is not stated"),
         ({"noise_hu": 150.0}, "noise level 150.0 HU is outside the validated 9-29 HU"),
         ({"noise_hu": 0.0}, "noise level 0.0 HU is outside"),
