@@ -9,24 +9,21 @@ import json
 import shutil
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from dicom_node import __version__
 from dicom_node.config import (
-    BUILTIN_FALLBACK,
     ConfigError,
     DestinationConfig,
-    EngineConfig,
     NodeConfig,
     RouteRule,
     check_runtime,
     load_config,
     validate_ae_title,
 )
-from dicom_node.logs import configure_logging, configure_process, get_logger, safe_error_text
-from engine.envelope_policy import OutsideEnvelope, OutsideEnvelopeError
+from dicom_node.logs import configure_logging, configure_process, get_logger
+from engine.envelope_policy import OutsideEnvelope
 from engine.interface import EngineError
 
 log = get_logger("dicom_node.cli")
@@ -34,6 +31,7 @@ log = get_logger("dicom_node.cli")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as a configuration error
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -213,95 +211,114 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _engine_config(config: NodeConfig, name: str | None, option: str) -> EngineConfig:
-    """The [engines.NAME] table `name` (the first engine when None)."""
-    if name is None:
-        return config.engines[0]
-    try:
-        return config.engine(name)
-    except KeyError:
-        names = [e.name for e in config.engines]
-        raise ConfigError(f"{option} {name!r}: no such engine; configured: {names}") from None
-
-
 def cmd_standardize(args: argparse.Namespace) -> int:
-    import pydicom
+    """Standardize the series of IN_DIR that the node's routes select (all CT series with
+    --all); the decisions are dicom_node/offline.py, running them dicom_node/offline_runner.py."""
+    from tqdm import tqdm
 
-    from dicom_node.engine_host import derived_options
-    from engine.envelope_policy import EnvelopePolicy, EnvelopeStatus
-    from engine.interface import Engine
-    from engine.pipeline import standardize_series, write_series
-    from engine.registry import load_engine
+    from dicom_node.offline import (
+        JobOutcome,
+        JobStatus,
+        Overrides,
+        PlannedJob,
+        outcome_line,
+        plan_jobs,
+        scan_folder,
+        total_line,
+        worker_devices,
+    )
+    from dicom_node.offline_runner import run_plan
 
     config = _config(args)
-    configure_logging("console" if sys.stdout.isatty() else config.log_format, config.log_level)
-    device = args.device
-    eng_cfg = _engine_config(config, args.engine, "--engine")
-    engine = load_engine(eng_cfg.kind, eng_cfg.weights, device or eng_cfg.device, eng_cfg.options)
-    fallback_cfg = (
-        _engine_config(config, args.fallback_engine, "--fallback-engine")
-        if args.fallback_engine
-        else BUILTIN_FALLBACK
-    )
-    if args.fallback_engine and fallback_cfg.name == eng_cfg.name:
-        raise ConfigError(f"--fallback-engine {args.fallback_engine!r}: is the engine itself")
-    loaded: list[Engine] = []
-
-    def fallback() -> Engine:
-        if not loaded:
-            ec = fallback_cfg
-            loaded.append(load_engine(ec.kind, ec.weights, device or ec.device, ec.options))
-        return loaded[0]
-
-    policy = EnvelopePolicy(OutsideEnvelope(args.outside_envelope), fallback)
-    by_series: dict[str, list[Path]] = defaultdict(list)
-    skipped = 0
-    for p in sorted(x for x in args.input.rglob("*") if x.is_file()):
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-            by_series[str(ds.SeriesInstanceUID)].append(p)
-        except (pydicom.errors.InvalidDicomError, AttributeError, OSError):
-            skipped += 1
-    if not by_series:
-        print(f"no DICOM series found in {args.input}", file=sys.stderr)
+    # The lines per series are the report; the engines' info events would interleave with them.
+    log_level = "debug" if config.log_level == "debug" else "warning"
+    log_format = "console" if sys.stdout.isatty() else config.log_format
+    configure_logging(log_format, log_level)
+    if not args.input.is_dir():
+        print(f"{args.input}: not a folder", file=sys.stderr)
         return EXIT_FAILURE
-    failures = 0
-    for series_uid, paths in by_series.items():
-        t0 = time.monotonic()
-        try:
-            result = standardize_series(paths, engine, derived_options(config), envelope=policy)
-        except OutsideEnvelopeError as exc:
-            failures += 1
-            print(f"series {series_uid}: FAILED: {exc}", file=sys.stderr)
-            continue
-        except (ValueError, RuntimeError) as exc:
-            failures += 1
-            print(f"series {series_uid}: FAILED: {safe_error_text(exc)}", file=sys.stderr)
-            continue
-        out = args.output / result.series_instance_uid
-        out.mkdir(parents=True, exist_ok=True)
-        write_series(result.datasets, out)
-        check = result.envelope
-        why = ""
-        if check is not None and check.status is EnvelopeStatus.FALLBACK:
-            why = (
-                f"; outside the validated envelope of {check.checked.short}: "
-                f"{'; '.join(check.violations)}; fallback engine ran"
-            )
-        elif check is not None and check.status is EnvelopeStatus.OUTSIDE_PROCESSED:
-            why = (
-                "; WARNING: processed outside the validated envelope: "
-                f"{'; '.join(check.violations)}"
-            )
-        elif check is not None:
-            why = f"; envelope {check.status.value}"
-        print(
-            f"series {series_uid}: {len(result.datasets)} image(s) -> {out} "
-            f"({result.identity.short}, {time.monotonic() - t0:.1f} s{why})"
+    started = time.monotonic()
+    try:
+        scan = scan_folder(args.input, exclude=args.output)
+    except KeyboardInterrupt:
+        print("interrupted while reading the headers; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    plan = plan_jobs(
+        scan.series,
+        config,
+        Overrides(
+            all_series=args.all,
+            engine=args.engine,
+            outside_envelope=(
+                OutsideEnvelope(args.outside_envelope) if args.outside_envelope else None
+            ),
+            fallback_engine=args.fallback_engine,
+        ),
+    )
+    if scan.ignored:
+        print(scan.ignored_note())
+    if not scan.series:
+        print(f"no CT series found in {args.input}", file=sys.stderr)
+        return EXIT_FAILURE
+    for skipped in plan.skipped:
+        print(skipped.line())
+    devices = worker_devices([d for ds in args.device for d in ds], args.jobs, len(plan.jobs))
+    bar = tqdm(
+        total=len(plan.jobs),
+        unit="series",
+        file=sys.stderr,
+        disable=args.quiet or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+
+    finished: list[JobOutcome] = []
+
+    def report(job: PlannedJob, outcome: JobOutcome) -> None:
+        finished.append(outcome)
+        bar.write(outcome_line(job, outcome), file=sys.stdout)
+        bar.update(1)
+
+    try:
+        run_plan(
+            plan.jobs,
+            config,
+            args.output,
+            devices,
+            report,
+            log_format=log_format,
+            log_level=log_level,
         )
-    if skipped:
-        print(f"{skipped} non-DICOM file(s) ignored", file=sys.stderr)
-    return EXIT_FAILURE if failures else EXIT_OK
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"interrupted: {len(finished)} of {len(plan.jobs)} series finished; unfinished "
+            "output removed",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    finally:
+        bar.close()
+    print(total_line(plan, finished, time.monotonic() - started, len(devices)))
+    return EXIT_FAILURE if any(o.status is JobStatus.FAILED for o in finished) else EXIT_OK
+
+
+def _devices(value: str) -> tuple[str, ...]:
+    from dicom_node.offline import parse_devices
+
+    try:
+        return parse_devices([value])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return n
 
 
 def _forward(module: str, argv: list[str]) -> int:
@@ -343,24 +360,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=int, metavar="JOB")
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser("standardize", help="offline: standardize the series in IN_DIR into OUT_DIR")
+    p = sub.add_parser(
+        "standardize",
+        help="offline: standardize the series of IN_DIR that the routes select into OUT_DIR",
+        description="Standardize the CT series found in IN_DIR (files of several series may be "
+        "mixed, in nested folders) as the node would: each series is routed by the configured "
+        "[[routes]] (first match wins, exclusions, our own output never again); the route "
+        "decides the engine and its policy outside the validated envelope. A series that "
+        "matches no route is skipped with the reason (--all standardizes it anyway). Each "
+        "derived series is written to OUT_DIR/<derived Series Instance UID>/.",
+    )
     _add_config_args(p)
     p.add_argument("input", type=Path, metavar="IN_DIR")
     p.add_argument("output", type=Path, metavar="OUT_DIR")
-    p.add_argument("--engine", help="engine name from the configuration (default: the first)")
-    p.add_argument("--device", help="override the engine's device (cpu, cuda, cuda:N)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also standardize the CT series that match no route (with --engine or the first "
+        "engine); the node's own output is still skipped",
+    )
+    p.add_argument(
+        "--engine",
+        metavar="NAME",
+        help="engine name from the configuration for every series (default: the route's; the "
+        "first engine for series taken by --all)",
+    )
+    p.add_argument(
+        "--device",
+        type=_devices,
+        action="append",
+        default=[],
+        metavar="DEV[,DEV...]",
+        help="device(s) to run on (cpu, cuda, cuda:N; repeatable or a comma list): workers are "
+        "dealt over them round-robin (default: each engine's configured device)",
+    )
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=_positive,
+        metavar="N",
+        help="series run in parallel, each worker a process that loads its engines once "
+        "(default: one per --device, else 1); the output is the same as with 1",
+    )
     p.add_argument(
         "--outside-envelope",
         choices=[a.value for a in OutsideEnvelope],
-        default=OutsideEnvelope.FALLBACK.value,
         help="a series outside the engine's validated envelope: run the fallback engine, fail "
-        "it, or process it anyway with a warning (default: %(default)s)",
+        "it, or process it anyway with a warning (default: the route's outside_envelope; "
+        "fallback for series taken by --all)",
     )
     p.add_argument(
         "--fallback-engine",
         metavar="NAME",
-        help="engine name from the configuration to fall back to (default: the built-in linear "
-        "filter)",
+        help="engine name from the configuration to fall back to (default: the route's "
+        "fallback_engine, else the built-in linear filter)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar (there is none either when stderr is not a terminal)",
     )
     p.set_defaults(func=cmd_standardize)
 

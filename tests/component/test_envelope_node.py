@@ -287,16 +287,32 @@ def test_offline_standardize_applies_the_envelope_action_and_says_what_ran(
     source_uid = str(dcmread(src[0], stop_before_pixels=True).SeriesInstanceUID)
     if action == "fail":
         assert code == 1 and not (tmp_path / "out").exists()
-        assert "FAILED: the series is outside the validated envelope of engine ltdiff++" in err
-        assert "pixel spacing 0.400 mm" in err
+        assert "FAILED: the series is outside the validated envelope of engine ltdiff++" in out
+        assert "pixel spacing 0.400 mm" in out
         return
     assert code == 0, err
     ran = "linear-filter" if action == "fallback" else "ltdiff++"
-    (line,) = out.splitlines()
-    assert f"({ran} " in line and "pixel spacing 0.400 mm is outside" in line, line
+    line, total = out.splitlines()
+    assert total.startswith("total: 1 series: 1 standardized"), total
+    assert f" by {ran} " in line and "(route chest; " in line, line
+    assert "pixel spacing 0.400 mm is outside" in line, line
     if action == "fallback":
         assert "fallback engine ran" in line
         expected = derived_series_uid(source_uid, load_engine("linear-filter").identity)
         assert len(list((tmp_path / "out" / expected).glob("*.dcm"))) == 2
     else:
         assert "WARNING: processed outside the validated envelope" in line
+
+
+def test_offline_standardize_applies_the_routes_own_outside_envelope_action(
+    tmp_path, weights_path, capsys
+):
+    """Without --outside-envelope the route's setting holds (route 'chest': fail)."""
+    site = _site(tmp_path, weights_path)
+    write_series(tmp_path / "in", n_slices=2, uid_seed="offline-route", **OUTSIDE_GEOMETRY)
+    argv = ["standardize", "-c", str(site), str(tmp_path / "in"), str(tmp_path / "out")]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: the series is outside the validated envelope of engine ltdiff++" in out
+    assert "outside_envelope = fail" in out
+    assert "total: 1 series: 0 standardized, 0 skipped, 1 failed" in out
