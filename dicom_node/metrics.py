@@ -377,8 +377,6 @@ class StateCollector(Collector):
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     timeout = 10  # seconds an idle or slow client may hold a handler thread
-    server_version = "ltdiff-node"
-    sys_version = ""
 
     def do_GET(self) -> None:
         self._respond(head=False)
@@ -419,6 +417,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+    def version_string(self) -> str:
+        return "ltdiff-node"  # not the Python version
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log: Prometheus scrapes every few seconds."""
