@@ -26,7 +26,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -38,6 +38,7 @@ from pynetdicom.utils import make_target
 
 from dicom_node.config import ListenerConfig, parse_network
 from dicom_node.logs import get_logger
+from dicom_node.metrics import RejectionReason
 
 log = get_logger("dicom_node.admission")
 
@@ -120,6 +121,13 @@ class _NotAdmittedError(Exception):
         self.fields = {"reason": reason, **fields}
 
 
+#: The connections turned away that count as rejections (a peer that closes is not one).
+_REJECTIONS = {
+    "connection.idle_timeout": RejectionReason.IDLE_TIMEOUT,
+    "connection.tls_failed": RejectionReason.TLS_FAILED,
+}
+
+
 class _StoppingError(Exception):
     """The server is shutting down."""
 
@@ -179,8 +187,11 @@ class AdmissionServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         policy: AdmissionPolicy,
+        on_rejected: Callable[[RejectionReason], None] | None = None,
     ) -> None:
         self.policy = policy
+        self.on_rejected = on_rejected
+        self.serving_thread: threading.Thread | None = None  # set by start_admission_server
         self._pending = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -194,6 +205,17 @@ class AdmissionServer(ThreadedAssociationServer):
     def pending_connections(self) -> int:
         return self._pending
 
+    @property
+    def serving(self) -> bool:
+        """Whether the accept loop runs on an open socket."""
+        thread = self.serving_thread
+        sock = self.socket
+        return thread is not None and thread.is_alive() and sock is not None and sock.fileno() >= 0
+
+    def _count_rejection(self, reason: RejectionReason) -> None:
+        if self.on_rejected is not None:
+            self.on_rejected(reason)
+
     # ---- accept thread: nothing here may wait for a peer ----------------------------------
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -205,6 +227,7 @@ class AdmissionServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = _host(client_address)
         if not address_allowed(host, self.policy.networks):
+            self._count_rejection(RejectionReason.ADDRESS_NOT_ALLOWED)
             self._log_refused(host, "source address not allowed")
             return False
         with self._lock:
@@ -214,6 +237,7 @@ class AdmissionServer(ThreadedAssociationServer):
                 self._pending += 1
                 full = False
         if full:
+            self._count_rejection(RejectionReason.PENDING_LIMIT)
             self._log_refused(
                 host, f"{self.policy.max_pending} connections are already waiting to associate"
             )
@@ -263,6 +287,8 @@ class AdmissionServer(ThreadedAssociationServer):
                 self._await_first_pdu_plain(sock, deadline)
             sock.settimeout(self.policy.network_timeout_s)
         except _NotAdmittedError as exc:
+            if exc.event in _REJECTIONS:
+                self._count_rejection(_REJECTIONS[exc.event])
             level = log.info if exc.event == "connection.closed" else log.warning
             level(exc.event, address=host, **exc.fields)
             _close(sock)
@@ -403,9 +429,12 @@ def start_admission_server(
     policy: AdmissionPolicy,
     evt_handlers: list[Any],
     ssl_context: ssl.SSLContext | None,
+    *,
+    on_rejected: Callable[[RejectionReason], None] | None = None,
 ) -> AdmissionServer:
     """What `AE.start_server(block=False)` does, with an AdmissionServer: serve in a daemon
-    thread and register the server with the AE (so `server.shutdown()` works)."""
+    thread and register the server with the AE (so `server.shutdown()` works). `on_rejected`
+    hears every connection turned away before it is an association (the metrics)."""
     server = cast(
         AdmissionServer,
         ae.make_server(
@@ -414,12 +443,14 @@ def start_admission_server(
             evt_handlers=evt_handlers,
             server_class=AdmissionServer,
             policy=policy,
+            on_rejected=on_rejected,
         ),
     )
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(
         target=make_target(server.serve_forever), name=f"AcceptorServer@{timestamp}", daemon=True
     )
+    server.serving_thread = thread
     thread.start()
     ae._servers.append(server)  # pynetdicom's own bookkeeping, as in start_server
     return server

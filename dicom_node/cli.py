@@ -82,6 +82,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
     for route in config.routes:
         print(f"route {route.name!r}: {_envelope_policy_text(route, config)}", file=sys.stderr)
+    print(_metrics_text(config), file=sys.stderr)
     print(json.dumps(config.as_dict(), indent=2))
     for dest in config.destinations:
         ok, what = echo(dest, config.listener.ae_title)
@@ -93,6 +94,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print("configuration is valid", file=sys.stderr)
     return EXIT_OK
+
+
+def _metrics_text(config: NodeConfig) -> str:
+    """Where the node serves its metrics and health probes ([metrics])."""
+    m = config.metrics
+    if not m.enabled:
+        return "metrics: disabled (metrics.enabled = false)"
+    host = f"[{m.bind_address}]" if ":" in m.bind_address else m.bind_address
+    return f"metrics: http://{host}:{m.port}/metrics, /healthz and /readyz"
 
 
 def _envelope_policy_text(route: RouteRule, config: NodeConfig) -> str:

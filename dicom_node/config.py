@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,19 @@ class DerivedConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The HTTP endpoint for Prometheus (/metrics) and health probes (/healthz, /readyz).
+
+    On by default, as Orthanc ships its metrics: it binds loopback, so only the host itself (a
+    Prometheus agent or a reverse proxy on it) can read it until a site chooses an address.
+    """
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"  # an IP address; 0.0.0.0 or :: serves every interface
+    port: int = 9464  # the default port of OpenTelemetry's Prometheus exporters
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     state_dir: Path = Path("/var/lib/ltdiff-node")
     log_format: str = "auto"  # "json", "console" or "auto" (JSON unless stdout is a terminal)
@@ -186,6 +199,7 @@ class NodeConfig:
     workers: tuple[str, ...] = ("cpu",)  # one engine worker per device listed
     destinations: tuple[DestinationConfig, ...] = ()
     derived: DerivedConfig = field(default_factory=DerivedConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def spool_dir(self) -> Path:
@@ -450,6 +464,17 @@ def _networks(t: _Table, name: str) -> tuple[str, ...]:
     return tuple(entries)
 
 
+def _ip_address(t: _Table, name: str, default: str) -> str:
+    value = t.string(name, default)
+    try:
+        return str(ip_address(value))
+    except ValueError:
+        raise ConfigError(
+            f"{t.key(name)} = {value!r}: expected an IP address (127.0.0.1, ::1, or 0.0.0.0 / :: "
+            "for every interface); host names are not resolved"
+        ) from None
+
+
 def _limits(t: _Table) -> ReceptionLimits:
     default = ReceptionLimits()
     limits = ReceptionLimits(
@@ -675,6 +700,14 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         series_number_offset=dt.integer("series_number_offset", 1000, 0, 100000),
     )
     dt.reject_unknown()
+
+    mt = top.table("metrics")
+    metrics = MetricsConfig(
+        enabled=mt.boolean("enabled", MetricsConfig.enabled),
+        bind_address=_ip_address(mt, "bind_address", MetricsConfig.bind_address),
+        port=mt.integer("port", MetricsConfig.port, 1, 65535),
+    )
+    mt.reject_unknown()
     top.reject_unknown()
 
     return NodeConfig(
@@ -691,6 +724,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         workers=workers,
         destinations=tuple(destinations),
         derived=derived,
+        metrics=metrics,
     )
 
 
@@ -751,6 +785,13 @@ def check_runtime(config: NodeConfig) -> list[str]:
         warnings.append(
             "listener.tls.ca_certificates is set but require_client_certificate = false: client "
             "certificates are not asked for, so any TLS client may connect"
+        )
+    metrics = config.metrics
+    if metrics.enabled and not ip_address(metrics.bind_address).is_loopback:
+        warnings.append(
+            f"metrics.bind_address = {metrics.bind_address!r}: /metrics, /healthz and /readyz are "
+            f"served without authentication on port {metrics.port} of that address; let only the "
+            "Prometheus server reach it (firewall)"
         )
     if not config.destinations:
         warnings.append("no [[destinations]] configured: standardized series stay in the outbox")

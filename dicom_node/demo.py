@@ -29,6 +29,7 @@ from dicom_node.config import (
     DestinationConfig,
     EngineConfig,
     ListenerConfig,
+    MetricsConfig,
     NodeConfig,
     RouteRule,
 )
@@ -59,7 +60,8 @@ def loopback_config(
 ) -> NodeConfig:
     """A node on an OS-chosen loopback port that standardizes Br40 CT series with an engine of
     `engine_kind` (its shipped weights) and sends them to one archive on loopback (the demo, the
-    tests and the benchmarks)."""
+    tests and the benchmarks). Its metrics endpoint, too, is on a loopback port the OS
+    chooses (`node.metrics_server.url`)."""
     dests = (
         (
             DestinationConfig(
@@ -95,6 +97,7 @@ def loopback_config(
         engines=(EngineConfig(name="standardize", kind=engine_kind, device=device),),
         workers=(device,),
         destinations=dests,
+        metrics=MetricsConfig(port=0),
     )
 
 

@@ -47,6 +47,7 @@ from dicom_node import dimse_guard, statuses
 from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
 from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage
 from dicom_node.logs import get_logger, safe_error_text
+from dicom_node.metrics import NodeMetrics, rejection_reason
 from dicom_node.preflight import DatasetRejectedError, ReceptionLimits, read_header
 from dicom_node.spool import Spool, SpoolError
 from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
@@ -171,10 +172,17 @@ class StoreHandler:
 
     _STRIPES = 64
 
-    def __init__(self, spool: Spool, store: JobStore, limits: ReceptionLimits) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        store: JobStore,
+        limits: ReceptionLimits,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.spool = spool
         self.store = store
         self.limits = limits
+        self.metrics = metrics or NodeMetrics()
         self._locks = [threading.Lock() for _ in range(self._STRIPES)]
 
     def _lock_for(self, sop_uid: str) -> threading.Lock:
@@ -185,6 +193,7 @@ class StoreHandler:
         transfer_syntax = str(event.context.transfer_syntax)
 
         def reject(status: int, reason: str, **fields: object) -> int:
+            self.metrics.instance_received(status)
             log.warning(
                 "instance.rejected",
                 reason=reason,
@@ -260,6 +269,7 @@ class StoreHandler:
                     series_uid=series_uid,
                     calling_ae=calling_ae,
                 )
+                self.metrics.instance_received(statuses.SUCCESS, duplicate=True)
                 return statuses.SUCCESS
             data = event.encoded_dataset()
             path, created = self.spool.store(series_uid, sop_uid, data)
@@ -295,6 +305,7 @@ class StoreHandler:
                 series_uid=series_uid,
                 calling_ae=calling_ae,
             )
+            self.metrics.instance_received(statuses.OUT_OF_RESOURCES)
             return statuses.OUT_OF_RESOURCES
         if outcome is ReceiveOutcome.REOPENED:
             log.info(
@@ -305,6 +316,8 @@ class StoreHandler:
             )
         elif outcome is ReceiveOutcome.DUPLICATE:
             log.info("instance.duplicate", sop_uid=sop_uid, series_uid=series_uid)
+        duplicate = outcome is ReceiveOutcome.DUPLICATE
+        self.metrics.instance_received(statuses.SUCCESS, duplicate=duplicate)
         return statuses.SUCCESS
 
 
@@ -329,20 +342,27 @@ def build_ae(cfg: ListenerConfig) -> AE:
     return ae
 
 
-def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> AdmissionServer:
+def start_listener(
+    cfg: ListenerConfig, spool: Spool, store: JobStore, metrics: NodeMetrics | None = None
+) -> AdmissionServer:
     """Start the SCP in background threads; returns the server (call .shutdown() to stop).
 
     Connections go through admission first (dicom_node/admission.py): source address, TLS
     handshake and A-ASSOCIATE-RQ within `association_request_timeout_s`, before pynetdicom makes
-    an Association of them.
+    an Association of them. `metrics` counts C-STORE outcomes and rejections.
     """
+    metrics = metrics or NodeMetrics()
     ae = build_ae(cfg)
+
+    def rejected(event: evt.Event) -> None:
+        _log_rejected(event, metrics)
+
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
-        (evt.EVT_C_STORE, StoreHandler(spool, store, cfg.limits)),
+        (evt.EVT_C_STORE, StoreHandler(spool, store, cfg.limits, metrics)),
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, dimse_guard.install),  # answer or abort malformed requests
-        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_REJECTED, rejected),
     ]
     ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None
     return start_admission_server(
@@ -351,12 +371,18 @@ def start_listener(cfg: ListenerConfig, spool: Spool, store: JobStore) -> Admiss
         AdmissionPolicy.from_config(cfg),
         evt_handlers=handlers,
         ssl_context=ssl_context,
+        on_rejected=metrics.association_rejected,
     )
 
 
-def _log_rejected(event: evt.Event) -> None:
+def _log_rejected(event: evt.Event, metrics: NodeMetrics) -> None:
+    """EVT_REJECTED: pynetdicom sent an A-ASSOCIATE-RJ (its acceptor keeps the primitive)."""
+    rj = event.assoc.acceptor.primitive
+    reason = rejection_reason(getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+    metrics.association_rejected(reason)
     log.warning(
         "association.rejected",
+        reason=reason.value,
         calling_ae=event.assoc.requestor.ae_title,
         address=event.assoc.requestor.address,
     )

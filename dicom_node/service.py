@@ -7,7 +7,9 @@ Threads:
   forward jobs, settles exporting jobs (one canonical log line per series) and purges files past
   retention;
 - one engine worker per configured device, each with its engine process (engine_host.py);
-- one exporter per destination.
+- one exporter per destination;
+- with `[metrics] enabled`, the HTTP server of /metrics, /healthz and /readyz
+  (dicom_node/metrics.py), started first so that /readyz says "starting" while engines load.
 
 Start-up order: sweep the spool of files no record points to, count the jobs a crash
 interrupted (failing those that reached `jobs.max_attempts`), start the engine processes (a bad
@@ -31,6 +33,15 @@ from dicom_node.config import NodeConfig, UnmatchedAction
 from dicom_node.engine_host import ENVELOPE_LOG_KEYS
 from dicom_node.export import Exporter
 from dicom_node.logs import get_logger
+from dicom_node.metrics import (
+    MetricsServer,
+    NodeMetrics,
+    Phase,
+    Probe,
+    StateCollector,
+    probe_health,
+    probe_readiness,
+)
 from dicom_node.routing import decide
 from dicom_node.scp import start_listener
 from dicom_node.spool import Spool
@@ -68,12 +79,37 @@ class Node:
         self.server: Any = None
         self._last_purge = 0.0
         self.started_at = time.time()
+        self.phase = Phase.STARTING
+        self.metrics = NodeMetrics(config.routes)
+        self.metrics.registry.register(
+            StateCollector(
+                database_path=config.database_path,
+                state_dir=config.state_dir,
+                destinations=[d.name for d in config.destinations],
+                min_free_bytes=config.listener.min_free_disk_mb << 20,
+                health=self.health,
+                readiness=self.readiness,
+            )
+        )
+        self.metrics_server: MetricsServer | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         self.started_at = time.time()
         log.info("node.starting", config=self.config.as_dict())
+        try:
+            if self.config.metrics.enabled:  # a port in use stops start-up here (ConfigError)
+                self.metrics_server = MetricsServer(
+                    self.config.metrics, self.metrics, health=self.health, readiness=self.readiness
+                )
+            self._start()
+        except BaseException:  # leave nothing running
+            self._close_metrics()
+            self.store.close()
+            raise
+
+    def _start(self) -> None:
         swept = self.spool.sweep(self.store.instance_paths())
         if swept.orphans or swept.temporaries:
             log.warning(
@@ -101,13 +137,14 @@ class Node:
                 stop=self.stop_event,
                 wake=self.worker_wake,
                 on_done=self.scheduler_wake.set,
+                metrics=self.metrics,
             )
             for i, device in enumerate(self.config.workers)
         ]
         try:
             for worker in workers:
                 worker.start_engine()
-            self.server = start_listener(self.config.listener, self.spool, self.store)
+            self.server = start_listener(self.config.listener, self.spool, self.store, self.metrics)
         except BaseException:  # bad weights, port in use, ...: leave nothing running
             for worker in workers:
                 worker.engine.close()
@@ -137,7 +174,9 @@ class Node:
             port=self.port,
             workers=list(self.config.workers),
             destinations=[d.name for d in self.config.destinations],
+            metrics=None if self.metrics_server is None else self.metrics_server.url,
         )
+        self.phase = Phase.READY
         sd_notify("READY=1")
 
     @property
@@ -145,6 +184,7 @@ class Node:
         return int(self.server.server_address[1]) if self.server else self.config.listener.port
 
     def stop(self) -> None:
+        self.phase = Phase.STOPPING
         sd_notify("STOPPING=1")
         log.info("node.stopping")
         if self.server is not None:
@@ -166,7 +206,31 @@ class Node:
         if still_running:
             log.warning("node.stop_timeout", threads=still_running)
         self.store.close()
+        self.phase = Phase.STOPPED
+        self._close_metrics()
         log.info("node.stopped")
+
+    # ---- health ------------------------------------------------------------------------------
+
+    def _listener_serving(self) -> bool:
+        return self.server is not None and bool(self.server.serving)
+
+    def health(self) -> Probe:
+        """/healthz: the listener, the database and every thread of the node are alive."""
+        return probe_health(
+            listener_serving=self._listener_serving(),
+            threads=list(self.threads),
+            database_path=self.config.database_path,
+        )
+
+    def readiness(self) -> Probe:
+        """/readyz: start-up is complete and the listener accepts associations."""
+        return probe_readiness(self.phase, listener_serving=self._listener_serving())
+
+    def _close_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     def run_forever(self) -> None:
         stopped = threading.Event()
@@ -277,6 +341,7 @@ class Node:
         violations, measurement; absent for forwarded series and for jobs that failed before the
         check), timings, status."""
         job, state = event.job, event.state
+        self.metrics.series_finished(job.kind.value, state.value)
         outcome = self.store.job_outcome(job.id)
         summary = outcome["summary"]
         series = self.store.series(job.series_uid)

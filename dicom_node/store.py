@@ -26,7 +26,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -852,6 +852,78 @@ class JobStore:
             "waiting": waiting,
             "recent_jobs": recent,
         }
+
+
+@dataclass(frozen=True)
+class QueueGauges:
+    """What the database says about the node's backlog now (for the metrics endpoint)."""
+
+    jobs: Mapping[str, int]  # JobState value -> jobs; queued ones deferred for disk as "waiting"
+    oldest_queued_at: float | None  # created_at of the oldest queued (or waiting) job
+    dead_letters: Mapping[str, int]  # destination -> instances given up (ExportState.DEAD)
+    retrying: Mapping[str, int]  # destination -> pending instances with a failed attempt
+
+
+#: The job "state" the metrics show for a queued job deferred until the disk has room.
+WAITING = "waiting"
+
+
+def _read_only(path: Path, timeout_s: float) -> sqlite3.Connection:
+    """A read-only connection of its own: in WAL mode a reader neither waits for the node's
+    writers nor blocks them, and it takes no lock of the JobStore."""
+    if not path.is_file():
+        raise sqlite3.OperationalError(f"no database file at {path}")
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s, check_same_thread=False
+    )
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def check_database(path: Path, timeout_s: float = 5.0) -> None:
+    """Raise sqlite3.Error unless the database file opens and its schema can be read."""
+    with contextlib.closing(_read_only(path, timeout_s)) as conn:
+        conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+
+
+def read_queue_gauges(
+    path: Path, destinations: Sequence[str], timeout_s: float = 5.0
+) -> QueueGauges:
+    """Job counts by state, the oldest queued job and the export backlog, read-only.
+
+    Bounded cost: every query is answered from an index (jobs_state; exports_due by its
+    destination and state prefix, one lookup per configured destination), so a scrape reads the
+    queued, pending and dead rows, and counts the finished jobs in the index only. Every state
+    is reported, 0 when no job has it. Raises sqlite3.Error when the database cannot be read.
+    """
+    with contextlib.closing(_read_only(path, timeout_s)) as conn:
+        jobs = {s.value: 0 for s in JobState} | {WAITING: 0}
+        for r in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            jobs[r["state"]] = int(r["n"])
+        queued = conn.execute(
+            "SELECT MIN(created_at) AS oldest, SUM(waiting IS NOT NULL) AS waiting FROM jobs "
+            "WHERE state=?",
+            (JobState.QUEUED.value,),
+        ).fetchone()
+        jobs[WAITING] = int(queued["waiting"] or 0)
+        jobs[JobState.QUEUED.value] -= jobs[WAITING]
+        dead: dict[str, int] = {}
+        retrying: dict[str, int] = {}
+        for dest in destinations:
+            dead[dest] = int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM exports WHERE destination=? AND state=?",
+                    (dest, ExportState.DEAD.value),
+                ).fetchone()[0]
+            )
+            retrying[dest] = int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM exports WHERE destination=? AND state=? AND attempts>0",
+                    (dest, ExportState.PENDING.value),
+                ).fetchone()[0]
+            )
+    oldest = queued["oldest"]
+    return QueueGauges(jobs, None if oldest is None else float(oldest), dead, retrying)
 
 
 def _series(r: sqlite3.Row) -> SeriesRow:

@@ -42,6 +42,7 @@ from dicom_node.engine_host import (
     outside_envelope_fields,
 )
 from dicom_node.logs import get_logger
+from dicom_node.metrics import NodeMetrics
 from dicom_node.store import JobKind, JobRow, JobState, JobStore
 from engine.envelope_policy import OutsideEnvelope
 from engine.interface import EngineError
@@ -96,8 +97,10 @@ class EngineWorker(threading.Thread):
         stop: threading.Event,
         wake: threading.Event,
         on_done: Callable[[], None],
+        metrics: NodeMetrics | None = None,
     ) -> None:
         super().__init__(name=f"engine-{device}-{index}", daemon=True)
+        self.metrics = metrics or NodeMetrics()
         self.device = device
         self.store = store
         self.config = config
@@ -218,7 +221,9 @@ class EngineWorker(threading.Thread):
             outside = outside_envelope_fields(envelope)
             if outside is not None:
                 log.warning("engine.outside_envelope", route=job.rule, **context, **outside)
+                self.metrics.outside_envelope(job.rule, job.engine, str(outside["outcome"]))
         if isinstance(outcome, EngineResult):
+            self.metrics.engine_processed(outcome.summary)
             outputs = [(sop, cls, Path(p)) for sop, cls, p in outcome.outputs]
             state = self._db(
                 lambda: self.store.start_export(

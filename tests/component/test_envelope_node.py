@@ -192,6 +192,24 @@ def test_each_route_action_outside_the_envelope_and_inside_runs_the_learned_engi
         assert warning["engine"].startswith("ltdiff++")
     assert warnings["fallback"]["ran_engine"].startswith("linear-filter")
 
+    # ... counted in the node's metrics by route, engine and outcome (issue 10), and the
+    # processing time by the engine that actually ran
+    value = node.metrics.registry.get_sample_value
+    outcomes = dict.fromkeys(("fallback", "named"), "fallback")
+    outcomes.update({"fail": "outside-failed", "process": "outside-processed"})
+    for rule, outcome in outcomes.items():
+        labels = {"route": rule, "engine": "learned", "outcome": outcome}
+        assert value("ltdiff_node_engine_fallbacks_total", labels) == 1, labels
+    inside = {"route": "inside", "engine": "learned", "outcome": "fallback"}
+    assert value("ltdiff_node_engine_fallbacks_total", inside) == 0
+    runs = {
+        sample.labels["engine"].split()[0]: sample.value
+        for family in node.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "ltdiff_node_processing_seconds_count"
+    }
+    assert runs == {"ltdiff++": 2, "linear-filter": 2}, runs
+
 
 def test_engine_cache_preloads_each_routes_fallback_so_a_bad_one_stops_start_up(
     tmp_path, weights_path
