@@ -5,36 +5,54 @@
 # torch is installed first and pinned to the local CPU wheel (any other torch spec makes pip
 # download several GB of CUDA packages); pyradiomics is source-only and needs numpy, setuptools,
 # wheel and versioneer installed before it builds without build isolation.
+#
+# `make install` (the service install) installs the node alone: no pyradiomics, SimpleITK or
+# matplotlib, which only `ltdiff-node evaluate` needs; `make install EXTRAS=evaluate` adds them.
+# demo, test, lint, typecheck and bench install everything: the dev tools and the `evaluate` extra.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.deps-installed
+comma  := ,
+# Extras of `make install`, comma-separated (dev, evaluate); one stamp file per extra.
+EXTRAS ?=
+EXTRA_STAMPS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.deps-$(e))
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # `make test` runs every test, the slow ones (fault suite, fuzz run) included: this is what CI
 # runs. A bare `pytest` skips the slow ones; `make test PYTEST_MARKS="not slow"` does the same.
 PYTEST_MARKS ?= slow or not slow
 
-.PHONY: demo test install peers lint typecheck check bench clean
+.PHONY: demo test install install-all peers lint typecheck check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(VENV)/.deps-node: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q .
+	touch $@
+
+$(VENV)/.deps-evaluate: $(VENV)/.deps-node
 	$(BIN)/pip install -q numpy setuptools wheel versioneer
 	$(BIN)/pip install -q --no-build-isolation "pyradiomics>=3.0.1"
+	$(BIN)/pip install -q ".[evaluate]"
+	touch $@
+
+$(VENV)/.deps-dev: $(VENV)/.deps-node
 	$(BIN)/pip install -q ".[dev]"
-	touch $(STAMP)
+	touch $@
 
 # The package itself is reinstalled (non-editable, no dependency resolution) on every run, so
 # tests and demo always exercise the installed code, never the working tree by accident.
-install: $(STAMP)
+install: $(VENV)/.deps-node $(EXTRA_STAMPS)
 	$(BIN)/pip install -q --no-deps --force-reinstall .
 
-demo: install
+install-all: $(VENV)/.deps-node $(VENV)/.deps-dev $(VENV)/.deps-evaluate
+	$(BIN)/pip install -q --no-deps --force-reinstall .
+
+demo: install-all
 	$(BIN)/ltdiff-node demo --out demo-output
 
 # Real DICOM peers for the interop tests (Orthanc as the PACS, DCMTK as the modality).
@@ -47,19 +65,19 @@ peers:
 	@if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then \
 	  systemctl stop orthanc || true; fi
 
-test: install peers
+test: install-all peers
 	$(BIN)/pytest -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
 
-lint: install
-	$(BIN)/ruff check dicom_node engine training tests benchmarks
-	$(BIN)/ruff format --check dicom_node engine training tests benchmarks
+lint: install-all
+	$(BIN)/ruff check dicom_node engine training evaluation tests benchmarks
+	$(BIN)/ruff format --check dicom_node engine training evaluation tests benchmarks
 
-typecheck: install
+typecheck: install-all
 	$(BIN)/mypy
 
 check: lint typecheck test
 
-bench: install
+bench: install-all
 	$(BIN)/python benchmarks/bench_linear_engine.py
 	$(BIN)/python benchmarks/bench_node.py
 	$(BIN)/python benchmarks/bench_engine_memory.py

@@ -30,6 +30,7 @@ log = get_logger("dicom_node.cli")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE from sysexits.h: a package the command needs is missing
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as a configuration error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
@@ -338,6 +339,17 @@ def _forward(module: str, argv: list[str]) -> int:
     return int(mod.main(argv))
 
 
+def _forward_evaluate(argv: list[str]) -> int:
+    """`evaluate` needs the `evaluate` extra: without it, say how to install it (no traceback)."""
+    from evaluation.extra import install_hint, missing_packages
+
+    missing = missing_packages()
+    if missing:
+        print(install_hint(missing, sys.executable), file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return _forward("evaluation.evaluate", argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ltdiff-node",
@@ -454,8 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FORWARDED = {
     "phantom": "dicom_node.phantom",
     "demo": "dicom_node.demo",
-    "evaluate": "training.evaluate",
-    "bars": "training.bars",
+    "bars": "evaluation.bars",
 }
 _TRAIN = {"linear": "training.fit_linear", "ltdiff": "training.train_ltdiff"}
 
@@ -464,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _FORWARDED:
         return _forward(_FORWARDED[argv[0]], argv[1:])
+    if argv and argv[0] == "evaluate":
+        return _forward_evaluate(argv[1:])
     if argv and argv[0] == "train":
         if len(argv) < 2 or argv[1] not in _TRAIN:
             print(f"usage: ltdiff-node train {{{','.join(_TRAIN)}}} ...", file=sys.stderr)

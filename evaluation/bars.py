@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from training.eval_report import CLASS_TITLES
-from training.evaluate import REPEAT_ROW
+from evaluation.labels import CLASS_TITLES, REPEAT_ROW
 
 CEILING_ROW: Final = REPEAT_ROW
 REFERENCE_ROW: Final = "True Bl64d"
@@ -55,7 +54,7 @@ feature class, pooled)."""
 ABOVE_MODES: Final[tuple[AboveMode, ...]] = ("all-features", "per-class")
 POOLED: Final = "pooled"
 ALL_FEATURES: Final = "all"
-"""The summaries' entry over every feature (`training.ccc.summarize_by_class`)."""
+"""The summaries' entry over every feature (`evaluation.ccc.summarize_by_class`)."""
 _ITEM_TITLES: Final = {
     **CLASS_TITLES,
     "noise_sd_hu": "noise SD",

@@ -17,7 +17,7 @@ import platform
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib as mpl
 import numpy as np
@@ -26,22 +26,11 @@ mpl.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
-from training.radiomics_features import FEATURE_CLASSES, feature_class
-from training.rois import LESION_GROUP
+from evaluation.labels import CLASS_TITLES
+from evaluation.radiomics_features import FEATURE_CLASSES, feature_class
+from evaluation.results import EvaluationResult
+from evaluation.rois import LESION_GROUP
 
-if TYPE_CHECKING:
-    from training.evaluate import EvaluationResult
-
-CLASS_TITLES = {
-    "firstorder": "First order",
-    "glcm": "GLCM",
-    "glrlm": "GLRLM",
-    "glszm": "GLSZM",
-    "gldm": "GLDM",
-    "ngtdm": "NGTDM",
-    "gradient": "Gradient (FO)",
-    "all": "All",
-}
 LUNG_WINDOW = (-600.0, 1500.0)
 SOFT_TISSUE_WINDOW = (40.0, 400.0)
 DIFFERENCE_RANGE_HU = 100.0

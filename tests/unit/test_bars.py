@@ -1,4 +1,4 @@
-"""Acceptance bars read from an evaluation report (training/bars.py)."""
+"""Acceptance bars read from an evaluation report (evaluation/bars.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from dicom_node.cli import main as cli_main
-from training.bars import ReportError, check_bars, main, render
+from evaluation.bars import ReportError, check_bars, main, render
 
 CLASSES = ["glcm", "ngtdm"]
 GROUPS = ["lesion", "HU [10, 250]"]

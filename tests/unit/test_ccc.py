@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.ccc import ccc_per_feature, lin_ccc, summarize_by_class
+from evaluation.ccc import ccc_per_feature, lin_ccc, summarize_by_class
 
 
 def test_ccc_matches_hand_computed_example() -> None:

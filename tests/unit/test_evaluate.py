@@ -16,17 +16,17 @@ import pytest
 
 from engine.interface import EngineIdentity, FloatVolume, SeriesGeometry
 from engine.synthetic import make_ct_series
-from training.ccc import ccc_per_feature, summarize_by_class
-from training.eval_report import write_report
-from training.evaluate import EvaluationConfig, main, run_evaluation
-from training.image_metrics import (
+from evaluation.ccc import ccc_per_feature, summarize_by_class
+from evaluation.eval_report import write_report
+from evaluation.evaluate import main, run_evaluation
+from evaluation.image_metrics import (
     NpsAccumulator,
     detrend_patch,
     hu_errors,
     nps_of_patches,
     uniform_patches,
 )
-from training.radiomics_features import (
+from evaluation.radiomics_features import (
     FEATURE_CLASSES,
     RadiomicsSettings,
     RoiTask,
@@ -34,7 +34,8 @@ from training.radiomics_features import (
     feature_class,
     gradient_magnitude,
 )
-from training.rois import gaussian_smooth_2d, hu_range_rois
+from evaluation.results import EvaluationConfig
+from evaluation.rois import gaussian_smooth_2d, hu_range_rois
 
 SIZE = 64
 N_SLICES = 3

@@ -14,17 +14,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from training.ccc import ccc_per_feature
-from training.eval_report import report_json, report_markdown
-from training.evaluate import (
-    REPEAT_ROW,
-    EvaluationConfig,
-    EvaluationResult,
-    ccc_by_group,
-    subject_description,
-)
-from training.radiomics_features import FEATURE_CLASSES
-from training.rois import LESION_GROUP, Roi
+from evaluation.ccc import ccc_per_feature
+from evaluation.eval_report import report_json, report_markdown
+from evaluation.evaluate import ccc_by_group, subject_description
+from evaluation.labels import REPEAT_ROW
+from evaluation.radiomics_features import FEATURE_CLASSES
+from evaluation.results import EvaluationConfig, EvaluationResult
+from evaluation.rois import LESION_GROUP, Roi
 
 REFERENCE = "True Bl64d"
 BASELINE = "Baseline (Br40d)"

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_MODULES = sorted(
     ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-    for top in ("dicom_node", "engine", "training")
+    for top in ("dicom_node", "engine", "training", "evaluation")
     for p in (REPO / top).rglob("*.py")
 )
 

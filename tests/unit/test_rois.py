@@ -7,8 +7,8 @@ import inspect
 import numpy as np
 import pytest
 
-from training import rois as rois_module
-from training.rois import (
+from evaluation import rois as rois_module
+from evaluation.rois import (
     LESION_GROUP,
     body_mask,
     group_name,
