@@ -22,7 +22,8 @@ PYRADIOMICS_BUILD_NEEDS: Final = ("numpy", "setuptools", "wheel", "versioneer")
 
 
 def missing_packages() -> list[str]:
-    """The extra's distributions that cannot be imported here, each with the reason.
+    """The extra's distributions that cannot be imported here; with the reason where the
+    package is there but its import fails.
 
     Imports for real rather than only looking the modules up: a package that is present but
     broken (a failed source build, a numpy it was not built against) is missing too.
@@ -31,6 +32,8 @@ def missing_packages() -> list[str]:
     for module, distribution in MODULES.items():
         try:
             importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            missing.append(distribution if error.name == module else f"{distribution} ({error})")
         except ImportError as error:
             missing.append(f"{distribution} ({error})")
     return missing

@@ -1,1 +1,1 @@
-"""Training and evaluation code that builds and judges the engines' weights."""
+"""Training code that builds the engines' weights (`evaluation/` judges them)."""
