@@ -239,9 +239,13 @@ class SinkWriter(threading.Thread):
             self._drop(0, "queue full", force_log=True)
         self.sink.close()
 
+    def finish(self) -> None:
+        """Stop once the queue is delivered (`close` waits for it)."""
+        self._closing.set()
+
     def close(self, deadline: float) -> None:
         """Deliver what is queued until `deadline` (time.monotonic), then give up."""
-        self._closing.set()
+        self.finish()
         self.join(max(0.0, deadline - time.monotonic()))
         if self.is_alive():
             self._give_up.set()
@@ -297,7 +301,7 @@ class AuditTrail:
         self._started = False
         deadline = time.monotonic() + self.close_timeout_s
         for writer in self.writers:
-            writer._closing.set()  # all outputs drain at once, under one deadline
+            writer.finish()  # all outputs drain at once, under one deadline
         for writer in self.writers:
             writer.close(deadline)
         log.info(
