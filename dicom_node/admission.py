@@ -187,7 +187,7 @@ class AdmissionServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         policy: AdmissionPolicy,
-        on_rejected: Callable[[RejectionReason], None] | None = None,
+        on_rejected: Callable[[RejectionReason, str, str], None] | None = None,
     ) -> None:
         self.policy = policy
         self.on_rejected = on_rejected
@@ -212,9 +212,9 @@ class AdmissionServer(ThreadedAssociationServer):
         sock = self.socket
         return thread is not None and thread.is_alive() and sock is not None and sock.fileno() >= 0
 
-    def _count_rejection(self, reason: RejectionReason) -> None:
+    def _count_rejection(self, reason: RejectionReason, host: str, detail: str) -> None:
         if self.on_rejected is not None:
-            self.on_rejected(reason)
+            self.on_rejected(reason, host, detail)
 
     # ---- accept thread: nothing here may wait for a peer ----------------------------------
 
@@ -227,7 +227,9 @@ class AdmissionServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = _host(client_address)
         if not address_allowed(host, self.policy.networks):
-            self._count_rejection(RejectionReason.ADDRESS_NOT_ALLOWED)
+            self._count_rejection(
+                RejectionReason.ADDRESS_NOT_ALLOWED, host, "source address not allowed"
+            )
             self._log_refused(host, "source address not allowed")
             return False
         with self._lock:
@@ -237,10 +239,9 @@ class AdmissionServer(ThreadedAssociationServer):
                 self._pending += 1
                 full = False
         if full:
-            self._count_rejection(RejectionReason.PENDING_LIMIT)
-            self._log_refused(
-                host, f"{self.policy.max_pending} connections are already waiting to associate"
-            )
+            why = f"{self.policy.max_pending} connections are already waiting to associate"
+            self._count_rejection(RejectionReason.PENDING_LIMIT, host, why)
+            self._log_refused(host, why)
             return False
         return True
 
@@ -288,7 +289,7 @@ class AdmissionServer(ThreadedAssociationServer):
             sock.settimeout(self.policy.network_timeout_s)
         except _NotAdmittedError as exc:
             if exc.event in _REJECTIONS:
-                self._count_rejection(_REJECTIONS[exc.event])
+                self._count_rejection(_REJECTIONS[exc.event], host, str(exc))
             level = log.info if exc.event == "connection.closed" else log.warning
             level(exc.event, address=host, **exc.fields)
             _close(sock)
@@ -430,11 +431,12 @@ def start_admission_server(
     evt_handlers: list[Any],
     ssl_context: ssl.SSLContext | None,
     *,
-    on_rejected: Callable[[RejectionReason], None] | None = None,
+    on_rejected: Callable[[RejectionReason, str, str], None] | None = None,
 ) -> AdmissionServer:
     """What `AE.start_server(block=False)` does, with an AdmissionServer: serve in a daemon
     thread and register the server with the AE (so `server.shutdown()` works). `on_rejected`
-    hears every connection turned away before it is an association (the metrics)."""
+    hears every connection turned away before it is an association, with the peer's address and
+    why (the metrics and the audit trail)."""
     server = cast(
         AdmissionServer,
         ae.make_server(

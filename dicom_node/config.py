@@ -184,6 +184,42 @@ class MetricsConfig:
     port: int = 9464  # the default port of OpenTelemetry's Prometheus exporters
 
 
+class SyslogTransport(StrEnum):
+    """How audit messages reach the syslog server (PS3.15 A.6, A.7)."""
+
+    UDP = "udp"  # RFC 5426: one datagram per message, unencrypted, no delivery guarantee
+    TLS = "tls"  # RFC 5425: octet-counted records over a TLS connection, reconnected on failure
+
+
+#: The syslog port of each transport when `audit.syslog.port` is not given.
+SYSLOG_DEFAULT_PORTS = {SyslogTransport.UDP: 514, SyslogTransport.TLS: 6514}
+
+
+@dataclass(frozen=True)
+class SyslogConfig:
+    host: str
+    port: int
+    transport: SyslogTransport = SyslogTransport.UDP
+    tls: TLSConfig = field(default_factory=TLSConfig)  # client side, as for destinations
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """DICOM audit messages (PS3.15 A.5, IHE ATNA): appended to `path` and/or sent to `syslog`.
+
+    Off by default: audit records carry patient identifiers, so they belong in a repository the
+    site chose and protects (an ATNA audit record repository, a SIEM), which only the site can
+    name.
+    """
+
+    enabled: bool = False
+    source_id: str | None = None  # AuditSourceID; None: the listener's AE title
+    enterprise_site_id: str | None = None  # AuditEnterpriseSiteID (optional)
+    path: Path | None = None  # one message per line, appended
+    syslog: SyslogConfig | None = None
+    queue_size: int = 10000  # messages waiting per output; beyond it they are dropped (counted)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     state_dir: Path = Path("/var/lib/ltdiff-node")
@@ -200,6 +236,7 @@ class NodeConfig:
     destinations: tuple[DestinationConfig, ...] = ()
     derived: DerivedConfig = field(default_factory=DerivedConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def spool_dir(self) -> Path:
@@ -395,10 +432,10 @@ def _regex(value: str, key: str) -> str:
     return value
 
 
-def _tls(t: _Table, base: Path, server_side: bool) -> TLSConfig:
+def _tls(t: _Table, base: Path, server_side: bool, *, default_enabled: bool = False) -> TLSConfig:
     """A [*.tls] table. Whether the files can be loaded is checked by `check_runtime`."""
     tls = TLSConfig(
-        enabled=t.boolean("enabled", False),
+        enabled=t.boolean("enabled", default_enabled),
         certificate=t.path_or_none("certificate", base),
         private_key=t.path_or_none("private_key", base),
         ca_certificates=t.path_or_none("ca_certificates", base),
@@ -708,6 +745,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         port=mt.integer("port", MetricsConfig.port, 1, 65535),
     )
     mt.reject_unknown()
+    audit = _audit(top.table("audit"), base_dir)
     top.reject_unknown()
 
     return NodeConfig(
@@ -725,7 +763,61 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         destinations=tuple(destinations),
         derived=derived,
         metrics=metrics,
+        audit=audit,
     )
+
+
+def _optional_string(t: _Table, name: str) -> str | None:
+    if not t.has(name):
+        return None
+    value = t.string(name, "")
+    if not value.strip():
+        raise ConfigError(f"{t.key(name)} = {value!r}: expected a non-empty string (or no key)")
+    return value
+
+
+def _syslog(t: _Table, base: Path) -> SyslogConfig:
+    transport = SyslogTransport(
+        t.choice("transport", SyslogTransport.UDP.value, tuple(x.value for x in SyslogTransport))
+    )
+    host = t.string("host", "")
+    if not host.strip():
+        raise ConfigError(f"{t.key('host')}: required (host name or IP address of the server)")
+    syslog = SyslogConfig(
+        host=host,
+        port=t.integer("port", SYSLOG_DEFAULT_PORTS[transport], 1, 65535),
+        transport=transport,
+        tls=_tls(
+            t.table("tls"),
+            base,
+            server_side=False,
+            default_enabled=transport is SyslogTransport.TLS,
+        ),
+    )
+    t.reject_unknown()
+    if transport is SyslogTransport.TLS and not syslog.tls.enabled:
+        raise ConfigError(f"{t.key('tls.enabled')} = false: transport = 'tls' needs TLS")
+    if transport is SyslogTransport.UDP and syslog.tls.enabled:
+        raise ConfigError(f"{t.key('tls')}: TLS needs transport = 'tls' (UDP is never encrypted)")
+    return syslog
+
+
+def _audit(t: _Table, base: Path) -> AuditConfig:
+    audit = AuditConfig(
+        enabled=t.boolean("enabled", AuditConfig.enabled),
+        source_id=_optional_string(t, "source_id"),
+        enterprise_site_id=_optional_string(t, "enterprise_site_id"),
+        path=t.path_or_none("path", base),
+        syslog=_syslog(t.table("syslog"), base) if t.has("syslog") else None,
+        queue_size=t.integer("queue_size", AuditConfig.queue_size, 1, 10**7),
+    )
+    t.reject_unknown()
+    if audit.enabled and audit.path is None and audit.syslog is None:
+        raise ConfigError(
+            f"{t.key('enabled')} = true: say where the messages go, {t.key('path')} "
+            f"(a file) and/or [{t.key('syslog')}] (a syslog server)"
+        )
+    return audit
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -780,6 +872,7 @@ def check_runtime(config: NodeConfig) -> list[str]:
     _check_tls_files("listener.tls", config.listener.tls, server_side=True)
     for i, dest in enumerate(config.destinations):
         _check_tls_files(f"destinations[{i}].tls", dest.tls, server_side=False)
+    warnings += _check_audit(config.audit)
     tls = config.listener.tls
     if tls.enabled and tls.ca_certificates is not None and not tls.require_client_certificate:
         warnings.append(
@@ -807,6 +900,30 @@ def check_runtime(config: NodeConfig) -> list[str]:
                 f"(outside_envelope = {route.outside_envelope.value!r})"
             )
     return warnings
+
+
+def _check_audit(audit: AuditConfig) -> list[str]:
+    """The audit file can be opened for appending, the syslog TLS files load; warnings."""
+    if not audit.enabled:
+        return []
+    if audit.path is not None:
+        try:
+            fd = os.open(audit.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"audit.path = {audit.path}: cannot be opened for appending ({exc.strerror})"
+            ) from exc
+        os.close(fd)
+    if audit.syslog is None:
+        return []
+    _check_tls_files("audit.syslog.tls", audit.syslog.tls, server_side=False)
+    if audit.syslog.transport is SyslogTransport.UDP:
+        return [
+            f"audit.syslog.transport = 'udp': audit messages carry patient identifiers and go to "
+            f"{audit.syslog.host}:{audit.syslog.port} unencrypted, and a datagram lost is not "
+            "noticed; prefer transport = 'tls'"
+        ]
+    return []
 
 
 def _check_tls_files(key: str, tls: TLSConfig, server_side: bool) -> None:

@@ -33,7 +33,7 @@ from pynetdicom.association import Association
 from dicom_node.config import DestinationConfig
 from dicom_node.logs import get_logger, safe_error_text
 from dicom_node.scp import set_tcp_nodelay
-from dicom_node.store import ExportRow, JobStore
+from dicom_node.store import ExportRow, ExportTotals, JobStore
 from dicom_node.tls import make_ssl_context
 
 log = get_logger("dicom_node.export")
@@ -347,6 +347,7 @@ class Exporter(threading.Thread):
         stop: threading.Event,
         wake: threading.Event,
         on_progress: Callable[[], None],
+        on_settled: Callable[[DestinationConfig, ExportTotals], object] | None = None,
         batch_size: int = 1000,
         idle_poll_s: float = 1.0,
     ) -> None:
@@ -357,6 +358,7 @@ class Exporter(threading.Thread):
         self.stop_event = stop
         self.wake = wake
         self.on_progress = on_progress
+        self.on_settled = on_settled
         self.batch_size = batch_size
         self.idle_poll_s = idle_poll_s
 
@@ -428,5 +430,10 @@ class Exporter(threading.Thread):
             instances_per_s=round(len(result.sent) / elapsed, 1) if elapsed > 0 else None,
             error=next(iter(by_error), None),
         )
+        if self.on_settled is not None:  # the audit trail: jobs this batch finished sending
+            for job_id in sorted({r.job_id for r in rows}):
+                totals = self.store.export_totals(job_id, self.dest.name)
+                if totals is not None:
+                    self.on_settled(self.dest, totals)
         self.on_progress()
         return bool(result.sent) or bool(result.not_attempted)

@@ -100,6 +100,10 @@ def status_label(status: int) -> str:
     return _STATUS_NAMES.get(status, f"0x{status:04x}")
 
 
+#: The outputs of the audit trail (`output` label of the dropped audit messages).
+AUDIT_OUTPUTS = ("file", "syslog")
+
+
 class RejectionReason(StrEnum):
     """Why a connection or association was turned away (`reason` label)."""
 
@@ -172,6 +176,13 @@ class NodeMetrics:
             ["route", "engine", "outcome"],
             registry=self.registry,
         )
+        self.audit_dropped = Counter(
+            "ltdiff_node_audit_messages_dropped",
+            "Audit messages ([audit]) an output never got, by output (file, syslog): its queue "
+            "was full, the node stopped before they were delivered, or one was too large.",
+            ["output"],
+            registry=self.registry,
+        )
         # Every known label value from the start, so rate() and increase() see the first event.
         for label in INSTANCE_STATUSES:
             self.instances_received.labels(label)
@@ -180,6 +191,8 @@ class NodeMetrics:
                 self.series_processed.labels(kind.value, state.value)
         for reason in RejectionReason:
             self.association_rejections.labels(reason.value)
+        for output in AUDIT_OUTPUTS:
+            self.audit_dropped.labels(output)
         for route in routes:
             for outcome in sorted(OUTSIDE_STATUSES):
                 self.engine_fallbacks.labels(route.name, route.engine, outcome.value)
@@ -189,6 +202,9 @@ class NodeMetrics:
 
     def association_rejected(self, reason: RejectionReason) -> None:
         self.association_rejections.labels(reason.value).inc()
+
+    def audit_messages_dropped(self, output: str, n: int = 1) -> None:
+        self.audit_dropped.labels(output).inc(n)
 
     def engine_processed(self, summary: Mapping[str, Any]) -> None:
         """A series was standardized: its job summary names the engine that ran and the time."""

@@ -45,9 +45,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node import dimse_guard, statuses
 from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
+from dicom_node.audit.reception import Subject, read_subject
+from dicom_node.audit.trail import AuditTrail
 from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage
 from dicom_node.logs import get_logger, safe_error_text
-from dicom_node.metrics import NodeMetrics, rejection_reason
+from dicom_node.metrics import NodeMetrics, RejectionReason, rejection_reason
 from dicom_node.preflight import DatasetRejectedError, ReceptionLimits, read_header
 from dicom_node.spool import Spool, SpoolError
 from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
@@ -178,11 +180,13 @@ class StoreHandler:
         store: JobStore,
         limits: ReceptionLimits,
         metrics: NodeMetrics | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.spool = spool
         self.store = store
         self.limits = limits
         self.metrics = metrics or NodeMetrics()
+        self.audit = audit
         self._locks = [threading.Lock() for _ in range(self._STRIPES)]
 
     def _lock_for(self, sop_uid: str) -> threading.Lock:
@@ -245,9 +249,15 @@ class StoreHandler:
                 error=type(exc).__name__,
                 sop_uid=str(sop_uid),
             )
+        subject = read_subject(ds) if self.audit is not None else None
         with self._lock_for(sop_uid):
             return self._store(
-                event, ds, described, transfer_syntax, event.assoc.requestor.ae_title
+                event,
+                ds,
+                described,
+                transfer_syntax,
+                event.assoc.requestor.ae_title,
+                subject=subject,
             )
 
     def _store(
@@ -257,10 +267,13 @@ class StoreHandler:
         described: _Described,
         transfer_syntax: str,
         calling_ae: str,
+        *,
+        subject: Subject | None = None,
     ) -> int:
         sop_uid, series_uid = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
         path: Path | None = None
         created = False
+        audited = None
         try:
             if self.store.has_instance(sop_uid):
                 log.info(
@@ -271,6 +284,14 @@ class StoreHandler:
                 )
                 self.metrics.instance_received(statuses.SUCCESS, duplicate=True)
                 return statuses.SUCCESS
+            if self.audit is not None and subject is not None:  # counted before the commit
+                audited = self.audit.instance_receiving(
+                    series_uid,
+                    calling_ae,
+                    event.assoc.requestor.address,
+                    subject,
+                    str(ds.SOPClassUID),
+                )
             data = event.encoded_dataset()
             path, created = self.spool.store(series_uid, sop_uid, data)
             outcome = self.store.record_instance(
@@ -291,6 +312,8 @@ class StoreHandler:
         except Exception as exc:
             if created and path is not None:
                 self.spool.discard(path)  # never acknowledged: no record may point to it
+            if self.audit is not None:
+                self.audit.instance_not_stored(audited)
             if isinstance(exc, SpoolError):
                 reason = str(exc)
             elif isinstance(exc, sqlite3.Error):
@@ -316,6 +339,8 @@ class StoreHandler:
             )
         elif outcome is ReceiveOutcome.DUPLICATE:
             log.info("instance.duplicate", sop_uid=sop_uid, series_uid=series_uid)
+            if self.audit is not None:
+                self.audit.instance_not_stored(audited)
         duplicate = outcome is ReceiveOutcome.DUPLICATE
         self.metrics.instance_received(statuses.SUCCESS, duplicate=duplicate)
         return statuses.SUCCESS
@@ -343,23 +368,33 @@ def build_ae(cfg: ListenerConfig) -> AE:
 
 
 def start_listener(
-    cfg: ListenerConfig, spool: Spool, store: JobStore, metrics: NodeMetrics | None = None
+    cfg: ListenerConfig,
+    spool: Spool,
+    store: JobStore,
+    metrics: NodeMetrics | None = None,
+    audit: AuditTrail | None = None,
 ) -> AdmissionServer:
     """Start the SCP in background threads; returns the server (call .shutdown() to stop).
 
     Connections go through admission first (dicom_node/admission.py): source address, TLS
     handshake and A-ASSOCIATE-RQ within `association_request_timeout_s`, before pynetdicom makes
-    an Association of them. `metrics` counts C-STORE outcomes and rejections.
+    an Association of them. `metrics` counts C-STORE outcomes and rejections; `audit` (when the
+    audit trail is on) counts received instances per series and peer and hears rejections.
     """
     metrics = metrics or NodeMetrics()
     ae = build_ae(cfg)
 
     def rejected(event: evt.Event) -> None:
-        _log_rejected(event, metrics)
+        _log_rejected(event, metrics, audit)
+
+    def refused(reason: RejectionReason, address: str, detail: str) -> None:
+        metrics.association_rejected(reason)
+        if audit is not None:
+            audit.association_rejected(reason, address, detail=detail)
 
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
-        (evt.EVT_C_STORE, StoreHandler(spool, store, cfg.limits, metrics)),
+        (evt.EVT_C_STORE, StoreHandler(spool, store, cfg.limits, metrics, audit)),
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, dimse_guard.install),  # answer or abort malformed requests
         (evt.EVT_REJECTED, rejected),
@@ -371,11 +406,11 @@ def start_listener(
         AdmissionPolicy.from_config(cfg),
         evt_handlers=handlers,
         ssl_context=ssl_context,
-        on_rejected=metrics.association_rejected,
+        on_rejected=refused,
     )
 
 
-def _log_rejected(event: evt.Event, metrics: NodeMetrics) -> None:
+def _log_rejected(event: evt.Event, metrics: NodeMetrics, audit: AuditTrail | None) -> None:
     """EVT_REJECTED: pynetdicom sent an A-ASSOCIATE-RJ (its acceptor keeps the primitive)."""
     rj = event.assoc.acceptor.primitive
     reason = rejection_reason(getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
@@ -386,3 +421,11 @@ def _log_rejected(event: evt.Event, metrics: NodeMetrics) -> None:
         calling_ae=event.assoc.requestor.ae_title,
         address=event.assoc.requestor.address,
     )
+    if audit is not None:
+        called = getattr(event.assoc.requestor.primitive, "called_ae_title", None)
+        audit.association_rejected(
+            reason,
+            event.assoc.requestor.address,
+            event.assoc.requestor.ae_title,
+            None if called is None else f"called AE title {str(called).strip()}",
+        )

@@ -9,7 +9,9 @@ Threads:
 - one engine worker per configured device, each with its engine process (engine_host.py);
 - one exporter per destination;
 - with `[metrics] enabled`, the HTTP server of /metrics, /healthz and /readyz
-  (dicom_node/metrics.py), started first so that /readyz says "starting" while engines load.
+  (dicom_node/metrics.py), started first so that /readyz says "starting" while engines load;
+- with `[audit] enabled`, one writer thread per audit output (dicom_node/audit/): the node
+  reports its start and stop, each series received and sent, and security refusals there.
 
 Start-up order: sweep the spool of files no record points to, count the jobs a crash
 interrupted (failing those that reached `jobs.max_attempts`), start the engine processes (a bad
@@ -29,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from dicom_node.assembly import ready_series
+from dicom_node.audit.trail import AuditTrail
 from dicom_node.config import NodeConfig, UnmatchedAction
 from dicom_node.engine_host import ENVELOPE_LOG_KEYS
 from dicom_node.export import Exporter
@@ -92,6 +95,15 @@ class Node:
             )
         )
         self.metrics_server: MetricsServer | None = None
+        self.audit = (
+            AuditTrail(
+                config.audit,
+                ae_title=config.listener.ae_title,
+                on_dropped=self.metrics.audit_messages_dropped,
+            )
+            if config.audit.enabled
+            else None
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -99,15 +111,22 @@ class Node:
         self.started_at = time.time()
         log.info("node.starting", config=self.config.as_dict())
         try:
+            if self.audit is not None:
+                self.audit.start()
             if self.config.metrics.enabled:  # a port in use stops start-up here (ConfigError)
                 self.metrics_server = MetricsServer(
                     self.config.metrics, self.metrics, health=self.health, readiness=self.readiness
                 )
             self._start()
-        except BaseException:  # leave nothing running
+        except BaseException as exc:  # leave nothing running
             self._close_metrics()
             self.store.close()
+            if self.audit is not None:
+                self.audit.application_started(failure=exc)
+                self.audit.close()
             raise
+        if self.audit is not None:
+            self.audit.application_started()
 
     def _start(self) -> None:
         swept = self.spool.sweep(self.store.instance_paths())
@@ -128,6 +147,9 @@ class Node:
                 reason="the node stopped abnormally while processing",
                 max_attempts=self.config.jobs.max_attempts,
             )
+        if self.audit is not None:  # instances of unfinished series received before this start
+            for series in self.store.receiving_series():
+                self.audit.resume_series(series, self.store.instances(series.series_uid))
         workers = [
             EngineWorker(
                 device,
@@ -144,7 +166,9 @@ class Node:
         try:
             for worker in workers:
                 worker.start_engine()
-            self.server = start_listener(self.config.listener, self.spool, self.store, self.metrics)
+            self.server = start_listener(
+                self.config.listener, self.spool, self.store, self.metrics, self.audit
+            )
         except BaseException:  # bad weights, port in use, ...: leave nothing running
             for worker in workers:
                 worker.engine.close()
@@ -164,6 +188,7 @@ class Node:
                     stop=self.stop_event,
                     wake=wake,
                     on_progress=self.scheduler_wake.set,
+                    on_settled=None if self.audit is None else self.audit.series_exported,
                 )
             )
         for t in self.threads:
@@ -205,6 +230,9 @@ class Node:
         still_running = [t.name for t in self.threads if t.is_alive()]
         if still_running:
             log.warning("node.stop_timeout", threads=still_running)
+        if self.audit is not None:
+            self.audit.application_stopped()
+            self.audit.close()
         self.store.close()
         self.phase = Phase.STOPPED
         self._close_metrics()
@@ -327,6 +355,8 @@ class Node:
                 retention_hours=self.config.retention_hours,
                 **common,
             )
+        if self.audit is not None:  # where the node decided the series is complete
+            self.audit.series_complete(series_uid)
 
     def _run_forward_jobs(self) -> None:
         while (job := self.store.claim_job("scheduler", (JobKind.FORWARD,))) is not None:

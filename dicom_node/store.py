@@ -167,6 +167,7 @@ class SeriesRow:
     last_received: float
     own_output: bool
     header: Mapping[str, str]
+    calling_ae: str = ""  # the AE title the series' first instance came from
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,21 @@ class JobFinished:
 
 
 JobFinishedListener = Callable[[JobFinished], None]
+
+
+@dataclass(frozen=True)
+class ExportTotals:
+    """A job's export to one destination once nothing of it is pending (the audit trail's
+    DICOM Instances Transferred): SOP Class UID -> instances confirmed and given up."""
+
+    job_id: int
+    destination: str
+    series_uid: str  # the job's source series
+    study_uid: str
+    sent: Mapping[str, int]
+    dead: Mapping[str, int]
+    last_error: str | None
+    sample_path: Path  # one of the files sent (its header names the patient and study)
 
 
 @dataclass(frozen=True)
@@ -707,6 +723,30 @@ class JobStore:
                     )
         return dead
 
+    def export_totals(self, job_id: int, destination: str) -> ExportTotals | None:
+        """What a job's export to `destination` came to; None while an instance is pending."""
+        rows = self._query(
+            "SELECT e.state, e.sop_class_uid, COUNT(*) AS n, MIN(e.path) AS path, "
+            "MAX(e.last_error) AS last_error, j.series_uid, s.study_uid FROM exports e "
+            "JOIN jobs j ON j.id=e.job_id JOIN series s ON s.series_uid=j.series_uid "
+            "WHERE e.job_id=? AND e.destination=? GROUP BY e.state, e.sop_class_uid",
+            (job_id, destination),
+        )
+        if not rows or any(r["state"] == ExportState.PENDING.value for r in rows):
+            return None
+        sent = {r["sop_class_uid"]: r["n"] for r in rows if r["state"] == ExportState.SENT.value}
+        dead = [r for r in rows if r["state"] == ExportState.DEAD.value]
+        return ExportTotals(
+            job_id=job_id,
+            destination=destination,
+            series_uid=rows[0]["series_uid"],
+            study_uid=rows[0]["study_uid"],
+            sent=sent,
+            dead={r["sop_class_uid"]: r["n"] for r in dead},
+            last_error=max((r["last_error"] for r in dead if r["last_error"]), default=None),
+            sample_path=Path(min(r["path"] for r in rows)),
+        )
+
     def settle_exporting_jobs(self, now: float | None = None) -> list[tuple[int, JobState]]:
         """Jobs whose exports are all settled become done (all sent) or failed (dead letters)."""
         now = time.time() if now is None else now
@@ -938,6 +978,7 @@ def _series(r: sqlite3.Row) -> SeriesRow:
         last_received=r["last_received"],
         own_output=bool(r["own_output"]),
         header=json.loads(r["header_json"]),
+        calling_ae=r["calling_ae"],
     )
 
 

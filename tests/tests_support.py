@@ -110,11 +110,12 @@ def write_site_config(
     stable_age_s: float = 0.5,
     poll_interval_s: float = 0.05,
     metrics_port: int | None = None,
+    listener: str = "",
 ) -> Path:
     """A site file for a node on loopback: JSON logs at info level, no free-space minimum, quick
     series completion, metrics off unless `metrics_port` is given (the default port 9464 may be
     taken by another node on this machine). `extra` is appended (more tables, e.g.
-    [[destinations]])."""
+    [[destinations]]); `listener`, more keys of [listener]."""
     metrics = "enabled = false" if metrics_port is None else f"port = {metrics_port}"
     path.write_text(
         f"""
@@ -127,6 +128,7 @@ ae_title = "LTDIFF"
 bind_address = "127.0.0.1"
 port = {port}
 min_free_disk_mb = 0
+{listener}
 [assembly]
 stable_age_s = {stable_age_s}
 poll_interval_s = {poll_interval_s}
