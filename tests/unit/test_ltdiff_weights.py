@@ -162,9 +162,10 @@ def test_unwrap_state_strips_ddp_and_compile_wrappers() -> None:
 
 
 def test_shipped_weights_describe_their_training_and_keep_the_held_out_subjects_out() -> None:
-    """The weights in engine/weights: strict load, the kernel pair, at most 30 MB, and a
-    training record that names its data and leaves out the evaluation subjects S004 and S005
-    (docs/MODEL_CARD.md reports numbers on those two)."""
+    """The weights in engine/weights: strict load, the kernel pair, at most 30 MB, a training
+    record that names its data and leaves out the evaluation subjects S004, S005, V001 and V002
+    (docs/MODEL_CARD.md reports numbers on those), a denoiser conditioned on the series, and the
+    validated envelope the node enforces."""
     path = shipped_weights_path()
     assert path.stat().st_size <= 30 * 1024 * 1024
     weights, sha = load_weights(path, expected_kind="ltdiff")
@@ -173,8 +174,19 @@ def test_shipped_weights_describe_their_training_and_keep_the_held_out_subjects_
     data = weights.training["data"]
     assert isinstance(data, dict)
     assert data["n_pairs"] > 0
-    assert not {"S004", "S005"} & set(data["subjects"])
+    held_out = {"S004", "S005", "V001", "V002"}
+    assert not held_out & set(data["subjects"])
+    assert held_out <= set(weights.training["holdout"])  # type: ignore[arg-type]
     history = weights.training["history"]
     assert isinstance(history, list)
-    assert [h["phase"] for h in history] == ["1", "2", "3"]
+    phases = [h["phase"] for h in history]
+    assert phases[:3] == ["1", "2", "3"] and phases[-1] == "2" and "init" in phases
+    assert weights.denoiser_config is not None
+    assert weights.denoiser_config.condition == "spacing-noise"
+    envelope = weights.envelope
+    assert envelope is not None
+    assert envelope.pixel_spacing_mm.low <= 0.65 and envelope.pixel_spacing_mm.high >= 0.95
+    assert envelope.source_kernels == ("Br40d",)
+    assert envelope.slice_thickness_mm.low == envelope.slice_thickness_mm.high == 1.0
+    assert not held_out & set(data["subjects"]) and held_out <= set(envelope.validated_on)
     assert len(sha) == 64
