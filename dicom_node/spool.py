@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.uids import is_valid_uid
+from engine.dicom_facts import is_valid_uid
 
 TEMPORARY_SUFFIX = ".tmp"
 

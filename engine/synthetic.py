@@ -15,12 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from engine.derived import name_based_uid
 from engine.pixels import hu_to_stored, write_pixels
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -81,7 +80,7 @@ def make_ct_dataset(
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate, ds.SeriesDate, ds.AcquisitionDate, ds.ContentDate = ("20240102",) * 4
     ds.StudyTime, ds.SeriesTime, ds.AcquisitionTime, ds.ContentTime = ("101500",) * 4
