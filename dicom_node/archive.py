@@ -15,7 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node import statuses
 from dicom_node.scp import ACCEPTED_TRANSFER_SYNTAXES, set_tcp_nodelay
 from dicom_node.spool import Spool, SpoolError
-from dicom_node.uids import is_valid_uid
+from engine.dicom_facts import is_valid_uid
 
 
 class FolderArchive:

@@ -432,14 +432,18 @@ def _regex(value: str, key: str) -> str:
     return value
 
 
-def _tls(t: _Table, base: Path, server_side: bool, *, default_enabled: bool = False) -> TLSConfig:
+def _tls(
+    t: _Table, base: Path, server_side: bool, *, default_enabled: bool = TLSConfig.enabled
+) -> TLSConfig:
     """A [*.tls] table. Whether the files can be loaded is checked by `check_runtime`."""
     tls = TLSConfig(
         enabled=t.boolean("enabled", default_enabled),
         certificate=t.path_or_none("certificate", base),
         private_key=t.path_or_none("private_key", base),
         ca_certificates=t.path_or_none("ca_certificates", base),
-        require_client_certificate=t.boolean("require_client_certificate", False),
+        require_client_certificate=t.boolean(
+            "require_client_certificate", TLSConfig.require_client_certificate
+        ),
     )
     t.reject_unknown()
     if not tls.enabled:
@@ -544,45 +548,64 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
     top = _Table(data, "")
     node = top.table("node")
     state_dir = node.path_or_none("state_dir", base_dir) or NodeConfig.state_dir
-    log_format = node.choice("log_format", "auto", ("auto", "json", "console"))
-    log_level = node.choice("log_level", "info", ("debug", "info", "warning", "error"))
-    workers = node.strings("workers", ("cpu",))
+    log_format = node.choice("log_format", NodeConfig.log_format, ("auto", "json", "console"))
+    log_level = node.choice(
+        "log_level", NodeConfig.log_level, ("debug", "info", "warning", "error")
+    )
+    workers = node.strings("workers", NodeConfig.workers)
     if not workers:
         raise ConfigError(f"{node.key('workers')}: at least one worker device is needed")
     for dev in workers:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
             raise ConfigError(f"{node.key('workers')}: {dev!r} is not 'cpu', 'cuda' or 'cuda:N'")
-    retention_hours = node.number("retention_hours", 24.0, 0.0, 24.0 * 3650)
+    retention_hours = node.number("retention_hours", NodeConfig.retention_hours, 0.0, 24.0 * 3650)
     node.reject_unknown()
 
     lt = top.table("listener")
     listener = ListenerConfig(
-        ae_title=validate_ae_title(lt.string("ae_title", "LTDIFF"), lt.key("ae_title")),
+        ae_title=validate_ae_title(
+            lt.string("ae_title", ListenerConfig.ae_title), lt.key("ae_title")
+        ),
         bind_address=lt.string("bind_address", ListenerConfig.bind_address),
-        port=lt.integer("port", 11112, 1, 65535),
-        max_associations=lt.integer("max_associations", 8, 1, 256),
+        port=lt.integer("port", ListenerConfig.port, 1, 65535),
+        max_associations=lt.integer("max_associations", ListenerConfig.max_associations, 1, 256),
         allowed_calling_ae_titles=tuple(
             validate_ae_title(v, lt.key("allowed_calling_ae_titles"))
-            for v in lt.strings("allowed_calling_ae_titles", ())
+            for v in lt.strings(
+                "allowed_calling_ae_titles", ListenerConfig.allowed_calling_ae_titles
+            )
         ),
         allowed_addresses=_networks(lt, "allowed_addresses"),
         other_storage=OtherStorage(
-            lt.choice("other_storage", "reject", tuple(o.value for o in OtherStorage))
+            lt.choice(
+                "other_storage",
+                ListenerConfig.other_storage.value,
+                tuple(o.value for o in OtherStorage),
+            )
         ),
-        network_timeout_s=lt.number("network_timeout_s", 60.0, 1.0, 3600.0),
-        min_free_disk_mb=lt.integer("min_free_disk_mb", 1024, 0, 10**9),
+        network_timeout_s=lt.number(
+            "network_timeout_s", ListenerConfig.network_timeout_s, 1.0, 3600.0
+        ),
+        min_free_disk_mb=lt.integer("min_free_disk_mb", ListenerConfig.min_free_disk_mb, 0, 10**9),
         tls=_tls(lt.table("tls"), base_dir, server_side=True),
-        association_request_timeout_s=lt.number("association_request_timeout_s", 10.0, 0.1, 600.0),
-        max_pending_connections=lt.integer("max_pending_connections", 32, 1, 4096),
+        association_request_timeout_s=lt.number(
+            "association_request_timeout_s",
+            ListenerConfig.association_request_timeout_s,
+            0.1,
+            600.0,
+        ),
+        max_pending_connections=lt.integer(
+            "max_pending_connections", ListenerConfig.max_pending_connections, 1, 4096
+        ),
         limits=_limits(lt.table("limits")),
     )
     lt.reject_unknown()
 
     at = top.table("assembly")
     assembly = AssemblyConfig(
-        stable_age_s=at.number("stable_age_s", 60.0, 0.1, 86400.0),
-        poll_interval_s=at.number("poll_interval_s", 1.0, 0.05, 60.0),
-        use_expected_counts=at.boolean("use_expected_counts", True),
+        stable_age_s=at.number("stable_age_s", AssemblyConfig.stable_age_s, 0.1, 86400.0),
+        poll_interval_s=at.number("poll_interval_s", AssemblyConfig.poll_interval_s, 0.05, 60.0),
+        use_expected_counts=at.boolean("use_expected_counts", AssemblyConfig.use_expected_counts),
     )
     at.reject_unknown()
 
@@ -609,16 +632,19 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             t = et.table(name)
             eng = EngineConfig(
                 name=name,
-                kind=t.choice("kind", "linear-filter", KNOWN_ENGINE_KINDS),
+                kind=t.choice("kind", EngineConfig.kind, KNOWN_ENGINE_KINDS),
                 weights=t.path_or_none("weights", base_dir),
-                device=t.string("device", "cpu"),
+                device=t.string("device", EngineConfig.device),
                 sample_steps=t.integer_or_none("sample_steps", 1, MAX_SAMPLE_STEPS),
                 batch_slices=t.integer_or_none("batch_slices", 1, 256),
-                precision=t.choice("precision", "auto", PRECISIONS),
+                precision=t.choice("precision", EngineConfig.precision, PRECISIONS),
             )
             if eng.weights is not None and not eng.weights.is_file():
                 raise ConfigError(f"{t.key('weights')} = {eng.weights}: file not found")
-            for key, default in (("sample_steps", None), ("precision", "auto")):
+            for key, default in (
+                ("sample_steps", EngineConfig.sample_steps),
+                ("precision", EngineConfig.precision),
+            ):
                 if getattr(eng, key) != default and eng.kind != LTDIFF_KIND:
                     raise ConfigError(
                         f"{t.key(key)}: only engines of kind {LTDIFF_KIND!r} sample; "
@@ -643,12 +669,20 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             ae_title=validate_ae_title(t.string("ae_title", ""), t.key("ae_title")),
             host=t.string("host", ""),
             port=t.integer("port", 0, 1, 65535),
-            max_attempts=t.integer("max_attempts", 10, 1, 1000),
-            backoff_initial_s=t.number("backoff_initial_s", 10.0, 0.01, 86400.0),
-            backoff_max_s=t.number("backoff_max_s", 900.0, 0.01, 7 * 86400.0),
-            acse_timeout_s=t.number("acse_timeout_s", 10.0, 1.0, 600.0),
-            dimse_timeout_s=t.number("dimse_timeout_s", 30.0, 1.0, 3600.0),
-            network_timeout_s=t.number("network_timeout_s", 30.0, 1.0, 3600.0),
+            max_attempts=t.integer("max_attempts", DestinationConfig.max_attempts, 1, 1000),
+            backoff_initial_s=t.number(
+                "backoff_initial_s", DestinationConfig.backoff_initial_s, 0.01, 86400.0
+            ),
+            backoff_max_s=t.number(
+                "backoff_max_s", DestinationConfig.backoff_max_s, 0.01, 7 * 86400.0
+            ),
+            acse_timeout_s=t.number("acse_timeout_s", DestinationConfig.acse_timeout_s, 1.0, 600.0),
+            dimse_timeout_s=t.number(
+                "dimse_timeout_s", DestinationConfig.dimse_timeout_s, 1.0, 3600.0
+            ),
+            network_timeout_s=t.number(
+                "network_timeout_s", DestinationConfig.network_timeout_s, 1.0, 3600.0
+            ),
             tls=_tls(t.table("tls"), base_dir, server_side=False),
         )
         if not dest.host:
@@ -680,7 +714,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             outside_envelope=OutsideEnvelope(
                 t.choice(
                     "outside_envelope",
-                    OutsideEnvelope.FALLBACK.value,
+                    RouteRule.outside_envelope.value,
                     tuple(a.value for a in OutsideEnvelope),
                 )
             ),
@@ -720,9 +754,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
     ut = top.table("unmatched")
     unmatched = UnmatchedConfig(
         action=UnmatchedAction(
-            ut.choice("action", "discard", tuple(a.value for a in UnmatchedAction))
+            ut.choice(
+                "action", UnmatchedConfig.action.value, tuple(a.value for a in UnmatchedAction)
+            )
         ),
-        destinations=ut.strings("destinations", ()),
+        destinations=ut.strings("destinations", UnmatchedConfig.destinations),
     )
     ut.reject_unknown()
     for d in unmatched.destinations:
@@ -733,8 +769,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
 
     dt = top.table("derived")
     derived = DerivedConfig(
-        series_description_prefix=dt.string("series_description_prefix", "STD"),
-        series_number_offset=dt.integer("series_number_offset", 1000, 0, 100000),
+        series_description_prefix=dt.string(
+            "series_description_prefix", DerivedConfig.series_description_prefix
+        ),
+        series_number_offset=dt.integer(
+            "series_number_offset", DerivedConfig.series_number_offset, 0, 100000
+        ),
     )
     dt.reject_unknown()
 
@@ -778,7 +818,7 @@ def _optional_string(t: _Table, name: str) -> str | None:
 
 def _syslog(t: _Table, base: Path) -> SyslogConfig:
     transport = SyslogTransport(
-        t.choice("transport", SyslogTransport.UDP.value, tuple(x.value for x in SyslogTransport))
+        t.choice("transport", SyslogConfig.transport.value, tuple(x.value for x in SyslogTransport))
     )
     host = t.string("host", "")
     if not host.strip():

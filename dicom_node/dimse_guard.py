@@ -39,7 +39,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node import statuses
 from dicom_node.logs import get_logger
-from dicom_node.uids import is_valid_uid
+from engine.dicom_facts import is_valid_uid
 
 log = get_logger("dicom_node.dimse_guard")
 

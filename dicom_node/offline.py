@@ -37,11 +37,9 @@ from dicom_node.config import BUILTIN_FALLBACK, ConfigError, EngineConfig, NodeC
 from dicom_node.routing import RouteDecision, decide
 from dicom_node.scp import routing_header
 from engine.derived import is_ltdiff_output
+from engine.dicom_facts import CT_SOP_CLASSES
 from engine.envelope_policy import EnvelopeCheck, EnvelopeStatus, OutsideEnvelope
-from engine.series_io import CT_IMAGE_STORAGE, MULTI_FRAME_CT_SOP_CLASSES
 
-CT_IMAGE_SOP_CLASSES = (CT_IMAGE_STORAGE, *MULTI_FRAME_CT_SOP_CLASSES)
-"""The SOP classes the engines standardize (engine/series_io.py reads them)."""
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 """A device as `node.workers` spells it."""
 NOT_DICOM = "not DICOM"
@@ -105,7 +103,7 @@ def ignore_reason(ds: Dataset) -> str | None:
     if modality != "CT":
         return f"Modality {modality or '(absent)'}"
     sop_class = str(ds.get("SOPClassUID", "") or "")
-    if sop_class not in CT_IMAGE_SOP_CLASSES:
+    if sop_class not in CT_SOP_CLASSES:
         return f"SOP class {UID(sop_class).name if sop_class else '(absent)'}"
     return None
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,9 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from engine import __version__
+from engine.synthetic import SyntheticStudy, make_ct_dataset, synthetic_uid
 
 PATIENT_NAME: Final = "PHANTOM^LTDIFF"
 PATIENT_ID: Final = "LTDIFF-PHANTOM"
@@ -217,15 +215,6 @@ def render_phantom(
     return PhantomVolume(hu=hu, uniform_roi=roi, z_mm=z_mm)
 
 
-_UID_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ltdiff-node:phantom")
-
-
-def _uid(seed: int, *parts: object) -> str:
-    """A 2.25 UID (PS3.5 B.2) from a name-based UUID: the same arguments give the same UID."""
-    name = "/".join(map(str, (seed, *parts)))
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
-
-
 def generate_phantom_series(
     out_dir: Path,
     *,
@@ -241,8 +230,9 @@ def generate_phantom_series(
 ) -> list[Path]:
     """Write the phantom as a CT series into `out_dir` (created); returns the files, slice order.
 
-    UIDs derive from the seed (study, frame of reference) and the seed plus kernel (series,
-    instances), so series of several kernels generated with one seed form one study.
+    The headers are written by `engine.synthetic.make_ct_dataset`. UIDs derive from the seed
+    (study, frame of reference) and the seed plus kernel and series number (series, instances),
+    so series of several kernels generated with one seed form one study.
     """
     volume = render_phantom(
         n_slices=n_slices,
@@ -254,75 +244,39 @@ def generate_phantom_series(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    date = (study_date or dt.date.today()).strftime("%Y%m%d")
-    study_uid = _uid(seed, "study")
-    frame_uid = _uid(seed, "frame-of-reference")
-    series_uid = _uid(seed, "series", kernel, series_number)
+    uid_seed = f"phantom {seed}"
+    series_uid = synthetic_uid(uid_seed, "series", kernel, series_number)
+    study = SyntheticStudy(
+        patient_name=PATIENT_NAME,
+        patient_id=PATIENT_ID,
+        study_description=STUDY_DESCRIPTION,
+        accession_number="",
+        date=(study_date or dt.date.today()).strftime("%Y%m%d"),
+        time="120000",
+        manufacturer=MANUFACTURER,
+        model_name="synthetic chest phantom",
+        software_versions=__version__,
+        institution_name=None,
+    )
     origin = -(size - 1) / 2.0 * pixel_spacing
-    stored = np.clip(np.rint(volume.hu) + 1024, 0, 4095).astype(np.uint16)
 
     paths: list[Path] = []
     for index, z in enumerate(volume.z_mm):
         instance = index + 1
-        sop_uid = _uid(seed, "instance", kernel, series_number, instance)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationVersionName = f"LTDIFF_{__version__}"[:16]
-
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "120000"
-        ds.AccessionNumber = ""
-        ds.Modality = "CT"
-        ds.Manufacturer = MANUFACTURER
-        ds.ManufacturerModelName = "synthetic chest phantom"
-        ds.SoftwareVersions = __version__
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = STUDY_DESCRIPTION
-        ds.SeriesDescription = f"Phantom {slice_spacing:.1f} {kernel}"
-        ds.PatientName = PATIENT_NAME
-        ds.PatientID = PATIENT_ID
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{slice_spacing:g}"
-        ds.KVP = "120"
-        ds.ConvolutionKernel = kernel
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = series_number
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = instance
-        ds.ImagePositionPatient = [f"{origin:.6g}", f"{origin:.6g}", f"{z:.6g}"]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = f"{z:.6g}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = size
-        ds.Columns = size
-        ds.PixelSpacing = [f"{pixel_spacing:.6g}", f"{pixel_spacing:.6g}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.PixelData = stored[index].tobytes()
-
+        ds = make_ct_dataset(
+            volume.hu[index],
+            position=(origin, origin, float(z)),
+            pixel_spacing=(pixel_spacing, pixel_spacing),
+            slice_thickness=slice_spacing,
+            instance_number=instance,
+            kernel=kernel,
+            uid_seed=uid_seed,
+            series_uid=series_uid,
+            series_number=series_number,
+            series_description=f"Phantom {slice_spacing:.1f} {kernel}",
+            study=study,
+        )
+        ds.file_meta.ImplementationVersionName = f"LTDIFF_{__version__}"[:16]
         path = out_dir / f"CT{instance:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

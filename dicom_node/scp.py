@@ -36,12 +36,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    Verification,
-)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import dimse_guard, statuses
 from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
@@ -54,8 +49,8 @@ from dicom_node.preflight import DatasetRejectedError, ReceptionLimits, read_hea
 from dicom_node.spool import Spool, SpoolError
 from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
 from dicom_node.tls import make_ssl_context
-from dicom_node.uids import is_valid_uid
 from engine.derived import is_ltdiff_output
+from engine.dicom_facts import CT_SOP_CLASSES, functional_group_items, is_valid_uid
 
 log = get_logger("dicom_node.scp")
 
@@ -77,8 +72,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEGExtended12Bit,
 ]
 
-CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
-
 
 def set_tcp_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: disable Nagle's algorithm (small PDUs otherwise wait ~40 ms)."""
@@ -99,18 +92,14 @@ _FUNCTIONAL_GROUP_SOURCES = {
 
 
 def _from_functional_groups(ds: Dataset, keyword: str) -> object:
-    """An attribute of an Enhanced CT frame: shared functional groups first, then frame 1."""
+    """An attribute of frame 1 of an Enhanced CT instance, from its functional groups."""
     macro = _FUNCTIONAL_GROUP_SOURCES.get(keyword)
     if macro is None:
         return None
     attr = "FrameType" if keyword == "ImageType" else keyword
-    for groups_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        groups = ds.get(groups_kw)
-        if not groups:
-            continue
-        items = groups[0].get(macro)
-        if items and items[0].get(attr) is not None:
-            return items[0].get(attr)
+    for item in functional_group_items(ds, 0, macro):
+        if item.get(attr) is not None:
+            return item.get(attr)
     return None
 
 
@@ -355,7 +344,7 @@ def build_ae(cfg: ListenerConfig) -> AE:
     if cfg.allowed_calling_ae_titles:
         ae.require_calling_aet = list(cfg.allowed_calling_ae_titles)
     ae.add_supported_context(Verification)
-    classes: list[str] = list(CT_STORAGE_CLASSES)
+    classes: list[str] = list(CT_SOP_CLASSES)
     if cfg.other_storage is OtherStorage.ACCEPT:
         classes += [
             str(c.abstract_syntax)

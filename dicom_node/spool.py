@@ -18,72 +18,17 @@ files at start-up, before the listener accepts anything.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import threading
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.uids import is_valid_uid
-
-TEMPORARY_SUFFIX = ".tmp"
+from engine.dicom_facts import is_valid_uid
+from engine.durable import TEMPORARY_SUFFIX, fsync_directory, write_first
 
 
 class SpoolError(OSError):
     """The spool cannot store an instance (disk full, not writable, ...)."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temporary_name(target: Path) -> Path:
-    """A name no other writer (thread or process) uses, hidden, in the target's directory."""
-    return target.with_name(
-        f".{target.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
-    )
-
-
-def _write_temporary(target: Path, data: bytes | memoryview) -> Path:
-    tmp = _temporary_name(target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def write_first(target: Path, data: bytes | memoryview) -> bool:
-    """Write `data` to `target` durably unless `target` exists (first writer wins).
-
-    Returns True when this call created the file, False when it was already there (the existing
-    file is complete: it was fsynced before it got its name). Either way the directory entry is
-    fsynced before returning.
-    """
-    tmp = _write_temporary(target, data)
-    try:
-        os.link(tmp, target)
-        created = True
-    except FileExistsError:
-        created = False
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(target.parent)
-    return created
 
 
 @dataclass(frozen=True)
@@ -120,7 +65,7 @@ class Spool:
                 )
             if not target.parent.is_dir():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                fsync_dir(self.root)
+                fsync_directory(self.root)
             created = write_first(target, data)
         except SpoolError:
             raise

@@ -26,12 +26,13 @@ from datetime import datetime
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
+from engine.dicom_facts import is_valid_uid
 from engine.interface import EngineIdentity, FloatVolume
 from engine.pixels import PixelFormatError, hu_to_stored, modality_rescale, transfer_syntax_of
 from engine.pixels import write_pixels as _write_pixels
-from engine.series_io import CT_IMAGE_STORAGE, LoadedSeries, frame_header
+from engine.series_io import LoadedSeries, frame_header
 
 MANUFACTURER = "ltdiff-node"
 """Manufacturer written into General Equipment and our Contributing Equipment item.
@@ -195,8 +196,6 @@ _REQUIRED_TYPE2 = (
     "KVP",
     "AcquisitionNumber",
 )
-
-_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 class DerivedSeriesError(ValueError):
@@ -457,7 +456,7 @@ def build_derived_series(
         source_sop = str(src.SOPInstanceUID)
 
         # SOP Common, General Series, General Image.
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = derived_instance_uid(series_uid, source_sop, source.frame_number)
         ds.SeriesInstanceUID = series_uid
         ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
@@ -562,13 +561,6 @@ def _file_meta(ds: Dataset) -> FileMetaDataset:
     return meta
 
 
-def is_valid_uid(value: object) -> bool:
-    """UID encoding rules (PS3.5 9.1): 1..64 characters, digits and dots, components without
-    leading zeros."""
-    text = str(value or "")
-    return 0 < len(text) <= 64 and _UID_PATTERN.match(text) is not None
-
-
 def validate_derived_instance(ds: Dataset) -> None:
     """Raise DerivedSeriesError unless `ds` is a complete CT Image Storage instance: Type 1
     attributes present with values, Type 2 present, UIDs well formed, file meta consistent,
@@ -576,7 +568,7 @@ def validate_derived_instance(ds: Dataset) -> None:
     label = f"derived instance {ds.get('SOPInstanceUID', '?')}"
     problems = [f"{k} missing or empty" for k in _REQUIRED_TYPE1 if ds.get(k) in (None, "")]
     problems += [f"{k} missing" for k in _REQUIRED_TYPE2 if k not in ds]
-    if ds.get("SOPClassUID") != CT_IMAGE_STORAGE:
+    if ds.get("SOPClassUID") != CTImageStorage:
         problems.append(f"SOP Class {ds.get('SOPClassUID')} is not CT Image Storage")
     if ds.get("Modality") != "CT":
         problems.append("Modality is not CT")

@@ -10,19 +10,20 @@ builds the validated derived series and returns datasets without writing anythin
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from engine.derived import DerivedSeriesOptions, build_derived_series, is_ltdiff_output
+from engine.durable import fsync_directory, write_replacing
 from engine.envelope_policy import EnvelopeCheck, EnvelopePolicy, choose_engine, measure_loaded
 from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
 from engine.series_io import SeriesError, load_series
@@ -163,21 +164,12 @@ def write_series(datasets: Sequence[Dataset], out_dir: str | PathLike[str]) -> l
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for ds in datasets:
-        name = f"{ds.SOPInstanceUID}.dcm"
-        final = directory / name
-        temporary = directory / f".{name}.partial"
-        try:
-            with temporary.open("wb") as handle:
-                dcmwrite(handle, ds, enforce_file_format=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            temporary.replace(final)
-        finally:
-            temporary.unlink(missing_ok=True)
+        final = directory / f"{ds.SOPInstanceUID}.dcm"
+
+        def encode(handle: BinaryIO, ds: Dataset = ds) -> None:
+            dcmwrite(handle, ds, enforce_file_format=True)
+
+        write_replacing(final, encode, mode=0o666, sync_directory=False)
         written.append(final)
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+    fsync_directory(directory)
     return written

@@ -27,6 +27,8 @@ from pydicom.pixels.processing import apply_modality_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from engine.dicom_facts import functional_group_items, is_multi_frame_functional
+
 FloatArray = npt.NDArray[np.float32]
 StoredArray = npt.NDArray[np.integer]
 
@@ -158,21 +160,6 @@ def _float(value: object, default: float) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def _functional_group_item(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
-    """Item of a functional-group macro for a frame: per-frame, then shared (PS3.3 C.7.6.16)."""
-    for groups_keyword, index in (
-        ("PerFrameFunctionalGroupsSequence", frame_index),
-        ("SharedFunctionalGroupsSequence", 0),
-    ):
-        groups = ds.get(groups_keyword)
-        if groups and index < len(groups):
-            macro = groups[index].get(sequence)
-            if macro:
-                item: Dataset = macro[0]
-                return item
-    return None
-
-
 def modality_rescale(ds: Dataset, frame_index: int | None = None) -> tuple[float, float] | None:
     """Linear modality transform (slope, intercept) of a dataset or one of its frames.
 
@@ -182,8 +169,9 @@ def modality_rescale(ds: Dataset, frame_index: int | None = None) -> tuple[float
     defines stored values as the output units.
     """
     if frame_index is not None:
-        item = _functional_group_item(ds, frame_index, "PixelValueTransformationSequence")
-        if item is not None and "RescaleIntercept" in item:
+        items = functional_group_items(ds, frame_index, "PixelValueTransformationSequence")
+        if items and "RescaleIntercept" in items[0]:
+            item = items[0]
             return _float(item.get("RescaleSlope"), 1.0), _float(item.RescaleIntercept, 0.0)
     if ds.get("RescaleIntercept") is not None and ds.RescaleIntercept != "":
         return _float(ds.get("RescaleSlope"), 1.0), _float(ds.RescaleIntercept, 0.0)
@@ -203,7 +191,7 @@ def dataset_frames_to_hu(ds: Dataset) -> FloatArray:
     """
     stored = decode_stored(ds)
     out = np.empty(stored.shape, dtype=np.float32)
-    multi_frame = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    multi_frame = is_multi_frame_functional(ds)
     for index in range(stored.shape[0]):
         rescale = modality_rescale(ds, index if multi_frame else None)
         if rescale is not None:

@@ -35,13 +35,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from engine.dicom_facts import CT_SOP_CLASSES, MULTI_FRAME_CT_SOP_CLASSES, functional_group_items
 from engine.interface import FloatVolume, SeriesGeometry
 from engine.pixels import PixelFormatError, dataset_frames_to_hu, frame_count
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
-MULTI_FRAME_CT_SOP_CLASSES = (ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
 
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 SPACING_TOLERANCE_MM = 1e-3
@@ -138,20 +134,11 @@ def frame_header(ds: Dataset, frame_number: int | None) -> Dataset:
         return ds
     index = frame_number - 1
     out = Dataset()
-    for groups_keyword, group_index in (
-        ("SharedFunctionalGroupsSequence", 0),
-        ("PerFrameFunctionalGroupsSequence", index),
-    ):
-        groups = ds.get(groups_keyword)
-        if not groups or group_index >= len(groups):
-            continue
-        group = groups[group_index]
-        for macro, keywords in _FLATTENABLE_MACROS.items():
-            items = group.get(macro)
-            if not items:
-                continue
+    for macro, keywords in _FLATTENABLE_MACROS.items():
+        # Shared first, then per-frame, so a per-frame value wins.
+        for item in reversed(functional_group_items(ds, index, macro)):
             for keyword in keywords:
-                element = items[0].get(keyword)
+                element = item.get(keyword)
                 if element is not None and element != "":
                     setattr(out, keyword, element)
     return out
@@ -199,7 +186,7 @@ def _check_instance(ds: Dataset, name: str) -> None:
             else f"{label}: Modality is missing, only CT is accepted"
         )
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class != CT_IMAGE_STORAGE and sop_class not in MULTI_FRAME_CT_SOP_CLASSES:
+    if sop_class not in CT_SOP_CLASSES:
         raise SeriesError(
             f"{label}: SOP Class {sop_class or 'missing'!r} is not CT Image Storage or Enhanced CT "
             "Image Storage (localizers as Secondary Capture, dose reports, ... are not images "

@@ -11,17 +11,38 @@ SOP Common.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from engine.derived import name_based_uid
 from engine.pixels import hu_to_stored, write_pixels
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class SyntheticStudy:
+    """The Patient, General Study and General Equipment attributes of a synthetic series: all
+    fictional. The defaults describe the test series; the routing phantom
+    (dicom_node/phantom.py) brings its own."""
+
+    patient_name: str = "LTDIFF^PHANTOM"
+    patient_id: str = "LTDIFF-0001"
+    study_description: str = "CT Thorax"
+    accession_number: str = "SYN0001"
+    date: str = "20240102"  # study, series, acquisition and content date (DA)
+    time: str = "101500"  # study, series, acquisition and content time (TM)
+    manufacturer: str = "SIEMENS"
+    model_name: str = "Synthetic CT"
+    software_versions: str = "syngo CT VA00"
+    institution_name: str | None = "ltdiff test site"  # None: no Institution Name
+
+
+TEST_STUDY = SyntheticStudy()
 
 
 def synthetic_uid(uid_seed: str, *parts: object) -> str:
@@ -65,13 +86,15 @@ def make_ct_dataset(
     pixel_representation: int = 0,
     rescale_intercept: float = -1024.0,
     rescale_slope: float = 1.0,
+    study: SyntheticStudy = TEST_STUDY,
 ) -> Dataset:
     """One single-frame CT Image Storage instance.
 
     `hu`: float (rows, cols) image in HU, stored through `hu_to_stored` with the given storage
     (default unsigned 12-bit, intercept -1024, as many scanners write); a `phantom_slice` when
     None. Study, Frame of Reference and (unless given) Series UIDs come from `uid_seed`; the SOP
-    Instance UID from the seed, series UID and instance number.
+    Instance UID from the seed, series UID and instance number. `study`: patient, study and
+    equipment attributes.
     """
     image = phantom_slice(rows, cols) if hu is None else np.asarray(hu, dtype=np.float32)
     rows, cols = image.shape
@@ -81,21 +104,22 @@ def make_ct_dataset(
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
-    ds.StudyDate, ds.SeriesDate, ds.AcquisitionDate, ds.ContentDate = ("20240102",) * 4
-    ds.StudyTime, ds.SeriesTime, ds.AcquisitionTime, ds.ContentTime = ("101500",) * 4
-    ds.AccessionNumber = "SYN0001"
+    ds.StudyDate, ds.SeriesDate, ds.AcquisitionDate, ds.ContentDate = (study.date,) * 4
+    ds.StudyTime, ds.SeriesTime, ds.AcquisitionTime, ds.ContentTime = (study.time,) * 4
+    ds.AccessionNumber = study.accession_number
     ds.Modality = "CT"
-    ds.Manufacturer = "SIEMENS"
-    ds.ManufacturerModelName = "Synthetic CT"
-    ds.SoftwareVersions = "syngo CT VA00"
-    ds.InstitutionName = "ltdiff test site"
+    ds.Manufacturer = study.manufacturer
+    ds.ManufacturerModelName = study.model_name
+    ds.SoftwareVersions = study.software_versions
+    if study.institution_name is not None:
+        ds.InstitutionName = study.institution_name
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "CT Thorax"
+    ds.StudyDescription = study.study_description
     ds.SeriesDescription = series_description or f"Thorax 1.0 {kernel}"
-    ds.PatientName = "LTDIFF^PHANTOM"
-    ds.PatientID = "LTDIFF-0001"
+    ds.PatientName = study.patient_name
+    ds.PatientID = study.patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.BodyPartExamined = "CHEST"

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from audit_support import check_audit_message, code, parse_syslog, split_octet_counted
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from dicom_node.audit.messages import (
     Action,
@@ -31,8 +32,8 @@ WHEN = datetime(2025, 3, 4, 10, 11, 12, 345678, tzinfo=UTC)
 SOURCE = AuditSource("LTDIFF-SITE", "HOSPITAL-A")
 NODE = Application("LTDIFF", "ct-node-1.hospital.example", "ltdiff-node")
 MODALITY = Application("CT_SCANNER", "10.1.2.3")
-CT = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+CT = str(CTImageStorage)
+ENHANCED_CT = str(EnhancedCTImageStorage)
 
 
 def _received() -> InstancesTransferred:

@@ -16,6 +16,7 @@ import pytest
 from audit_support import check_audit_message
 from listener_support import recording
 from pydicom import dcmwrite
+from pydicom.uid import CTImageStorage
 from tests_support import wait_until
 
 from dicom_node.audit.messages import Rendered
@@ -35,7 +36,7 @@ from dicom_node.store import (
 from engine.synthetic import make_ct_series
 
 WHEN = datetime(2025, 3, 4, 10, 11, 12, tzinfo=UTC)
-CT = "1.2.840.10008.5.1.4.1.1.2"
+CT = str(CTImageStorage)
 PATIENT_ID, PATIENT_NAME = "ZQXAUDITPID", "ZQXAUDIT^NAME"
 
 

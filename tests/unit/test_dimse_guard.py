@@ -14,12 +14,13 @@ from hostile_scu import (
     CommandValue,
     encode_command,
 )
+from pydicom.uid import CTImageStorage
 from pynetdicom.dsutils import decode
 
 from dicom_node import statuses
 from dicom_node.dimse_guard import check_request, uid_problem
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
+CT = str(CTImageStorage)
 MR = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 LONG = "1." + "2" * 70

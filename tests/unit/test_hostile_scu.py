@@ -13,10 +13,11 @@ from hostile_scu import (
     encode_associate_rq,
     encode_command,
 )
+from pydicom.uid import CTImageStorage
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
+CT = str(CTImageStorage)
 
 
 def _decoded(raw: bytes):

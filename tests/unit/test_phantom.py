@@ -10,6 +10,8 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from dicom_node.phantom import generate_phantom_series, main, render_phantom
+from engine import __version__
+from engine.synthetic import make_ct_dataset
 from training.pairs import find_paired_series
 
 
@@ -83,3 +85,12 @@ def test_phantom_cli_writes_series(tmp_path: Path, capsys: pytest.CaptureFixture
     assert len(files) == 2
     assert dcmread(files[0]).ConvolutionKernel == "B30f"
     assert "wrote 2 B30f phantom slices" in capsys.readouterr().out
+
+
+def test_phantom_headers_are_the_synthetic_ct_headers(tmp_path: Path) -> None:
+    """One writer of synthetic CT headers (engine/synthetic.py): the phantom has the same
+    attributes as a synthetic test slice, less the Institution Name it leaves out."""
+    phantom = dcmread(generate_phantom_series(tmp_path, n_slices=1, size=32)[0])
+    synthetic = make_ct_dataset(rows=32, cols=32)
+    assert {e.keyword for e in phantom} == {e.keyword for e in synthetic} - {"InstitutionName"}
+    assert phantom.SoftwareVersions == __version__

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.spool import Spool, SpoolError
-from dicom_node.uids import is_valid_uid
+from engine.dicom_facts import is_valid_uid
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.5.1.4.1.1.2", "2.25.1234567890", "1.0.3"])
