@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from engine import __version__
 from engine.interface import SeriesGeometry
-from engine.ltdiff.engine import LTDiffEngine, resolve_device
+from engine.ltdiff.engine import LTDiffEngine, denoiser_autocast_dtype, resolve_device
 from engine.ltdiff.latent_diffusion import (
     DenoiserConfig,
     DiffusionTarget,
@@ -74,6 +74,7 @@ from engine.ltdiff.latent_diffusion import (
     standard_latent,
     training_target,
 )
+from engine.ltdiff.sampler import DDIMSampler
 from engine.ltdiff.unetpp import UNetPlusPlusAutoencoder, UNetPPConfig
 from engine.ltdiff.weights import (
     MAX_SHIPPED_BYTES,
@@ -93,7 +94,7 @@ from training.ltdiff_data import (
 )
 from training.pairs import DEFAULT_SOURCE_KERNEL, DEFAULT_TARGET_KERNEL
 
-Phase = Literal["1", "2", "3", "regression"]
+Phase = Literal["1", "2", "3", "regression", "distill"]
 ReconLoss = Literal["l1", "l2", "l1+l2"]
 AmpMode = Literal["bf16", "fp16", "off"]
 CKPT_FORMAT = "ltdiff-node/train-checkpoint/1"
@@ -151,6 +152,12 @@ class TrainConfig:
     condition: SeriesCondition = "spacing-noise"
     sample_steps: int = 8
     sample_eta: float = 0.0
+    # Phase "distill": the teacher's DDIM steps (None: the --init file's own setting) and the
+    # student's steps (the exported setting).
+    teacher_steps: int | None = None
+    student_steps: int = 1
+    # bf16 autocast on a CPU that computes bf16 natively (AVX512-BF16 / AMX); off: float32.
+    cpu_amp: bool = False
     command: str = field(default="", compare=False)
 
     def to_json(self) -> str:
@@ -195,9 +202,13 @@ class Objective(nn.Module):
         schedule: NoiseSchedule | None = None,
         latent_scale: float = 1.0,
         target_scale: float = 1.0,
+        teacher: Teacher | None = None,
     ) -> None:
         super().__init__()
         self.phase = phase
+        self.teacher = teacher
+        # A submodule, so that .to(device) moves it; frozen below.
+        self.teacher_denoiser = teacher.denoiser if teacher is not None else None
         self.config = config
         self.autoencoder = autoencoder
         self.denoiser = denoiser
@@ -205,8 +216,10 @@ class Objective(nn.Module):
         self.latent_scale = latent_scale
         self.target_scale = target_scale
         frozen: list[nn.Module] = []
-        if phase == "2":
+        if phase in ("2", "distill"):
             frozen = [autoencoder]
+            if self.teacher_denoiser is not None:
+                frozen.append(self.teacher_denoiser)
         elif phase == "3":
             frozen = [autoencoder.encoder, autoencoder.to_latent, autoencoder.encoder_shortcut]
         for module in frozen:
@@ -235,6 +248,8 @@ class Objective(nn.Module):
             return loss, {"regression": loss.detach()}
         if self.denoiser is None or self.schedule is None:
             raise RuntimeError(f"phase {self.phase} needs a denoiser and a schedule")
+        if self.phase == "distill":
+            return self._distill(a, series)
         target = self.denoiser.config.target
         scale = self.target_scale if target == "residual" else self.latent_scale
         with torch.no_grad():
@@ -262,6 +277,67 @@ class Objective(nn.Module):
             loss = loss + cfg.lambda_recon * l_recon
             metrics["recon"] = l_recon.detach()
         return loss, metrics
+
+    def _distill(self, a: Tensor, series: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """One-step distillation (Luhman & Luhman 2021, "Knowledge distillation in iterative
+        generative models"): from the same z_T ~ N(0, I), the student's `student_steps`-step
+        DDIM sample regresses onto the teacher's deterministic (eta 0) DDIM sample. The teacher's
+        sample is a deterministic function of z_T and Z_A, so the regression has one answer per
+        input and does not average the texture away: a new z_T gives a new grain, as in the
+        teacher (docs/METHOD.md, "One-step sampling")."""
+        teacher = self.teacher_denoiser
+        if self.denoiser is None or self.teacher is None or teacher is None:
+            raise RuntimeError("phase distill needs a student and a teacher")
+        cfg, student = self.config, self.denoiser
+        target = student.config.target
+        scale = self.target_scale if target == "residual" else self.latent_scale
+        vectors = self.series_vectors(series)
+        with torch.no_grad():
+            latent_a = self.autoencoder.encode(a).float()
+            condition = latent_a * self.latent_scale
+            z_noise = torch.randn_like(latent_a)
+
+            def teacher_fn(z_t: Tensor, t: Tensor) -> Tensor:
+                out: Tensor = teacher(z_t, t, condition, vectors)
+                return out.float()
+
+            x0_teacher = self.teacher.sampler.sample_from(teacher_fn, z_noise)
+
+        def student_fn(z_t: Tensor, t: Tensor) -> Tensor:
+            out: Tensor = student(z_t, t, condition, vectors)
+            return out.float()
+
+        x0_student = self.student_sampler.sample_from(student_fn, z_noise)
+        l_latent = F.mse_loss(x0_student, x0_teacher)
+        loss = cfg.lambda_latent * l_latent
+        metrics = {"latent": l_latent.detach()}
+        if cfg.lambda_image > 0:
+            with torch.no_grad():
+                image_teacher = self.autoencoder.decode(
+                    standard_latent(target, latent_a, x0_teacher, scale)
+                ).float()
+            image = self.autoencoder.decode(standard_latent(target, latent_a, x0_student, scale))
+            l_image = F.mse_loss(image.float(), image_teacher)
+            loss = loss + cfg.lambda_image * l_image
+            metrics["image"] = l_image.detach()
+        return loss, metrics
+
+    @property
+    def student_sampler(self) -> DDIMSampler:
+        if self.schedule is None or self.denoiser is None:
+            raise RuntimeError("no schedule")
+        return DDIMSampler.create(
+            self.schedule, self.config.student_steps, self.denoiser.config.prediction
+        )
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The frozen denoiser a student is distilled from, and the sampler it runs (eta 0)."""
+
+    denoiser: LatentDenoiser
+    sampler: DDIMSampler
+    weights_sha256: str
 
 
 @dataclass(frozen=True)
@@ -335,6 +411,7 @@ class Models:
     latent_scale: float
     target_scale: float
     history: list[dict[str, object]]
+    teacher: Teacher | None = None
 
 
 def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device) -> Models:
@@ -348,6 +425,8 @@ def _build_models(config: TrainConfig, train: PairedSlices, device: torch.device
         return Models(UNetPlusPlusAutoencoder(ae_cfg), None, None, 1.0, 1.0, [])
     if config.init is None:
         raise ValueError(f"phase {config.phase} needs --init (the previous phase's checkpoint)")
+    if config.phase == "distill":
+        return _models_for_distillation(config)
     if config.init.suffix == ".safetensors":
         return _models_from_weights(config)
     init = _load_checkpoint(config.init)
@@ -412,6 +491,51 @@ def _models_from_weights(config: TrainConfig) -> Models:
     )
 
 
+def _models_for_distillation(config: TrainConfig) -> Models:
+    """Phase distill: the --init weights file is the teacher; the student starts as a copy of
+    its denoiser (same architecture, so inference code and cost per evaluation do not change);
+    autoencoder, schedule and scales are the teacher's and stay frozen."""
+    if config.init is None or config.init.suffix != ".safetensors":
+        raise ValueError("phase distill needs --init TEACHER.safetensors (LTDiff++ weights)")
+    weights, sha = load_weights(config.init, expected_kind=EngineMode.LTDIFF.value)
+    if weights.denoiser_config is None or weights.denoiser_state is None:
+        raise ValueError(f"{config.init}: holds no latent denoiser")
+    if weights.schedule_config is None:
+        raise ValueError(f"{config.init}: holds no schedule")
+    if weights.sampling.distilled:
+        raise ValueError(f"{config.init}: is itself a distilled student; distill from its teacher")
+    if config.student_steps >= (config.teacher_steps or weights.sampling.num_steps):
+        raise ValueError("--student-steps must be fewer than the teacher's steps")
+    teacher_den = weights.build_denoiser().eval()
+    student = weights.build_denoiser()
+    schedule = NoiseSchedule.from_config(weights.schedule_config)
+    sampler = DDIMSampler.create(
+        schedule,
+        config.teacher_steps or weights.sampling.num_steps,
+        weights.denoiser_config.prediction,
+        eta=0.0,
+        spacing=weights.sampling.spacing,
+    )
+    history = list(cast(list[dict[str, object]], weights.training.get("history", [])))
+    history.append(
+        {
+            "phase": "teacher",
+            "weights": str(config.init),
+            "sha256": sha,
+            "teacher_steps": len(sampler.timesteps),
+        }
+    )
+    return Models(
+        weights.build_autoencoder(),
+        student,
+        weights.schedule_config,
+        weights.latent_scale,
+        weights.target_scale,
+        history,
+        Teacher(teacher_den, sampler, sha),
+    )
+
+
 def measure_latent_scales(
     ae: UNetPlusPlusAutoencoder, train: PairedSlices, config: TrainConfig, device: torch.device
 ) -> tuple[float, float]:
@@ -451,7 +575,11 @@ def _weights_for_export(
         denoiser_config=den.config if den is not None and mode is EngineMode.LTDIFF else None,
         denoiser_state=unwrap_state(den) if den is not None and mode is EngineMode.LTDIFF else None,
         schedule_config=models.schedule_config if mode is EngineMode.LTDIFF else None,
-        sampling=SamplingConfig(num_steps=config.sample_steps, eta=config.sample_eta),
+        sampling=(
+            SamplingConfig(num_steps=config.student_steps, distilled=True)
+            if config.phase == "distill"
+            else SamplingConfig(num_steps=config.sample_steps, eta=config.sample_eta)
+        ),
         latent_scale=models.latent_scale,
         target_scale=models.target_scale,
         normalization=HUNormalization(),
@@ -586,6 +714,7 @@ def train(config: TrainConfig) -> TrainResult:
         schedule=schedule,
         latent_scale=models.latent_scale,
         target_scale=models.target_scale,
+        teacher=models.teacher,
     ).to(ctx.device)
     if ctx.device.type == "cuda":
         objective = cast(Any, objective).to(memory_format=torch.channels_last)
@@ -624,7 +753,10 @@ def train(config: TrainConfig) -> TrainResult:
         wrapped = DistributedDataParallel(
             objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
-    use_amp = ctx.device.type == "cuda" and config.amp != "off"
+    use_amp = config.amp != "off" and (
+        ctx.device.type == "cuda"
+        or (config.cpu_amp and denoiser_autocast_dtype(ctx.device, "auto") is torch.bfloat16)
+    )
     amp_dtype = torch.float16 if config.amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
 
@@ -686,7 +818,11 @@ def train(config: TrainConfig) -> TrainResult:
             group["lr"] = lr
         a, b, series = next(batches)
         a, b, series = a.to(ctx.device), b.to(ctx.device), series.to(ctx.device)
-        autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else nullcontext()
+        autocast = (
+            torch.autocast(device_type=ctx.device.type, dtype=amp_dtype)
+            if use_amp
+            else nullcontext()
+        )
         with autocast:
             loss, parts = wrapped(a, b, series)
         optimizer.zero_grad(set_to_none=True)
@@ -788,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ltdiff-node train ltdiff",
         description="Train LTDiff++ (phases 1, 2, 3) or the UNet++ regression ablation.",
     )
-    p.add_argument("--phase", required=True, choices=["1", "2", "3", "regression"])
+    p.add_argument("--phase", required=True, choices=["1", "2", "3", "regression", "distill"])
     p.add_argument("--data", type=Path, action="append", required=True, help="repeatable")
     p.add_argument("--out", type=Path, required=True, help="run folder (ckpt.pt, metrics.jsonl)")
     p.add_argument(
@@ -812,7 +948,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     p.add_argument("--recon-loss", choices=["l1", "l2", "l1+l2"], default=d.recon_loss)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=d.amp, help="CUDA only")
+    p.add_argument(
+        "--amp",
+        choices=["bf16", "fp16", "off"],
+        default=d.amp,
+        help="autocast on CUDA (and on a CPU with native bf16 when --cpu-amp is given)",
+    )
+    p.add_argument(
+        "--cpu-amp",
+        action="store_true",
+        help="bf16 autocast on a CPU that computes bf16 natively (AVX512-BF16, AMX)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared machine)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing OUT/ckpt.pt")
     p.add_argument("--no-progress", action="store_true")
@@ -837,6 +983,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the denoiser knows of the series (pixel spacing, measured noise level)",
     )
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps, <= 10")
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        help="phase distill: the teacher's DDIM steps (default: its weights file's setting)",
+    )
+    p.add_argument(
+        "--student-steps",
+        type=int,
+        default=d.student_steps,
+        help="phase distill: the student's steps (1: one network evaluation per slice)",
+    )
     return p
 
 
@@ -873,6 +1030,9 @@ _ARG_FIELDS = (
     "diffusion_target",
     "condition",
     "sample_steps",
+    "teacher_steps",
+    "student_steps",
+    "cpu_amp",
     "init",
     "export",
     "source_kernel",

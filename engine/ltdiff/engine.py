@@ -124,6 +124,15 @@ class LTDiffEngine:
             raise EngineError(f"batch_slices must be >= 1, got {self._batch}")
         self._num_steps = num_steps or weights.sampling.num_steps
         self._eta = weights.sampling.eta if eta is None else eta
+        if weights.sampling.distilled and (
+            self._num_steps != weights.sampling.num_steps or self._eta != weights.sampling.eta
+        ):
+            raise EngineError(
+                f"these weights hold a denoiser distilled to {weights.sampling.num_steps} "
+                f"sampling step(s), eta {weights.sampling.eta:g}: it cannot run "
+                f"{self._num_steps} step(s), eta {self._eta:g} (remove sample_steps / eta from "
+                "the engine's configuration)"
+            )
         if precision not in PRECISIONS:
             raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self._memory_format = torch.channels_last
@@ -151,8 +160,14 @@ class LTDiffEngine:
             weights_sha256=weights_sha256,
             source_kernel=weights.source_kernel,
             target_kernel=weights.target_kernel,
-            settings=f"ddim{self._num_steps} eta{self._eta:g}" if ltdiff else "",
+            settings=self._settings() if ltdiff else "",
         )
+
+    def _settings(self) -> str:
+        """The run-time sampling settings, part of the identity (they change the pixels)."""
+        if self._weights.sampling.distilled:
+            return f"distilled{self._num_steps}"
+        return f"ddim{self._num_steps} eta{self._eta:g}"
 
     @classmethod
     def from_file(

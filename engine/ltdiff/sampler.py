@@ -141,12 +141,26 @@ class DDIMSampler:
         device: torch.device,
     ) -> Tensor:
         """Run the reverse process from z_T ~ N(0, I) to z_0, float32 [N, ...] on `device`."""
-        z = noise_like(shape, generators, device=device)
+        z_noise = noise_like(shape, generators, device=device)
+
+        def fresh_noise() -> Tensor:
+            return noise_like(shape, generators, device=device)
+
+        return self.sample_from(model, z_noise, fresh_noise)
+
+    def sample_from(
+        self, model: ModelFn, z_noise: Tensor, noise: Callable[[], Tensor] | None = None
+    ) -> Tensor:
+        """The reverse process from a given z_T (`z_noise`, float32 [N, ...]); `noise()` gives
+        the fresh standard normal draws eta > 0 needs (none with eta = 0: the result is then a
+        deterministic function of z_T, which is what distillation regresses on)."""
+        z = z_noise.float()
         steps = [*self.timesteps, -1]
         for t, t_prev in pairwise(steps):
-            t_batch = torch.full((shape[0],), t, dtype=torch.int64, device=device)
+            t_batch = torch.full((z.shape[0],), t, dtype=torch.int64, device=z.device)
             out = model(z, t_batch)
             need_noise = self.eta > 0.0 and t_prev >= 0
-            noise = noise_like(shape, generators, device=device) if need_noise else None
-            z = self.step(out, t, t_prev, z, noise)
+            if need_noise and noise is None:
+                raise ValueError("eta > 0 needs a noise source")
+            z = self.step(out, t, t_prev, z, noise() if need_noise and noise else None)
         return z

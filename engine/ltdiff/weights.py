@@ -96,17 +96,26 @@ class HUNormalization:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Default DDIM settings the engine uses with these weights."""
+    """Default DDIM settings the engine uses with these weights.
+
+    distilled: the denoiser is a student distilled to reproduce its teacher's whole DDIM
+    trajectory in exactly `num_steps` evaluations from the same z_T (`--phase distill`); it is
+    not a score model, so any other step count (or eta, which it has no use for) is refused.
+    Files written before distillation existed have no such key and read as False.
+    """
 
     num_steps: int = 8
     eta: float = 0.0
     spacing: TimestepSpacing = "trailing"
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_steps <= MAX_STEPS:
             raise ValueError(
                 f"SamplingConfig.num_steps must be 1..{MAX_STEPS}, got {self.num_steps}"
             )
+        if self.distilled and self.eta != 0.0:
+            raise ValueError("SamplingConfig: a distilled sampler is deterministic given z_T")
 
 
 @dataclass(frozen=True)

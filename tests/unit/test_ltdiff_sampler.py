@@ -145,3 +145,24 @@ def test_stochastic_ddim_needs_noise() -> None:
     sampler = DDIMSampler.create(NoiseSchedule.from_config(ScheduleConfig()), 2, "v", eta=1.0)
     with pytest.raises(ValueError, match="needs noise"):
         sampler.step(torch.zeros(1), 999, 499, torch.zeros(1), None)
+
+
+def test_sample_from_a_given_z_t_is_the_sample_of_the_same_draws() -> None:
+    """Distillation runs the teacher from its own z_T (`sample_from`); the engine draws z_T from
+    per-slice generators (`sample`). Both are one reverse process."""
+    sampler = DDIMSampler.create(NoiseSchedule.from_config(ScheduleConfig()), 3, "v")
+
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.3 * z + t[:, None, None, None].float() / 1000.0
+
+    shape = (2, 2, 4, 4)
+    drawn = sampler.sample(
+        model, shape, [torch.Generator().manual_seed(s) for s in (4, 5)], device=torch.device("cpu")
+    )
+    z_t = noise_like(
+        shape, [torch.Generator().manual_seed(s) for s in (4, 5)], device=torch.device("cpu")
+    )
+    assert torch.equal(sampler.sample_from(model, z_t), drawn)
+    stochastic = DDIMSampler.create(NoiseSchedule.from_config(ScheduleConfig()), 2, "v", eta=1.0)
+    with pytest.raises(ValueError, match="noise source"):
+        stochastic.sample_from(model, z_t)

@@ -3,6 +3,7 @@ exactly, export to a working engine, and the CLI entry point."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,12 +13,16 @@ import torch
 from ltdiff_support import TINY_TRAIN_ARGS, write_kernel_pairs
 
 from dicom_node.cli import main as cli_main
-from engine.interface import SeriesGeometry
+from engine.interface import EngineError, SeriesGeometry
 from engine.ltdiff.engine import LTDiffEngine
+from engine.ltdiff.latent_diffusion import NoiseSchedule
+from engine.ltdiff.sampler import DDIMSampler
 from training.train_ltdiff import (
     CKPT_NAME,
     METRICS_NAME,
+    Objective,
     TrainConfig,
+    _models_for_distillation,
     config_from_args,
     lr_at,
     main,
@@ -127,3 +132,80 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert lr_at(10, cfg) == pytest.approx(1e-3)
     assert lr_at(100, cfg) == pytest.approx(1e-4)
     assert lr_at(55, cfg) == pytest.approx(0.55e-3)
+
+
+@pytest.fixture(scope="module")
+def teacher(pairs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny exported LTDiff++ (phases 1 and 2, 2 DDIM steps) to distill from."""
+    root = tmp_path_factory.mktemp("teacher")
+    assert main(_args(pairs, root / "p1", "1")) == 0
+    weights = root / "teacher.safetensors"
+    args = _args(pairs, root / "p2", "2", 2, "--init", str(root / "p1" / CKPT_NAME))
+    assert main([*args, "--export", str(weights), "--sample-steps", "2"]) == 0
+    return weights
+
+
+def test_distill_exports_a_one_step_student_that_refuses_other_step_counts(
+    pairs: Path, teacher: Path, tmp_path: Path
+) -> None:
+    student = tmp_path / "student.safetensors"
+    args = _args(pairs, tmp_path / "d", "distill", 2, "--init", str(teacher))
+    assert main([*args, "--export", str(student)]) == 0
+    assert "latent" in [r for r in _records(tmp_path / "d") if r["split"] == "train"][-1]
+    engine = LTDiffEngine.from_file(student, expected_kind="ltdiff")
+    sampling = engine.weights.sampling
+    assert sampling.distilled and sampling.num_steps == 1 and sampling.eta == 0.0
+    assert engine.identity.settings == "distilled1"
+    history = engine.weights.training["history"]
+    teacher_sha = LTDiffEngine.from_file(teacher).identity.weights_sha256
+    assert {"phase": "teacher", "sha256": teacher_sha, "teacher_steps": 2}.items() <= history[
+        -2
+    ].items()  # type: ignore[index]
+    vol = np.random.default_rng(0).normal(40.0, 15.0, (2, 32, 32)).astype(np.float32)
+    geometry = SeriesGeometry((0.7, 0.7), (0.0, 1.0))
+    one, other = (engine.standardize(vol, geometry, seed=s) for s in (5, 6))
+    assert np.array_equal(one, engine.standardize(vol, geometry, seed=5)), "reproducible"
+    assert not np.array_equal(one, other), "stochastic: another z_T gives another grain"
+    with pytest.raises(EngineError, match="distilled to 1 sampling step"):
+        LTDiffEngine.from_file(student, num_steps=4)
+
+
+def test_distill_regresses_the_student_onto_the_teachers_sample_from_the_same_z_t(
+    pairs: Path, teacher: Path, tmp_path: Path
+) -> None:
+    """The objective's plumbing: with a one-step teacher identical to the student, the student
+    reproduces the teacher exactly (same z_T, same condition), so the loss is zero; a student
+    that differs has a positive loss."""
+    config = config_from_args(
+        [*_args(pairs, tmp_path / "d", "distill", 1, "--init", str(teacher)), "--no-resume"]
+    )
+    models = _models_for_distillation(config)
+    assert models.teacher is not None and models.denoiser is not None and models.schedule_config
+    schedule = NoiseSchedule.from_config(models.schedule_config)
+    one_step = DDIMSampler.create(schedule, 1, models.denoiser.config.prediction)
+    objective = Objective(
+        "distill",
+        config=config,
+        autoencoder=models.autoencoder,
+        denoiser=models.denoiser,
+        schedule=schedule,
+        latent_scale=models.latent_scale,
+        target_scale=models.target_scale,
+        teacher=dataclasses.replace(models.teacher, sampler=one_step),
+    )
+    a = torch.randn(2, 1, 32, 32)
+    series = torch.tensor([[0.7, 12.0], [0.8, 20.0]])
+    torch.manual_seed(3)
+    loss, _ = objective(a, a, series)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        models.denoiser.head.weight.add_(0.05)  # the output layer (zero-initialized in training)
+    torch.manual_seed(3)
+    assert float(objective(a, a, series)[0].detach()) > 1e-6
+    assert all(not p.requires_grad for p in objective.teacher_denoiser.parameters())  # type: ignore[union-attr]
+
+
+def test_distill_needs_a_teacher_weights_file(pairs: Path, tmp_path: Path) -> None:
+    config = config_from_args(_args(pairs, tmp_path / "d", "distill", 1))
+    with pytest.raises(ValueError, match="needs --init TEACHER"):
+        _models_for_distillation(config)
