@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 
 from dicom_node.config import NodeConfig
 from dicom_node.demo import loopback_config
@@ -67,6 +67,20 @@ def write_series(
         dcmwrite(p, ds, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def folder_contents(folder: Path) -> dict[str, tuple[str, str, bytes]]:
+    """file path relative to `folder` -> (SOP Instance UID, Series Instance UID, pixel bytes)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            ds = dcmread(path)
+            out[str(path.relative_to(folder))] = (
+                str(ds.SOPInstanceUID),
+                str(ds.SeriesInstanceUID),
+                bytes(ds.PixelData),
+            )
+    return out
 
 
 def chest_envelope(noise_hu: tuple[float, float] = (5.0, 40.0)) -> ValidatedEnvelope:
