@@ -244,10 +244,6 @@ def cmd_standardize(args: argparse.Namespace) -> int:
 
     on_cluster = args.scheduler is not None or args.local_cluster is not None
     if on_cluster:
-        missing = missing_package()
-        if missing is not None:
-            print(install_hint(missing, sys.executable), file=sys.stderr)
-            return EXIT_UNAVAILABLE
         if sum(len(ds) for ds in args.device) > 1:
             print(
                 "--device: one device with --scheduler or --local-cluster (a series on a GPU "
@@ -255,6 +251,10 @@ def cmd_standardize(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
+        missing = missing_package()
+        if missing is not None:
+            print(install_hint(missing, sys.executable), file=sys.stderr)
+            return EXIT_UNAVAILABLE
     config = _config(args)
     # The lines per series are the report; the engines' info events would interleave with them.
     log_level = "debug" if config.log_level == "debug" else "warning"

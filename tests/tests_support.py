@@ -35,6 +35,19 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_cluster_extra() -> None:
+    """Skip without Dask distributed (the `cluster` extra); under CI, where `make test` installs
+    every extra, fail instead."""
+    from dicom_node.cluster import missing_package
+
+    missing = missing_package()
+    if missing is not None:
+        msg = f"{missing} is not installed: the 'cluster' extra (`make test` installs it)"
+        if REQUIRE_PEERS:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

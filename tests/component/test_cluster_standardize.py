@@ -14,28 +14,18 @@ from typing import Any
 
 import pytest
 from pydicom import dcmwrite
-from tests_support import REQUIRE_PEERS, folder_contents
+from tests_support import folder_contents, require_cluster_extra
 
 from dicom_node.cli import EXIT_FAILURE, EXIT_UNAVAILABLE, main
-from dicom_node.cluster import missing_package
 from engine.synthetic import make_ct_series
 
 N_SERIES = 3
 
 
-def _require_distributed() -> None:
-    missing = missing_package()
-    if missing is not None:
-        msg = f"{missing} is not installed: the 'cluster' extra (`make test` installs it)"
-        if REQUIRE_PEERS:
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def scheduler() -> Iterator[str]:
     """The address of a running Dask cluster of two CPU worker processes (an 'existing' one)."""
-    _require_distributed()
+    require_cluster_extra()
     from distributed import LocalCluster
 
     with LocalCluster(
@@ -121,7 +111,7 @@ def test_a_gpu_run_on_a_cluster_without_gpu_workers_is_refused_not_left_waiting(
 
 
 def test_an_unreachable_scheduler_is_named(tmp_path, capsys, monkeypatch):
-    _require_distributed()
+    require_cluster_extra()
     from dicom_node import cluster_runner
 
     monkeypatch.setattr(cluster_runner, "CONNECT_TIMEOUT_S", 1.0)

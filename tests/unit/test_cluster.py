@@ -10,12 +10,16 @@ import sys
 import threading
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from tests_support import require_cluster_extra
 
 from dicom_node import cluster
 from dicom_node.cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from dicom_node.config import parse_config
+from dicom_node.offline import JobOutcome, JobStatus, PlannedJob, SeriesFiles
+from engine.envelope_policy import OutsideEnvelope
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,3 +94,41 @@ def test_a_worker_thread_loads_its_engines_once_and_again_for_another_device():
     thread.start()
     thread.join()
     assert other[0] is not cluster.worker_engines(config, None), "one set per worker thread"
+
+
+def _cluster_runner():
+    require_cluster_extra()
+    from dicom_node import cluster_runner
+
+    return cluster_runner
+
+
+class _Raises:
+    """A finished Dask future whose task raised `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def result(self) -> object:
+        raise self.error
+
+
+def _job() -> PlannedJob:
+    config = parse_config({})
+    series = SeriesFiles("1.2.826.0.1.3680043.2.1125.1", (Path("/in/1.dcm"),), {}, False)
+    return PlannedJob(
+        1, series, None, config.engines[0], OutsideEnvelope.FALLBACK, config.engines[0]
+    )
+
+
+def test_a_series_whose_workers_died_or_whose_task_raised_is_a_failed_outcome():
+    runner = _cluster_runner()
+    from distributed import KilledWorker
+
+    worker = SimpleNamespace(address="tcp://10.0.0.7:40000")
+    died = runner._outcome(_job(), _Raises(KilledWorker("run_series-1", worker, 3)))
+    assert isinstance(died, JobOutcome) and died.status is JobStatus.FAILED
+    assert died.error == runner.WORKER_KILLED and not died.engine_unavailable
+    raised = runner._outcome(_job(), _Raises(ModuleNotFoundError("No module named 'dicom_node'")))
+    assert isinstance(raised, JobOutcome) and raised.status is JobStatus.FAILED
+    assert raised.error.startswith("the task failed on its worker: ModuleNotFoundError"), raised
