@@ -7,14 +7,16 @@
 # wheel and versioneer installed before it builds without build isolation.
 #
 # `make install` (the service install) installs the node alone: no pyradiomics, SimpleITK or
-# matplotlib, which only `ltdiff-node evaluate` needs; `make install EXTRAS=evaluate` adds them.
-# demo, test, lint, typecheck and bench install everything: the dev tools and the `evaluate` extra.
+# matplotlib, which only `ltdiff-node evaluate` needs; `make install EXTRAS=evaluate` adds them,
+# `make install EXTRAS=cluster` adds Dask distributed (`standardize --scheduler`), and
+# `EXTRAS=evaluate,cluster` both. demo, test, lint, typecheck and bench install everything: the
+# dev tools and the `evaluate` and `cluster` extras.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 comma  := ,
-# Extras of `make install`, comma-separated (dev, evaluate); one stamp file per extra.
+# Extras of `make install`, comma-separated (dev, evaluate, cluster); one stamp file per extra.
 EXTRAS ?=
 EXTRA_STAMPS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.deps-$(e))
 TORCH_SPEC ?= torch==2.13.0
@@ -40,6 +42,10 @@ $(VENV)/.deps-evaluate: $(VENV)/.deps-node
 	$(BIN)/pip install -q ".[evaluate]"
 	touch $@
 
+$(VENV)/.deps-cluster: $(VENV)/.deps-node
+	$(BIN)/pip install -q ".[cluster]"
+	touch $@
+
 $(VENV)/.deps-dev: $(VENV)/.deps-node
 	$(BIN)/pip install -q ".[dev]"
 	touch $@
@@ -49,7 +55,7 @@ $(VENV)/.deps-dev: $(VENV)/.deps-node
 install: $(VENV)/.deps-node $(EXTRA_STAMPS)
 	$(BIN)/pip install -q --no-deps --force-reinstall .
 
-install-all: $(VENV)/.deps-node $(VENV)/.deps-dev $(VENV)/.deps-evaluate
+install-all: $(VENV)/.deps-node $(VENV)/.deps-dev $(VENV)/.deps-evaluate $(VENV)/.deps-cluster
 	$(BIN)/pip install -q --no-deps --force-reinstall .
 
 demo: install-all

@@ -30,6 +30,7 @@ log = get_logger("dicom_node.cli")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2  # as argparse exits for a command line it cannot use
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE from sysexits.h: a package the command needs is missing
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as a configuration error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
@@ -227,6 +228,7 @@ def cmd_standardize(args: argparse.Namespace) -> int:
     --all); the decisions are dicom_node/offline.py, running them dicom_node/offline_runner.py."""
     from tqdm import tqdm
 
+    from dicom_node.cluster import ClusterUnavailableError, install_hint, missing_package
     from dicom_node.offline import (
         JobOutcome,
         JobStatus,
@@ -240,6 +242,19 @@ def cmd_standardize(args: argparse.Namespace) -> int:
     )
     from dicom_node.offline_runner import run_plan
 
+    on_cluster = args.scheduler is not None or args.local_cluster is not None
+    if on_cluster:
+        if sum(len(ds) for ds in args.device) > 1:
+            print(
+                "--device: one device with --scheduler or --local-cluster (a series on a GPU "
+                "runs on the GPU its worker was given)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        missing = missing_package()
+        if missing is not None:
+            print(install_hint(missing, sys.executable), file=sys.stderr)
+            return EXIT_UNAVAILABLE
     config = _config(args)
     # The lines per series are the report; the engines' info events would interleave with them.
     log_level = "debug" if config.log_level == "debug" else "warning"
@@ -273,7 +288,8 @@ def cmd_standardize(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     for skipped in plan.skipped:
         print(skipped.line())
-    devices = worker_devices([d for ds in args.device for d in ds], args.jobs, len(plan.jobs))
+    wanted = [d for ds in args.device for d in ds]
+    devices = wanted if on_cluster else worker_devices(wanted, args.jobs, len(plan.jobs))
     bar = tqdm(
         total=len(plan.jobs),
         unit="series",
@@ -289,16 +305,32 @@ def cmd_standardize(args: argparse.Namespace) -> int:
         bar.write(outcome_line(job, outcome), file=sys.stdout)
         bar.update(1)
 
+    workers = len(devices)
     try:
-        run_plan(
-            plan.jobs,
-            config,
-            args.output,
-            devices,
-            report,
-            log_format=log_format,
-            log_level=log_level,
-        )
+        if on_cluster:
+            from dicom_node.cluster_runner import ClusterTarget, run_plan_on_cluster
+
+            device = wanted[0] if wanted else None
+            target = ClusterTarget(args.scheduler, args.local_cluster or 0, device)
+            workers = run_plan_on_cluster(
+                plan.jobs,
+                config,
+                args.output,
+                target,
+                report,
+                log_format=log_format,
+                log_level=log_level,
+            ).workers
+        else:
+            run_plan(
+                plan.jobs,
+                config,
+                args.output,
+                devices,
+                report,
+                log_format=log_format,
+                log_level=log_level,
+            )
     except KeyboardInterrupt:
         bar.close()
         print(
@@ -307,9 +339,12 @@ def cmd_standardize(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except ClusterUnavailableError as exc:
+        print(f"{exc}; {len(finished)} of {len(plan.jobs)} series finished", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     finally:
         bar.close()
-    print(total_line(plan, finished, time.monotonic() - started, len(devices)))
+    print(total_line(plan, finished, time.monotonic() - started, workers))
     return EXIT_FAILURE if any(o.status is JobStatus.FAILED for o in finished) else EXIT_OK
 
 
@@ -416,13 +451,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="device(s) to run on (cpu, cuda, cuda:N; repeatable or a comma list): workers are "
         "dealt over them round-robin (default: each engine's configured device)",
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "-j",
         "--jobs",
         type=_positive,
         metavar="N",
         help="series run in parallel, each worker a process that loads its engines once "
         "(default: one per --device, else 1); the output is the same as with 1",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run each series as a task on the Dask distributed cluster whose scheduler is at "
+        "ADDRESS (tcp://host:8786); IN_DIR, OUT_DIR and the engine weights must be at the same "
+        "paths on every worker; the output is the same as a local run's (the 'cluster' extra; "
+        "docs/CLUSTER.md)",
+    )
+    where.add_argument(
+        "--local-cluster",
+        type=_positive,
+        metavar="N",
+        help="start a Dask cluster of N worker processes on this machine and run each series as "
+        "a task on it (the 'cluster' extra)",
     )
     p.add_argument(
         "--outside-envelope",

@@ -156,6 +156,30 @@ def remove_partials(output: Path, jobs: Sequence[PlannedJob]) -> None:
         shutil.rmtree(partial_dir(output, job), ignore_errors=True)
 
 
+WORKER_DIED: Final = "a worker process died (killed, out of memory?); the series was not finished"
+
+
+def lost(job: PlannedJob, error: str = WORKER_DIED) -> JobOutcome:
+    """The outcome of a series whose worker went away before it answered: FAILED, reported."""
+    return JobOutcome(job.index, JobStatus.FAILED, 0.0, "-", error=error)
+
+
+class Recorder:
+    """Collects the outcomes in completion order and hands each to `on_outcome` (in the calling
+    process); raises EngineError for an outcome whose engine could not be loaded (the run stops:
+    a configuration error). Shared by the local run and the cluster run."""
+
+    def __init__(self, on_outcome: Callable[[PlannedJob, JobOutcome], None]) -> None:
+        self.outcomes: list[JobOutcome] = []
+        self.on_outcome = on_outcome
+
+    def __call__(self, job: PlannedJob, outcome: JobOutcome) -> None:
+        self.outcomes.append(outcome)
+        self.on_outcome(job, outcome)
+        if outcome.engine_unavailable:
+            raise EngineError(outcome.error)
+
+
 def run_plan(
     jobs: Sequence[PlannedJob],
     config: NodeConfig,
@@ -170,14 +194,7 @@ def run_plan(
     `on_outcome` in this process as each series finishes. Returns the outcomes in completion
     order. Raises EngineError when a job's engine cannot be loaded (the run stops: a
     configuration error), KeyboardInterrupt after stopping cleanly on Ctrl-C."""
-    outcomes: list[JobOutcome] = []
-
-    def record(job: PlannedJob, outcome: JobOutcome) -> None:
-        outcomes.append(outcome)
-        on_outcome(job, outcome)
-        if outcome.engine_unavailable:
-            raise EngineError(outcome.error)
-
+    record = Recorder(on_outcome)
     if len(devices) <= 1:
         engines = WorkerEngines(config, devices[0] if devices else None)
         try:
@@ -186,7 +203,7 @@ def run_plan(
         except BaseException:
             remove_partials(output, jobs)
             raise
-        return outcomes
+        return record.outcomes
 
     ctx = _context(jobs)
     slots: multiprocessing.SimpleQueue[str | None] = ctx.SimpleQueue()
@@ -209,14 +226,7 @@ def run_plan(
                 try:
                     outcome = future.result()
                 except BrokenProcessPool:
-                    outcome = JobOutcome(
-                        job.index,
-                        JobStatus.FAILED,
-                        0.0,
-                        "-",
-                        error="a worker process died (killed, out of memory?); the series "
-                        "was not finished",
-                    )
+                    outcome = lost(job)
                 record(job, outcome)
     except BaseException:
         _stop(pool)
@@ -224,4 +234,4 @@ def run_plan(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return outcomes
+    return record.outcomes

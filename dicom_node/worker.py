@@ -1,8 +1,9 @@
-"""Engine workers: one thread per configured device drains the persistent job queue.
+"""Engine workers: one thread per entry of `node.workers` drains the persistent job queue.
 
 Association threads only spool; decoding, inference and encoding happen in the worker's engine
 process (dicom_node/engine_host.py), so a slow or runaway engine never stalls reception and cannot
-take the node down. Work on one device is serialized (one worker per device).
+take the node down. Each worker runs one job at a time; a device listed twice in `node.workers`
+has two workers.
 
 What a worker does with each outcome:
 - the derived series is written: its exports are queued (or the job is done);

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 
 from dicom_node.config import NodeConfig
 from dicom_node.demo import loopback_config
@@ -33,6 +33,19 @@ def require_tool(name: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def require_cluster_extra() -> None:
+    """Skip without Dask distributed (the `cluster` extra); under CI, where `make test` installs
+    every extra, fail instead."""
+    from dicom_node.cluster import missing_package
+
+    missing = missing_package()
+    if missing is not None:
+        msg = f"{missing} is not installed: the 'cluster' extra (`make test` installs it)"
+        if REQUIRE_PEERS:
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 def free_port() -> int:
@@ -67,6 +80,20 @@ def write_series(
         dcmwrite(p, ds, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def folder_contents(folder: Path) -> dict[str, tuple[str, str, bytes]]:
+    """file path relative to `folder` -> (SOP Instance UID, Series Instance UID, pixel bytes)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            ds = dcmread(path)
+            out[str(path.relative_to(folder))] = (
+                str(ds.SOPInstanceUID),
+                str(ds.SeriesInstanceUID),
+                bytes(ds.PixelData),
+            )
+    return out
 
 
 def chest_envelope(noise_hu: tuple[float, float] = (5.0, 40.0)) -> ValidatedEnvelope:

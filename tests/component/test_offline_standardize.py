@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread, dcmwrite
+from pydicom import dcmwrite
+from tests_support import folder_contents
 
 from dicom_node import offline_runner
 from dicom_node.cli import EXIT_CONFIG, main
@@ -52,20 +53,6 @@ def _derived_uid(source_uid: str) -> str:
     return derived_series_uid(source_uid, load_engine("linear-filter").identity)
 
 
-def _contents(folder: Path) -> dict[str, tuple[str, str, bytes]]:
-    """file path relative to `folder` -> (SOP Instance UID, Series Instance UID, pixel bytes)."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            ds = dcmread(path)
-            out[str(path.relative_to(folder))] = (
-                str(ds.SOPInstanceUID),
-                str(ds.SeriesInstanceUID),
-                bytes(ds.PixelData),
-            )
-    return out
-
-
 def test_mixed_folder_follows_the_routes_and_two_jobs_write_what_one_job_writes(tmp_path, capsys):
     source = _mixed_folder(tmp_path / "in")
     assert main(["standardize", str(tmp_path / "in"), str(tmp_path / "one"), "--jobs", "1"]) == 0
@@ -75,7 +62,7 @@ def test_mixed_folder_follows_the_routes_and_two_jobs_write_what_one_job_writes(
 
     expected = {_derived_uid(source["Br40d-a"]), _derived_uid(source["Br40d-b"])}
     assert {p.name for p in (tmp_path / "one").iterdir()} == expected, "Bl64d is not made"
-    one, two = _contents(tmp_path / "one"), _contents(tmp_path / "two")
+    one, two = folder_contents(tmp_path / "one"), folder_contents(tmp_path / "two")
     assert len(one) == 7
     assert one == two, "2 workers must write the same UIDs and pixels as 1"
 

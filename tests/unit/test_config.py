@@ -265,3 +265,8 @@ def test_a_fallback_engine_that_is_never_used_is_a_warning(tmp_path):
         "route 'rule1': fallback_engine = 'linear' is not used (outside_envelope = 'fail')" in w
         for w in warnings
     ), warnings
+
+
+@pytest.mark.parametrize("workers", [["cpu", "cpu"], ["cuda:0", "cuda:0", "cpu"]])
+def test_a_device_listed_twice_runs_two_workers_on_it(workers):
+    assert parse_config({"node": {"workers": workers}}).workers == tuple(workers)
