@@ -26,6 +26,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.logs import configure_process
 from dicom_node.offline import JobOutcome, PlannedJob
 from dicom_node.offline_runner import WorkerEngines, run_job
+from engine.cpu_threads import share_cpus
 
 EXTRA: Final = "cluster"
 DISTRIBUTION: Final = "distributed"
@@ -113,9 +114,16 @@ def run_series(
     device: str | None,
     log_format: str,
     log_level: str,
+    cpu_sharing: int | None = None,
 ) -> SeriesResult:
     """One Dask task: standardize `job`'s series into `output` (a folder every worker sees at the
-    same path) exactly as a local run does. Never raises for the series' own problems."""
+    same path) exactly as a local run does. Never raises for the series' own problems.
+
+    cpu_sharing: how many worker processes share this machine's cores (a local cluster knows;
+    on a real cluster, start CPU workers with one process per machine or set OMP_NUM_THREADS)."""
     _configure_logging(log_format, log_level)
+    if cpu_sharing is not None and device in (None, "cpu"):
+        worker_engines(config, device)  # loads torch where a learned engine is configured
+        share_cpus(cpu_sharing)
     outcome = run_job(job, worker_engines(config, device), config, Path(output))
     return SeriesResult(outcome, f"{socket.gethostname()}:{os.getpid()}")

@@ -149,6 +149,7 @@ def run_plan_on_cluster(
                     device=target.device,
                     log_format=log_format,
                     log_level=log_level,
+                    cpu_sharing=target.local_workers or None,
                     pure=False,
                     resources=task_resources(devices[job.index]),
                 ): job

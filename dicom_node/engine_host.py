@@ -44,6 +44,7 @@ from typing import Any
 
 from dicom_node.config import BUILTIN_FALLBACK, EngineConfig, NodeConfig
 from dicom_node.logs import configure_process, get_logger, safe_error_text
+from engine.cpu_threads import share_cpus
 from engine.derived import DerivedSeriesOptions
 from engine.envelope_policy import (
     OUTSIDE_STATUSES,
@@ -297,6 +298,8 @@ def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops start-up
         conn.send(("failed", safe_error_text(exc)))
         return
+    if device == "cpu":
+        share_cpus(sum(1 for d in config.workers if d == "cpu"))
     conn.send(("ready", os.getpid()))
     while True:
         try:

@@ -31,6 +31,7 @@ from dicom_node.config import EngineConfig, NodeConfig
 from dicom_node.engine_host import EngineCache, derived_options
 from dicom_node.logs import configure_process, safe_error_text
 from dicom_node.offline import JobOutcome, JobStatus, PlannedJob
+from engine.cpu_threads import share_cpus
 from engine.envelope_policy import EnvelopePolicy, OutsideEnvelopeError
 from engine.interface import Engine, EngineError
 from engine.pipeline import standardize_series, write_series
@@ -117,11 +118,18 @@ _WORKER: dict[str, tuple[WorkerEngines, NodeConfig]] = {}
 
 
 def _init_worker(
-    config: NodeConfig, devices: multiprocessing.SimpleQueue[str | None], fmt: str, level: str
+    config: NodeConfig,
+    devices: multiprocessing.SimpleQueue[str | None],
+    fmt: str,
+    level: str,
+    cpu_sharing: int,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     configure_process(fmt, level)
-    _WORKER["state"] = (WorkerEngines(config, devices.get()), config)
+    device = devices.get()
+    _WORKER["state"] = (WorkerEngines(config, device), config)
+    if device in (None, "cpu"):
+        share_cpus(cpu_sharing)  # the CPU workers split the cores (engine/cpu_threads.py)
 
 
 def _work(job: PlannedJob, output: Path) -> JobOutcome:
@@ -213,7 +221,7 @@ def run_plan(
         max_workers=len(devices),
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(config, slots, log_format, log_level),
+        initargs=(config, slots, log_format, log_level, sum(d in (None, "cpu") for d in devices)),
     )
     try:
         pending: dict[Future[JobOutcome], PlannedJob] = {
