@@ -52,7 +52,12 @@ class FakeEngine:
         return EngineIdentity(self.name, "1.0", self.name[0] * 64, "Br40d", "Bl64d")
 
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
         self.runs += 1
         return volume_hu + np.float32(self.offset)
