@@ -39,10 +39,13 @@ Array = npt.NDArray[np.float32]
 def _box3(image: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     padded = np.pad(image, 1, mode="edge")
     rows, cols = image.shape
-    return sum(
-        (padded[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)),
-        np.zeros_like(image),
-    ) / 9.0
+    return (
+        sum(
+            (padded[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)),
+            np.zeros_like(image),
+        )
+        / 9.0
+    )
 
 
 def fine_grain(volume: Array) -> npt.NDArray[np.float64]:
@@ -81,7 +84,9 @@ def phantom_uniform_mask(n: int, size: int) -> npt.NDArray[np.bool_]:
     return np.stack(masks)
 
 
-def subject_slices(root: Path, subject: str, n: int) -> tuple[Array, SeriesGeometry, float, npt.NDArray[np.bool_]]:
+def subject_slices(
+    root: Path, subject: str, n: int
+) -> tuple[Array, SeriesGeometry, float, npt.NDArray[np.bool_]]:
     """`n` middle Br40d slices of a kernel-pairs subject, their geometry, the series' noise
     level (measured on all its slices, as the node does) and the uniform ROI of those slices."""
     folder = root / "train" / subject
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in precisions
         }
         bodies_only = LTDiffEngine(w, weights_sha256=sha, num_steps=args.steps, precision="float32")
-        bodies_only._ae_amp_dtype = native  # noqa: SLF001 (a measurement-only setting)
+        bodies_only._ae_amp_dtype = native
         for label, volume, geom, noise, roi in inputs:
             outs = {
                 p: e.standardize(volume, geom, seed=args.seed, noise_hu=noise)
@@ -201,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                     (volume + jitter).astype(np.float32), geom, seed=args.seed, noise_hu=noise
                 )
             for what, ref, new in pairs:
-                if ref not in outs or new not in outs or (
-                    engine_name == "regression" and ref == "float32"
+                if (
+                    ref not in outs
+                    or new not in outs
+                    or (engine_name == "regression" and ref == "float32")
                 ):
                     continue  # the regression engine has no denoiser
                 r = compare(outs[ref], outs[new], roi)

@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         (Path(tmp) / "in").mkdir()
         paths = _series(Path(tmp) / "in", n, args.size)
         print(f"{n} slices of {args.size} x {args.size}")
-        loaded = _timed(
-            "read + decode", n, lambda: load_series(paths), args.profile == "load"
+        loaded = _timed("read + decode", n, lambda: load_series(paths), args.profile == "load")
+        _timed(
+            "envelope measurement", n, lambda: measure_loaded(loaded), args.profile == "envelope"
         )
-        _timed("envelope measurement", n, lambda: measure_loaded(loaded), args.profile == "envelope")
         output = loaded.volume_hu + np.float32(1.0)
         derived = _timed(
             "build + encode",

@@ -235,8 +235,8 @@ class UNetPlusPlusAutoencoder(nn.Module):
         with torch.autocast(device_type=blocks.device.type, dtype=body_dtype):
             top = self.encoder(blocks)[-1]
         with _float32_region(blocks):
-            z = self.to_latent(top.float()) + self.encoder_shortcut(blocks.float())
-        return z
+            z_exact: Tensor = self.to_latent(top.float()) + self.encoder_shortcut(blocks.float())
+        return z_exact
 
     def decode_heads(self, latent: Tensor, body_dtype: torch.dtype | None = None) -> list[Tensor]:
         """One image per deep-supervision head, shallowest first: each [N, 1, H, W].

@@ -127,7 +127,9 @@ def _br40_like(n: int, size: int) -> np.ndarray:
         clean = phantom_slice(size, size, k / max(n - 1, 1)).astype(np.float64)
         blurred = np.fft.ifft2(np.fft.fft2(clean) * np.exp(-((fr / 0.456) ** 2))).real
         grain = np.fft.ifft2(
-            np.fft.fft2(rng.standard_normal((size, size))) * np.sqrt(fr) * np.exp(-((fr / 0.54) ** 2))
+            np.fft.fft2(rng.standard_normal((size, size)))
+            * np.sqrt(fr)
+            * np.exp(-((fr / 0.54) ** 2))
         ).real
         out.append(blurred + grain * 12.0 / grain.std())
     return np.stack(out).astype(np.float32)
@@ -143,7 +145,7 @@ def _eroded(mask: np.ndarray, r: int) -> np.ndarray:
 
 
 @pytest.mark.skipif(
-    not ltdiff_engine._cpu_has_native_bf16(),  # noqa: SLF001
+    not ltdiff_engine._cpu_has_native_bf16(),
     reason="this CPU has no native bf16 (AVX512-BF16 or AMX): precision 'bf16' is float32 here, "
     "exactly (test_bf16_precision_on_a_cpu_without_native_bf16_is_exactly_float32)",
 )
