@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="auto: the denoiser in bf16 where the hardware has it; float32: never",
+        help="engine precision (engine.ltdiff.engine.Precision); auto = bf16 where native",
     )
     args = parser.parse_args(argv)
     if args.threads:

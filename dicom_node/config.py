@@ -135,7 +135,7 @@ class EngineConfig:
     device: str = "cpu"
     sample_steps: int | None = None  # ltdiff: DDIM steps (None: the weights' setting)
     batch_slices: int | None = None  # learned engines: slices per forward pass (None: device's)
-    precision: str = "auto"  # ltdiff: "auto" (bf16 denoiser where native) or "float32"
+    precision: str = "auto"  # learned engines: engine.registry.PRECISIONS (bf16 where native)
 
     @property
     def options(self) -> EngineOptions:
@@ -641,15 +641,16 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             )
             if eng.weights is not None and not eng.weights.is_file():
                 raise ConfigError(f"{t.key('weights')} = {eng.weights}: file not found")
-            for key, default in (
-                ("sample_steps", EngineConfig.sample_steps),
-                ("precision", EngineConfig.precision),
-            ):
-                if getattr(eng, key) != default and eng.kind != LTDIFF_KIND:
-                    raise ConfigError(
-                        f"{t.key(key)}: only engines of kind {LTDIFF_KIND!r} sample; "
-                        f"this engine is {eng.kind!r}"
-                    )
+            if eng.sample_steps is not None and eng.kind != LTDIFF_KIND:
+                raise ConfigError(
+                    f"{t.key('sample_steps')}: only engines of kind {LTDIFF_KIND!r} sample; "
+                    f"this engine is {eng.kind!r}"
+                )
+            if eng.precision != EngineConfig.precision and eng.kind == LINEAR_FILTER_KIND:
+                raise ConfigError(
+                    f"{t.key('precision')}: the {LINEAR_FILTER_KIND!r} engine has no precision "
+                    "setting"
+                )
             if eng.batch_slices is not None and eng.kind == LINEAR_FILTER_KIND:
                 raise ConfigError(
                     f"{t.key('batch_slices')}: the {LINEAR_FILTER_KIND!r} engine has no batches"

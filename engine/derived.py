@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from engine.dicom_facts import is_valid_uid
@@ -346,13 +349,18 @@ def _copy_source(src: Dataset, *, multi_frame: bool) -> Dataset:
     """Public top-level attributes of `src` that stay true for a derived image (private tags
     and pixel data dropped; for Enhanced CT, multi-frame-only attributes dropped too)."""
     out = Dataset()
-    for element in src:
-        if element.tag.is_private or element.tag.group in (0x7FE0, 0xFFFA, 0xFFFC):
+    for element in src.elements():
+        tag = Tag(element.tag)
+        if tag.is_private or tag.group in (0x7FE0, 0xFFFA, 0xFFFC):
             continue
-        keyword = element.keyword
+        keyword = keyword_for_tag(tag)
         if keyword in _DROP_ALWAYS or (multi_frame and keyword in _ENHANCED_ONLY):
             continue
-        out.add(copy.deepcopy(element))
+        # An element not decoded yet (most of a file read from disk) is an immutable tuple of
+        # its bytes: shared, it is decoded in the copy as it would be in the source, with the
+        # same Specific Character Set and Pixel Representation (both copied). Decoded elements
+        # (sequences among them) are deep-copied, so the source is never changed through them.
+        out[tag] = element if isinstance(element, RawDataElement) else copy.deepcopy(element)
     return out
 
 

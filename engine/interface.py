@@ -70,13 +70,21 @@ class Engine(Protocol):
     def identity(self) -> EngineIdentity: ...
 
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
         """Map a source-kernel volume [slices, rows, cols] in HU to a target-kernel-like volume.
 
         The output has the same shape, dtype float32 and unit (HU). `seed` makes stochastic
         engines reproducible; the node derives it from the series' UIDs. Deterministic engines
-        ignore it.
+        ignore it. `noise_hu`: the series' noise level (`engine.noise_level.measure_noise_hu` of
+        this volume and its mean pixel spacing) when the caller has measured it already (the
+        envelope check does), so an engine conditioned on it need not measure it again; None:
+        the engine measures it if it needs it. Engines that do not use it ignore it.
         """
         ...
 

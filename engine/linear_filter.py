@@ -189,13 +189,19 @@ class LinearFilterEngine:
         return self._filter.gain_at(radius).astype(np.float32)
 
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
         """Filter each slice of a [slices, rows, cols] HU volume; float32 HU out, same shape.
 
-        `seed` is ignored: the engine is deterministic.
+        `seed` and `noise_hu` are ignored: the filter is deterministic and the same at every
+        noise level.
         """
-        del seed
+        del seed, noise_hu
         volume = np.asarray(volume_hu)
         if volume.ndim != 3 or min(volume.shape[1:]) < 2:
             raise EngineError(

@@ -123,7 +123,15 @@ def standardize_series(
     if envelope is not None:
         engine, check = choose_engine(engine, lambda: measure_loaded(loaded), envelope)
     checked = time.perf_counter()
-    output = engine.standardize(loaded.volume_hu, loaded.geometry, seed=run_seed)
+    # The envelope check measured the noise of this very volume with the engine's own function:
+    # hand it over rather than measuring twice.
+    measured = check.measurement if check is not None else None
+    output = engine.standardize(
+        loaded.volume_hu,
+        loaded.geometry,
+        seed=run_seed,
+        noise_hu=measured.noise_hu if measured is not None else None,
+    )
     volume = _check_engine_output(output, loaded.volume_hu.shape)
     ran = time.perf_counter()
     derived = build_derived_series(

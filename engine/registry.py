@@ -23,7 +23,7 @@ LTDIFF_KIND: Final = "ltdiff"
 MAX_SAMPLE_STEPS: Final = 10
 """Most sampling steps an ltdiff engine may be configured with (engine.ltdiff.sampler.MAX_STEPS;
 kept here so that config validation does not import torch)."""
-PRECISIONS: Final = ("auto", "float32")
+PRECISIONS: Final = ("auto", "float32", "denoiser-bf16", "bf16")
 """Precision settings of the ltdiff engine (engine.ltdiff.engine.PRECISIONS, without torch)."""
 UNETPP_REGRESSION_KIND: Final = "unetpp-regression"
 """The paper's ablation: the UNet++ alone, regressing the target kernel (needs a weights path)."""
@@ -37,8 +37,11 @@ class EngineOptions:
         derived series gets a new UID). Only for "ltdiff".
     batch_slices: slices per forward pass; bounds the engine's memory, does not change the output.
         For "ltdiff" and "unetpp-regression".
-    precision: "auto" (the denoiser in bf16 where the hardware runs it natively) or "float32"
-        (everything in float32: slower, bit-identical across machines of one kind). For "ltdiff".
+    precision: where bf16 is used, always only where the hardware runs it natively: "bf16"
+        (the denoiser and the bodies of the encoder and decoder; their linear shortcuts stay
+        float32), "denoiser-bf16" (the denoiser only), "float32" (nowhere: slower,
+        bit-identical across machines of one kind), "auto" (= "bf16", docs/METHOD.md
+        "Inference"). For "ltdiff".
     """
 
     sample_steps: int | None = None
@@ -57,6 +60,7 @@ def _load_linear_filter(weights: Path | None, device: str, options: EngineOption
 
 def _load_ltdiff(kind: str, weights: Path | None, device: str, options: EngineOptions) -> Engine:
     # torch is imported only when a learned engine is configured: the linear default stays light.
+    from engine.ltdiff.engine import PRECISIONS as LTDIFF_PRECISIONS  # noqa: PLC0415
     from engine.ltdiff.engine import LTDiffEngine  # noqa: PLC0415
     from engine.ltdiff.weights import shipped_weights_path as ltdiff_shipped  # noqa: PLC0415
 
@@ -64,10 +68,8 @@ def _load_ltdiff(kind: str, weights: Path | None, device: str, options: EngineOp
         if kind != LTDIFF_KIND:
             raise EngineError(f"engine kind {kind!r} has no shipped weights; give a weights path")
         weights = ltdiff_shipped()
-    if kind != LTDIFF_KIND and (options.sample_steps is not None or options.precision != "auto"):
-        raise EngineError(
-            f"engine kind {kind!r} does not sample: sample_steps and precision do not apply"
-        )
+    if kind != LTDIFF_KIND and options.sample_steps is not None:
+        raise EngineError(f"engine kind {kind!r} does not sample: sample_steps does not apply")
     if options.precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
     return LTDiffEngine.from_file(
@@ -76,7 +78,7 @@ def _load_ltdiff(kind: str, weights: Path | None, device: str, options: EngineOp
         device=device,
         num_steps=options.sample_steps,
         batch_slices=options.batch_slices,
-        precision="float32" if options.precision == "float32" else "auto",
+        precision=next(p for p in LTDIFF_PRECISIONS if p == options.precision),
     )
 
 

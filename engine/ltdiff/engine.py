@@ -14,12 +14,15 @@ Reproducibility: slice k of a series draws all its noise from a CPU `torch.Gener
 the result does not depend on the batch size or the device the noise lands on. Slices are padded
 by mirror reflection to the network's size multiple and cropped back.
 
-Precision: the encoder and the decoder always run in float32 (their round trip is near-lossless
-to a few hundredths of a HU; bf16 inputs alone would cost several HU). The denoiser, which runs
-`num_steps` times per slice and generates a residual whose errors are relative to its own small
-size, runs under bf16 autocast where the hardware computes bf16 natively: CUDA (fp16 where bf16
-is unsupported) and CPUs with AVX512-BF16 or AMX (about twice as fast as float32 there).
-`precision="float32"` turns this off. All modules use the channels-last memory format.
+Precision (`Precision`, docs/METHOD.md "Inference"): bf16 autocast only where the hardware
+computes bf16 natively: CUDA (fp16 where bf16 is unsupported) and CPUs with AVX512-BF16 or AMX
+(2-3x faster than float32 there); float32 elsewhere. The denoiser, whose output is a residual
+with errors relative to its own small size, runs in bf16. Of the encoder and decoder only the
+non-linear UNet++ bodies do ("bf16", the default): their linear shortcuts, which carry the exact
+pixel values, the space-to-depth input and the output sums stay float32, so the round trip moves
+by hundredths of a HU (rounding the input itself to bf16 would cost several HU).
+"denoiser-bf16" keeps E and D wholly float32; "float32" turns bf16 off. All modules use the
+channels-last memory format.
 """
 
 from __future__ import annotations
@@ -67,8 +70,14 @@ def _place(module: M, device: torch.device, memory_format: torch.memory_format) 
     return cast(M, moved).eval()
 
 
-Precision = Literal["auto", "float32"]
-PRECISIONS: Final[tuple[Precision, ...]] = ("auto", "float32")
+Precision = Literal["auto", "float32", "denoiser-bf16", "bf16"]
+"""Where the engine computes in bf16 (fp16 on a GPU without bf16), always only where the hardware
+does so natively (elsewhere float32): "float32" nowhere; "denoiser-bf16" the denoiser; "bf16" the
+denoiser and the nested networks of the encoder and decoder, whose linear shortcuts, inputs and
+output sums stay float32; "auto" is `AUTO_PRECISION`."""
+PRECISIONS: Final[tuple[Precision, ...]] = ("auto", "float32", "denoiser-bf16", "bf16")
+AUTO_PRECISION: Final[Precision] = "bf16"
+"""What "auto" means (docs/METHOD.md "Inference": measured against float32 E and D)."""
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -87,6 +96,15 @@ def denoiser_autocast_dtype(device: torch.device, precision: Precision) -> torch
     if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def autoencoder_autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+    """The autocast dtype of the encoder's and decoder's nested networks on `device` (None:
+    float32); their linear shortcuts stay float32 whatever this returns (unetpp.py)."""
+    resolved = AUTO_PRECISION if precision == "auto" else precision
+    if resolved != "bf16":
+        return None
+    return denoiser_autocast_dtype(device, resolved)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -137,6 +155,7 @@ class LTDiffEngine:
             raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self._memory_format = torch.channels_last
         self._amp_dtype = denoiser_autocast_dtype(self._device, precision)
+        self._ae_amp_dtype = autoencoder_autocast_dtype(self._device, precision)
         self._autoencoder = _place(weights.build_autoencoder(), self._device, self._memory_format)
         self._denoiser = None
         self._schedule = None
@@ -217,6 +236,12 @@ class LTDiffEngine:
             return None
         return self._amp_dtype or torch.float32
 
+    @property
+    def autoencoder_dtype(self) -> torch.dtype:
+        """The dtype the nested networks of the encoder and decoder compute in (their linear
+        shortcuts are float32 always)."""
+        return self._ae_amp_dtype or torch.float32
+
     def _new_sampler(self) -> DDIMSampler:
         if self._schedule is None or self._weights.denoiser_config is None:
             raise EngineError("this engine has no latent diffusion")
@@ -295,7 +320,7 @@ class LTDiffEngine:
             mode = "reflect" if pad_r < rows and pad_c < cols else "replicate"
             x = F.pad(x, (0, pad_c, 0, pad_r), mode=mode)
         x = x.contiguous(memory_format=self._memory_format)
-        latent = self._autoencoder.encode(x)
+        latent = self._autoencoder.encode(x, self._ae_amp_dtype)
         if sampler is not None:
             with torch.autocast(
                 device_type=self._device.type,
@@ -303,7 +328,9 @@ class LTDiffEngine:
                 enabled=self._amp_dtype is not None,
             ):
                 latent = self._sample(latent, start, seed, sampler, series)
-        y = self._autoencoder.decode(latent.float().contiguous(memory_format=self._memory_format))
+        y = self._autoencoder.decode(
+            latent.float().contiguous(memory_format=self._memory_format), self._ae_amp_dtype
+        )
         result: np.ndarray = y[:, 0, :rows, :cols].float().cpu().numpy()
         return result
 

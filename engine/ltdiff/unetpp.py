@@ -25,6 +25,9 @@ The autoencoder uses two such nested networks, both at half the image resolution
   (edges, tissue) on top.
 * The top row of the encoder's UNet++ aggregates every scale through the nested skips, so Z is a
   multiscale latent in one tensor, which the latent diffusion can transform as a whole.
+* Precision: `encode` / `decode` can run the nested networks under bf16 autocast (`body_dtype`)
+  while the shortcuts, their inputs and the sums stay float32: the values the shortcuts carry
+  are never rounded to bf16's 8 significant bits, only the bodies' contributions are.
 * The decoder sees nothing but Z: no skip connection reaches it from the encoder. When the diffusion
   replaces Z_A (source kernel) by a generated Z_B', the decoded image carries only what Z_B' holds,
   not source-kernel features smuggled around the latent (docs/METHOD.md).
@@ -101,6 +104,11 @@ class UNetPPConfig:
             if key in d:
                 d[key] = tuple(int(c) for c in cast(list[int], d[key]))
         return cls(**d)  # type: ignore[arg-type]
+
+
+def _float32_region(like: Tensor) -> torch.autocast:
+    """Autocast off on like's device: what runs inside computes in the dtype of its inputs."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
 
 
 def _groups(groups: int, channels: int) -> int:
@@ -213,23 +221,48 @@ class UNetPlusPlusAutoencoder(nn.Module):
                 for param in head.parameters():
                     param.zero_()
 
-    def encode(self, image: Tensor) -> Tensor:
-        """Z = E(x): [N, 1, H, W] -> [N, C_z, H/patch, W/patch]."""
+    def encode(self, image: Tensor, body_dtype: torch.dtype | None = None) -> Tensor:
+        """Z = E(x): [N, 1, H, W] -> [N, C_z, H/patch, W/patch].
+
+        body_dtype: None computes everything in the caller's precision (training's autocast, if
+        any). A dtype (bfloat16, float16) runs only the nested network under autocast to it: the
+        space-to-depth blocks, the linear shortcut, the 1x1 projection of X(0, L) and the sum
+        stay float32 (`_float32_region`), so the values the shortcut carries are not rounded."""
         blocks = self.to_blocks(image)
-        z: Tensor = self.to_latent(self.encoder(blocks)[-1]) + self.encoder_shortcut(blocks)
-        return z
+        if body_dtype is None:
+            z: Tensor = self.to_latent(self.encoder(blocks)[-1]) + self.encoder_shortcut(blocks)
+            return z
+        with torch.autocast(device_type=blocks.device.type, dtype=body_dtype):
+            top = self.encoder(blocks)[-1]
+        with _float32_region(blocks):
+            z_exact: Tensor = self.to_latent(top.float()) + self.encoder_shortcut(blocks.float())
+        return z_exact
 
-    def decode_heads(self, latent: Tensor) -> list[Tensor]:
-        """One image per deep-supervision head, shallowest first: each [N, 1, H, W]."""
-        top = self.decoder(self.from_latent(latent))
-        shortcut = self.decoder_shortcut(latent)
-        return [
-            self.from_blocks(head(x) + shortcut) for head, x in zip(self.heads, top, strict=True)
-        ]
+    def decode_heads(self, latent: Tensor, body_dtype: torch.dtype | None = None) -> list[Tensor]:
+        """One image per deep-supervision head, shallowest first: each [N, 1, H, W].
 
-    def decode(self, latent: Tensor) -> Tensor:
-        """D(Z): the image the configured `output` mode makes of the heads."""
-        heads = self.decode_heads(latent)
+        body_dtype: as in `encode`: only the nested network (and its 3x3 input convolution) runs
+        under autocast; the linear shortcut of Z, the 1x1 heads and the sums stay float32."""
+        if body_dtype is None:
+            top = self.decoder(self.from_latent(latent))
+            shortcut = self.decoder_shortcut(latent)
+            return [
+                self.from_blocks(head(x) + shortcut)
+                for head, x in zip(self.heads, top, strict=True)
+            ]
+        with torch.autocast(device_type=latent.device.type, dtype=body_dtype):
+            top = self.decoder(self.from_latent(latent))
+        with _float32_region(latent):
+            shortcut = self.decoder_shortcut(latent.float())
+            return [
+                self.from_blocks(head(x.float()) + shortcut)
+                for head, x in zip(self.heads, top, strict=True)
+            ]
+
+    def decode(self, latent: Tensor, body_dtype: torch.dtype | None = None) -> Tensor:
+        """D(Z): the image the configured `output` mode makes of the heads (body_dtype: as in
+        `decode_heads`)."""
+        heads = self.decode_heads(latent, body_dtype)
         if self.config.output == "mean":
             return torch.stack(heads, dim=0).mean(dim=0)
         return heads[-1]

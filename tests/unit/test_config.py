@@ -81,11 +81,12 @@ def test_shipped_config_file_is_valid_and_documents_the_defaults():
         ({"engines": {"x": {"kind": "ltdiff", "batch_slices": 0}}}, "engines.x.batch_slices = 0"),
         (
             {"engines": {"x": {"kind": "ltdiff", "precision": "fp16"}}},
-            "engines.x.precision = 'fp16': expected one of 'auto', 'float32'",
+            "engines.x.precision = 'fp16': expected one of 'auto', 'float32', 'denoiser-bf16', "
+            "'bf16'",
         ),
         (
             {"engines": {"x": {"kind": "linear-filter", "precision": "float32"}}},
-            "engines.x.precision: only engines of kind 'ltdiff' sample",
+            "engines.x.precision: the 'linear-filter' engine has no precision setting",
         ),
         ({"destinations": [_dest(port=None)]}, ""),
         ({"destinations": [_dest(), _dest()]}, "names must be unique"),

@@ -26,6 +26,7 @@ from engine.envelope_policy import (
     series_header_values,
 )
 from engine.interface import EngineError, EngineIdentity, FloatVolume, SeriesGeometry
+from engine.noise_level import measure_noise_hu
 from engine.pipeline import standardize_series
 from engine.series_io import load_series
 from engine.synthetic import make_ct_series, phantom_slice
@@ -46,15 +47,22 @@ class FakeEngine:
         self.envelope = envelope
         self.offset = offset
         self.runs = 0
+        self.noise_given: list[float | None] = []
 
     @property
     def identity(self) -> EngineIdentity:
         return EngineIdentity(self.name, "1.0", self.name[0] * 64, "Br40d", "Bl64d")
 
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
         self.runs += 1
+        self.noise_given.append(noise_hu)
         return volume_hu + np.float32(self.offset)
 
 
@@ -302,6 +310,21 @@ def test_pipeline_inside_the_envelope_runs_the_engine(tmp_path):
     assert "Input inside the validated envelope of ltdiff++." in str(
         result.datasets[0].DerivationDescription
     )
+
+
+def test_pipeline_hands_the_envelope_noise_measurement_to_the_engine(tmp_path):
+    """The envelope check measured the noise of the very volume the engine gets, with the
+    function the engine would use: the engine receives it rather than measuring again."""
+    paths = write_series(tmp_path / "inside", n_slices=3, volume_hu=_noisy())
+    engine = FakeEngine("ltdiff++", chest_envelope())
+    result = standardize_series(paths, engine, now=NOW, envelope=_policy(OutsideEnvelope.FAIL))
+    loaded = load_series(paths)
+    expected = measure_noise_hu(loaded.volume_hu, float(np.mean(loaded.geometry.pixel_spacing_mm)))
+    assert result.envelope is not None and result.envelope.measurement is not None
+    assert engine.noise_given == [expected] == [result.envelope.measurement.noise_hu]
+    unchecked = FakeEngine("ltdiff++", chest_envelope())
+    standardize_series(paths, unchecked, now=NOW)
+    assert unchecked.noise_given == [None], "without a check the engine measures it itself"
 
 
 def test_pipeline_without_a_policy_does_not_check_the_envelope(tmp_path):

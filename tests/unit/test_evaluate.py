@@ -144,7 +144,12 @@ class _FakeEngine:
         return self._identity
 
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
         del geometry, seed
         return ((volume_hu - 40.0) * self.gain + 40.0).astype(np.float32)

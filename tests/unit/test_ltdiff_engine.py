@@ -70,9 +70,9 @@ def test_batches_are_bounded_and_do_not_change_the_result(monkeypatch: pytest.Mo
     seen: list[int] = []
     encode = small._autoencoder.encode
 
-    def spy(x: torch.Tensor) -> torch.Tensor:
+    def spy(x: torch.Tensor, body_dtype: torch.dtype | None = None) -> torch.Tensor:
         seen.append(x.shape[0])
-        return encode(x)
+        return encode(x, body_dtype)
 
     monkeypatch.setattr(small._autoencoder, "encode", spy)
     out_small = small.standardize(vol, _geometry(5), seed=3)

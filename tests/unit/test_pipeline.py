@@ -31,7 +31,12 @@ class IdentityEngine:
         return EngineIdentity("identity", "0.0.1", "f" * 64, "Br40d", "Bl64d")
 
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
         self.seeds.append(seed)
         self.geometries.append(geometry)
@@ -40,7 +45,12 @@ class IdentityEngine:
 
 class ShapeBreakingEngine(IdentityEngine):
     def standardize(
-        self, volume_hu: FloatVolume, geometry: SeriesGeometry, *, seed: int = 0
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
     ) -> FloatVolume:
         return volume_hu[:, :-1, :].copy()
 

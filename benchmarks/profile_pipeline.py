@@ -1,0 +1,95 @@
+"""Where the time of `standardize_series` goes outside the engine, on a long 512 x 512 series.
+
+Writes a synthetic series (default 300 slices, Explicit VR Little Endian, 12-bit storage like the
+scanners') to a temporary folder, then times each stage alone, per slice: read + decode
+(`load_series`), the envelope measurement (`measure_loaded`, the noise level on up to 16
+slices), build + encode of the derived series (`build_derived_series`), and writing it
+(`write_series`, not part of `standardize_series`). With `--profile STAGE` it prints the
+cProfile of that stage instead.
+
+Run: `.venv/bin/python benchmarks/profile_pipeline.py [--slices 300] [--profile build]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmwrite
+
+from engine.derived import build_derived_series
+from engine.envelope_policy import measure_loaded
+from engine.interface import EngineIdentity
+from engine.pipeline import write_series
+from engine.series_io import load_series
+from engine.synthetic import make_ct_series, phantom_slice
+
+IDENTITY = EngineIdentity("profile", "0", "0" * 64, "Br40d", "Bl64d")
+
+
+def _series(tmp: Path, n: int, size: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    base = np.stack([phantom_slice(size, size, k / max(n - 1, 1)) for k in range(0, n, 10)])
+    volume = np.repeat(base, 10, axis=0)[:n] + rng.normal(0.0, 12.0, (n, size, size))
+    paths = []
+    datasets = make_ct_series(n, size, size, "Br40d", volume_hu=volume.astype(np.float32))
+    for ds in datasets:
+        path = tmp / f"{ds.SOPInstanceUID}.dcm"
+        dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _timed(label: str, n: int, fn: Callable[[], Any], profile: bool) -> Any:
+    if profile:
+        profiler = cProfile.Profile()
+        result = profiler.runcall(fn)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+        return result
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    print(f"{label:28} {seconds:7.2f} s  {1000.0 * seconds / n:7.2f} ms/slice")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--profile", choices=("load", "envelope", "build", "write"))
+    args = parser.parse_args(argv)
+    n = args.slices
+    with tempfile.TemporaryDirectory(prefix="ltdiff-profile-") as tmp:
+        (Path(tmp) / "in").mkdir()
+        paths = _series(Path(tmp) / "in", n, args.size)
+        print(f"{n} slices of {args.size} x {args.size}")
+        loaded = _timed("read + decode", n, lambda: load_series(paths), args.profile == "load")
+        _timed(
+            "envelope measurement", n, lambda: measure_loaded(loaded), args.profile == "envelope"
+        )
+        output = loaded.volume_hu + np.float32(1.0)
+        derived = _timed(
+            "build + encode",
+            n,
+            lambda: build_derived_series(loaded, output, IDENTITY),
+            args.profile == "build",
+        )
+        _timed(
+            "write (not in the pipeline)",
+            n,
+            lambda: write_series(derived.datasets, Path(tmp) / "out"),
+            args.profile == "write",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
