@@ -11,6 +11,8 @@ from tests_support import free_port, write_series
 from dicom_node.cli import EXIT_CONFIG, main
 from dicom_node.scp import set_tcp_nodelay
 from engine.derived import derived_series_uid
+from engine.ltdiff.engine import LTDiffEngine
+from engine.ltdiff.weights import shipped_weights_path
 from engine.registry import load_engine
 
 
@@ -100,8 +102,10 @@ def test_engine_without_weights_is_a_configuration_error(tmp_path, capsys):
 def test_ltdiff_without_a_weights_path_uses_the_shipped_weights(tmp_path, capsys):
     cfg = _site(
         tmp_path,
-        '[engines.std]\nkind = "ltdiff"\nsample_steps = 4\n[[routes]]\nengine = "std"\n',
+        '[engines.std]\nkind = "ltdiff"\n[[routes]]\nengine = "std"\n',
     )
     assert main(["check-config", "-c", str(cfg)]) == 0
     err = capsys.readouterr().err
-    assert "engine 'std': ltdiff++" in err and "ddim4 eta0" in err
+    shipped = LTDiffEngine.from_file(shipped_weights_path()).identity
+    assert "engine 'std': ltdiff++" in err and shipped.settings in err
+    assert shipped.weights_sha256[:12] in err

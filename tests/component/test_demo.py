@@ -7,6 +7,8 @@ from pydicom import dcmread
 
 from dicom_node import demo
 from engine.interface import EngineError
+from engine.ltdiff.engine import LTDiffEngine
+from engine.ltdiff.weights import shipped_weights_path
 
 
 def test_demo_sends_a_phantom_through_the_node_and_gets_the_derived_series_back(
@@ -52,4 +54,5 @@ def test_demo_runs_the_shipped_ltdiff_engine_by_default(
     derived = [dcmread(p) for p in (out / "archive").rglob("*.dcm")]
     assert len(derived) == 2
     assert all("ltdiff++" in ds.DerivationDescription for ds in derived)
-    assert all("ddim8" in ds.DerivationDescription for ds in derived)
+    shipped = LTDiffEngine.from_file(shipped_weights_path()).identity.settings
+    assert all(f"settings {shipped}" in ds.DerivationDescription for ds in derived)

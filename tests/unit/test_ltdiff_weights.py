@@ -165,7 +165,7 @@ def test_shipped_weights_describe_their_training_and_keep_the_held_out_subjects_
     """The weights in engine/weights: strict load, the kernel pair, at most 30 MB, a training
     record that names its data and leaves out the evaluation subjects S004, S005, V001 and V002
     (docs/MODEL_CARD.md reports numbers on those), a denoiser conditioned on the series, and the
-    validated envelope the node enforces."""
+    validated envelope the node enforces; a one-step student with its teacher on record."""
     path = shipped_weights_path()
     assert path.stat().st_size <= 30 * 1024 * 1024
     weights, sha = load_weights(path, expected_kind="ltdiff")
@@ -180,7 +180,10 @@ def test_shipped_weights_describe_their_training_and_keep_the_held_out_subjects_
     history = weights.training["history"]
     assert isinstance(history, list)
     phases = [h["phase"] for h in history]
-    assert phases[:3] == ["1", "2", "3"] and phases[-1] == "2" and "init" in phases
+    assert phases[:3] == ["1", "2", "3"] and "init" in phases
+    # Since issue 11: a one-step student distilled from the run-4 teacher (a phase-2 export).
+    assert phases[-3:] == ["2", "teacher", "distill"]
+    assert weights.sampling.distilled and weights.sampling.num_steps == 1
     assert weights.denoiser_config is not None
     assert weights.denoiser_config.condition == "spacing-noise"
     envelope = weights.envelope
