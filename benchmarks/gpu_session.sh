@@ -6,7 +6,7 @@
 #   here, once:   bash benchmarks/gpu_wheels.sh          # the missing wheels into .whl/ (ignored)
 #   there:        bash benchmarks/gpu_session.sh         # device tool: carry [".whl"], timeout 540
 #
-# Steps, each under `timeout` and all under one deadline (GPU_SESSION_BUDGET_S, 420 s), a failing
+# Steps, each under `timeout` and all under one deadline (GPU_SESSION_BUDGET_S, 450 s), a failing
 # step never stopping the later ones:
 #   wheels   pip-install .whl/*.whl into /tmp/site (PYTHONPATH), no index, no dependencies
 #   env      nvidia-smi, glibc, Python, torch/CUDA/cuDNN, the GPU, bf16, the packages' versions
@@ -35,7 +35,7 @@ OUT=${OUT:-$ROOT/gpu-session-out}
 PY=${GPU_SESSION_PYTHON:-python3}
 WHEELS=${GPU_SESSION_WHEELS:-$ROOT/.whl}
 ALLOW_CPU=${GPU_SESSION_ALLOW_CPU:-0}
-BUDGET_S=${GPU_SESSION_BUDGET_S:-420}
+BUDGET_S=${GPU_SESSION_BUDGET_S:-450}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-session.XXXXXX")
 SITE=$WORK/site # fresh each run: a rehearsal's 3.12 packages never reach another Python
 STEPS=$WORK/steps.tsv
@@ -155,7 +155,7 @@ bench() { # DEVICES SLICES [extra args]
 demo() {
     rm -rf "$WORK/demo"
     "$PY" -m dicom_node.demo --out "$WORK/demo" --engine ltdiff --device "$DEVICE" \
-        --slices "$DEMO_SLICES" --stable-age 1 --timeout 150 &&
+        --slices "$DEMO_SLICES" --stable-age 1 --timeout 120 &&
         cp "$WORK/demo/demo-side-by-side.png" "$OUT/"
 }
 
@@ -166,7 +166,7 @@ step wheels 60 "$WORK/wheels.log" install_wheels
 step env 60 "$WORK/env.log" environment
 step tests 120 "$OUT/tests.log" gpu_tests
 step bench 150 "$OUT/bench.log" bench "$DEVICE" "$SLICES"
-step demo 180 "$OUT/demo.log" demo
+step demo 200 "$OUT/demo.log" demo
 if [[ $DEVICE == cuda ]]; then
     step bench-b64 90 "$OUT/bench.log" bench cuda "$SLICES" --batch 64
     step bench-cpu 60 "$OUT/bench.log" bench cpu 8
