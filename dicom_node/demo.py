@@ -1,7 +1,8 @@
 """`ltdiff-node demo`: the whole path on one machine, with no patient data and no ../shared.
 
 The engine is LTDiff++ when its weights are installed with the package, else the linear filter
-(`--engine` chooses).
+(`--engine` chooses). The learned engine runs on CUDA when PyTorch sees a GPU, else on the CPU
+(`--device` chooses).
 
 1. writes a synthetic Br40d phantom series (the same generator hospital IT uses);
 2. starts an embedded destination archive (a storage SCP writing to a folder) standing in for
@@ -14,6 +15,7 @@ The engine is LTDiff++ when its weights are installed with the package, else the
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ from engine.pixels import dataset_to_hu
 from engine.registry import KNOWN_ENGINE_KINDS, LINEAR_FILTER_KIND, LTDIFF_KIND
 
 WINDOWS = (("lung", -600.0, 1500.0), ("soft tissue", 40.0, 400.0))
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 
 def loopback_config(
@@ -138,12 +141,44 @@ def demo_engine_kind(choice: str) -> str:
     return LTDIFF_KIND
 
 
+def device_choice(value: str) -> str:
+    """argparse type of `--device`: the spelling only (whether the device exists is checked by
+    `demo_device`, which needs torch)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {DEVICE_CHOICES}")
+    return value
+
+
+def demo_device(choice: str, engine_kind: str) -> str:
+    """The device of the demo node's engine worker: `choice`, checked to exist, or for "auto"
+    CUDA when PyTorch sees a GPU and the engine is a learned one (the linear filter runs on the
+    CPU whatever the device), else the CPU. Raises EngineError for a CUDA device that is not
+    there, before any server starts."""
+    if choice == "cpu" or (choice == "auto" and engine_kind == LINEAR_FILTER_KIND):
+        return "cpu"
+    import torch  # noqa: PLC0415 (only a learned engine or a CUDA device needs torch)
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise EngineError(f"device {choice!r} asked for, but PyTorch sees no CUDA device")
+    index = int(choice.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise EngineError(
+            f"device {choice!r} asked for, but PyTorch sees {torch.cuda.device_count()} CUDA "
+            "device(s)"
+        )
+    return choice
+
+
 def run_demo(
     out_dir: Path,
     n_slices: int,
     stable_age_s: float,
     timeout_s: float,
     engine_kind: str = LINEAR_FILTER_KIND,
+    *,
+    device: str = "cpu",
 ) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -154,12 +189,17 @@ def run_demo(
 
     archive = FolderArchive(out_dir / "archive", ae_title="ARCHIVE").start()
     config = loopback_config(
-        out_dir / "node-state", archive.port, stable_age_s=stable_age_s, engine_kind=engine_kind
+        out_dir / "node-state",
+        archive.port,
+        stable_age_s=stable_age_s,
+        engine_kind=engine_kind,
+        device=device,
     )
     node = Node(config)
     node.start()
     print(
-        f"2. node LTDIFF listening on 127.0.0.1:{node.port}, engine {engine_kind!r}; archive "
+        f"2. node LTDIFF listening on 127.0.0.1:{node.port}, engine {engine_kind!r} on "
+        f"{device!r}; archive "
         f"ARCHIVE on 127.0.0.1:{archive.port} (folder {archive.root})"
     )
     try:
@@ -197,6 +237,12 @@ def run_demo(
         print(
             f"4. standardized series {derived_uid} arrived in the archive: {len(received)} "
             f"images, {turnaround:.1f} s after the first C-STORE (stable age {stable_age_s:g} s)"
+        )
+        ran = node.store.job_outcome(int(job["id"]))["summary"]
+        seconds = {k: ran.get(f"{k}_ms", 0.0) / 1000 for k in ("decode", "engine", "encode")}
+        print(
+            f"   the engine worker on {ran.get('device')!r}: decode {seconds['decode']:.2f} s, "
+            f"engine {seconds['engine']:.2f} s, encode {seconds['encode']:.2f} s"
         )
         mid = len(paths) // 2
         src_by_pos = {}
@@ -261,10 +307,24 @@ def main(argv: list[str] | None = None) -> int:
         help="engine kind with its shipped weights; auto: ltdiff when its weights are installed, "
         "else linear-filter",
     )
+    parser.add_argument(
+        "--device",
+        type=device_choice,
+        default="auto",
+        metavar="{auto,cpu,cuda,cuda:N}",
+        help="the engine worker's device; auto: cuda when PyTorch sees a GPU and the engine is a "
+        "learned one, else cpu",
+    )
     args = parser.parse_args(argv)
     configure_logging("console", "warning")
+    engine_kind = demo_engine_kind(args.engine)
+    try:
+        device = demo_device(args.device, engine_kind)
+    except EngineError as exc:
+        print(f"ltdiff-node demo: {exc}", file=sys.stderr)
+        return 1
     return run_demo(
-        args.out, args.slices, args.stable_age, args.timeout, demo_engine_kind(args.engine)
+        args.out, args.slices, args.stable_age, args.timeout, engine_kind, device=device
     )
 
 
