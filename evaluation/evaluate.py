@@ -676,7 +676,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="ltdiff engines: auto (bf16 denoiser where the hardware has it) or float32",
+        help="learned engines: auto (bf16 where the hardware computes it natively, float32 "
+        "sums and shortcuts), denoiser-bf16 (float32 encoder and decoder), bf16, float32",
     )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
