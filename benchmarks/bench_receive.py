@@ -43,11 +43,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import receive_profile
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.demo import loopback_config
 from dicom_node.logs import configure_logging
@@ -342,11 +344,11 @@ def _serve(kind: str, folder: Path, profile: Path | None, cprofile: bool) -> int
     return 0
 
 
-def _pynetdicom_server(folder: Path) -> object:
+def _pynetdicom_server(folder: Path) -> ThreadedAssociationServer:
     """The reference: pynetdicom's own storage SCP, each file written and fsynced."""
 
     def store(event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
+        uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
         with (folder / f"{uid}.dcm").open("wb") as handle:
             handle.write(event.encoded_dataset())
             handle.flush()
@@ -356,11 +358,14 @@ def _pynetdicom_server(folder: Path) -> object:
     ae = AE(ae_title="LTDIFF")
     ae.maximum_associations = 16
     ae.add_supported_context(CTImageStorage, ACCEPTED_TRANSFER_SYNTAXES)
-    return ae.start_server(
+    server = ae.start_server(
         ("127.0.0.1", 0),
         block=False,
         evt_handlers=[(evt.EVT_C_STORE, store), (evt.EVT_CONN_OPEN, set_tcp_nodelay)],
     )
+    if server is None:  # only with block=True
+        raise RuntimeError("pynetdicom returned no server")
+    return server
 
 
 # ---- trials ------------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def install(out_dir: Path, *, cprofile: bool = False) -> Callable[[], None]:
 
     def finish() -> None:
         if cprofile:
-            threading.setprofile(None)  # type: ignore[arg-type]
+            threading.setprofile(None)
         pid = os.getpid()
         with _lock:
             totals = {k: list(v) for k, v in _totals.items()}
