@@ -284,10 +284,13 @@ def _start_child(kind: str, work: Path, profile: Path | None, cprofile: bool) ->
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sink)
     assert proc.stdout is not None
     assert proc.stdin is not None
-    line = proc.stdout.readline().decode().split()
-    if len(line) != 2 or line[0] != "PORT":
+    try:
+        line = proc.stdout.readline().decode().split()
+        if len(line) != 2 or line[0] != "PORT":
+            raise RuntimeError(f"{kind} did not start: {log.read_text()[-2000:]}")
+    except BaseException:  # Ctrl-C while it starts, too
         _terminate(proc)
-        raise RuntimeError(f"{kind} did not start: {log.read_text()[-2000:]}")
+        raise
     stdin = proc.stdin
 
     def stop() -> None:
@@ -494,4 +497,8 @@ def _run_all(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # receivers stopped and work folder removed on the way out
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
