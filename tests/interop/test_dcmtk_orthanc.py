@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peer_support import Orthanc, dcmtk_env
 from pydicom import dcmread
 from tests_support import (
     free_port,
@@ -23,8 +24,6 @@ from tests_support import (
 
 from dicom_node.config import DestinationConfig, NodeConfig
 from dicom_node.service import Node
-
-from .conftest import Orthanc, dcmtk_env
 
 pytestmark = pytest.mark.interop
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hostile_scu import VERIFICATION, HostileSCU
+from peer_support import dcmtk_env
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
@@ -18,8 +19,6 @@ from tests_support import free_port, require_tool, wait_until
 
 from dicom_node import statuses
 from engine.synthetic import make_ct_dataset
-
-from .conftest import dcmtk_env
 
 pytestmark = pytest.mark.interop
 

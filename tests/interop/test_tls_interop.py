@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 from listener_support import idle_connections, issue, recording, self_signed
+from peer_support import dcmtk_env
 from tests_support import require_tool, wait_until, write_series
 
 from dicom_node.config import TLSConfig
-
-from .conftest import dcmtk_env
 
 pytestmark = pytest.mark.interop
 

@@ -1,0 +1,47 @@
+"""The reception benchmark runs end to end against real peers: storescu sends to DCMTK's
+storescp and to the node, the table and the node's profile come out (tiny counts: a smoke
+test of benchmarks/bench_receive.py, not a measurement)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests_support import require_tool
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_receive.py"
+
+
+def test_benchmark_prints_rates_ratio_and_profile_for_storescp_and_the_node(
+    tmp_path: Path,
+) -> None:
+    require_tool("storescu")
+    require_tool("storescp")
+    profile = tmp_path / "profile"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            *("--instances", "6", "--repeats", "1", "--associations", "1,2"),
+            *("--receivers", "storescp,node", "--profile", str(profile)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # its work folder, removed at the end
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-3000:]}"
+    assert re.search(r"^\| DCMTK storescp \(no fsync\) \| \d+ \| \d+ \|$", out, re.M), out
+    assert re.search(r"^\| ltdiff-node \| \d+ \| \d+ \|$", out, re.M), out
+    assert re.search(r"^\| node / storescp \| [\d.]+x \| [\d.]+x \|$", out, re.M), out
+    assert "| record_instance | handler |" in out, out
+    assert list(profile.glob("stages-*.json")), "the node wrote no profile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile"], "work folder left behind"
