@@ -286,7 +286,10 @@ class TimeBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.block(x)
         scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = h * (1.0 + scale) + shift
+        if torch.is_grad_enabled():
+            h = h * (1.0 + scale) + shift
+        else:  # inference: the same operations in place on the block's fresh output
+            h = h.mul_(1.0 + scale).add_(shift)
         out: Tensor = h + self.out(F.silu(h))
         return out
 
@@ -361,5 +364,5 @@ class LatentDenoiser(nn.Module):
             if i + 1 < len(self.up):
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = self.up[i](torch.cat([skips[i], h], dim=1), emb)
-        out: Tensor = self.from_blocks(self.head(F.silu(h)))
+        out: Tensor = self.from_blocks(self.head(F.silu(h, inplace=not torch.is_grad_enabled())))
         return out
