@@ -9,12 +9,14 @@ engine and sends it to an embedded archive on loopback. Prints:
 - turnaround: last instance received -> derived series fully delivered, split into the stable-age
   wait (configurable, not work), decode, engine, encode and export.
 
-Usage: python benchmarks/bench_node.py [--slices 300] [--stable-age 2] [--engine-device cpu]
+Usage: python benchmarks/bench_node.py [--slices 300] [--stable-age 2] [--device cpu]
+       [--engine linear-filter|ltdiff] [--engine-nice N] [--during-processing N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -44,6 +46,18 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--stable-age", type=float, default=2.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--engine",
+        default="linear-filter",
+        choices=["linear-filter", "ltdiff"],
+        help="engine kind with its shipped weights",
+    )
+    parser.add_argument(
+        "--engine-nice",
+        type=int,
+        help="jobs.engine_nice (default: the config's, 10): the engine's CPU priority below "
+        "reception's",
+    )
     parser.add_argument("--keep", type=Path, help="keep the work folder here")
     parser.add_argument(
         "--during-processing",
@@ -77,7 +91,13 @@ def main() -> int:
         stable_age_s=args.stable_age,
         poll_interval_s=0.1,
         device=args.device,
+        engine_kind=args.engine,
     )
+    if args.engine_nice is not None:
+        config = dataclasses.replace(
+            config, jobs=dataclasses.replace(config.jobs, engine_nice=args.engine_nice)
+        )
+    print(f"engine {args.engine} on {args.device}, jobs.engine_nice = {config.jobs.engine_nice}")
     node = Node(config)
     node.start()
     try:

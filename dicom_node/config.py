@@ -105,6 +105,9 @@ class JobsConfig:
     memory_max_mb: int = 8192  # engine process killed above this resident size (0: no limit)
     timeout_s: float = 3600.0  # engine process killed when one job runs longer
     disk_full_retry_s: float = 60.0  # a job that found the disk full waits this long, then retries
+    # Added to the engine processes' niceness: reception (DICOM associations, at the node's own
+    # priority) comes first when both want the CPU, so a running engine does not slow it.
+    engine_nice: int = 10
 
 
 @dataclass(frozen=True)
@@ -617,6 +620,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         disk_full_retry_s=jt.number(
             "disk_full_retry_s", JobsConfig.disk_full_retry_s, 0.1, 86400.0
         ),
+        engine_nice=jt.integer("engine_nice", JobsConfig.engine_nice, 0, 19),
     )
     jt.reject_unknown()
     if 0 < jobs.memory_max_mb < 256:

@@ -285,10 +285,20 @@ def _prefer_as_oom_victim() -> None:
         Path("/proc/self/oom_score_adj").write_text("500")
 
 
+def _yield_cpu_to_reception(increment: int) -> None:
+    """Lower this process's CPU priority by `increment` (jobs.engine_nice): when reception and an
+    engine both want the cores, the kernel serves the associations first, and the engine still
+    gets every cycle reception leaves idle."""
+    if increment > 0:
+        with contextlib.suppress(OSError):
+            os.nice(increment)
+
+
 def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
     """The engine process: load the engines, then run jobs until told to stop."""
     _die_with_parent()
     _prefer_as_oom_victim()
+    _yield_cpu_to_reception(config.jobs.engine_nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     configure_process(config.log_format, config.log_level)

@@ -184,9 +184,15 @@ def test_reception_limits_and_jobs_have_documented_defaults_and_are_validated():
     custom = parse_config(
         {
             "listener": {"limits": {"max_dataset_mb": 64, "max_sequence_depth": 4}},
-            "jobs": {"max_attempts": 1, "memory_max_mb": 0, "disk_full_retry_s": 5},
+            "jobs": {
+                "max_attempts": 1,
+                "memory_max_mb": 0,
+                "disk_full_retry_s": 5,
+                "engine_nice": 0,
+            },
         }
     )
+    assert (cfg.jobs.engine_nice, custom.jobs.engine_nice) == (10, 0)
     assert custom.listener.limits.max_dataset_bytes == 64 << 20
     assert custom.listener.limits.max_sequence_depth == 4
     assert (custom.jobs.max_attempts, custom.jobs.memory_max_mb) == (1, 0)
@@ -196,6 +202,7 @@ def test_reception_limits_and_jobs_have_documented_defaults_and_are_validated():
         ({"jobs": {"max_attempts": 0}}, "jobs.max_attempts = 0"),
         ({"jobs": {"memory_max_mb": 100}}, "jobs.memory_max_mb = 100: an engine needs at least"),
         ({"jobs": {"timeout_s": "1h"}}, "jobs.timeout_s = '1h'"),
+        ({"jobs": {"engine_nice": 20}}, "jobs.engine_nice = 20"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config(data)
