@@ -209,6 +209,12 @@ class Objective(nn.Module):
         self.teacher = teacher
         # A submodule, so that .to(device) moves it; frozen below.
         self.teacher_denoiser = teacher.denoiser if teacher is not None else None
+        # Phase distill: the sampler the student runs (the one the exported weights record).
+        self.student_sampler: DDIMSampler | None = None
+        if phase == "distill" and schedule is not None and denoiser is not None:
+            self.student_sampler = DDIMSampler.create(
+                schedule, config.student_steps, denoiser.config.prediction
+            )
         self.config = config
         self.autoencoder = autoencoder
         self.denoiser = denoiser
@@ -286,8 +292,11 @@ class Objective(nn.Module):
         input and does not average the texture away: a new z_T gives a new grain, as in the
         teacher (docs/METHOD.md, "One-step sampling")."""
         teacher = self.teacher_denoiser
-        if self.denoiser is None or self.teacher is None or teacher is None:
-            raise RuntimeError("phase distill needs a student and a teacher")
+        student_sampler = self.student_sampler
+        if self.denoiser is None or student_sampler is None:
+            raise RuntimeError("phase distill needs a student and its sampler")
+        if self.teacher is None or teacher is None:
+            raise RuntimeError("phase distill needs a teacher")
         cfg, student = self.config, self.denoiser
         target = student.config.target
         scale = self.target_scale if target == "residual" else self.latent_scale
@@ -307,7 +316,7 @@ class Objective(nn.Module):
             out: Tensor = student(z_t, t, condition, vectors)
             return out.float()
 
-        x0_student = self.student_sampler.sample_from(student_fn, z_noise)
+        x0_student = student_sampler.sample_from(student_fn, z_noise)
         l_latent = F.mse_loss(x0_student, x0_teacher)
         loss = cfg.lambda_latent * l_latent
         metrics = {"latent": l_latent.detach()}
@@ -321,14 +330,6 @@ class Objective(nn.Module):
             loss = loss + cfg.lambda_image * l_image
             metrics["image"] = l_image.detach()
         return loss, metrics
-
-    @property
-    def student_sampler(self) -> DDIMSampler:
-        if self.schedule is None or self.denoiser is None:
-            raise RuntimeError("no schedule")
-        return DDIMSampler.create(
-            self.schedule, self.config.student_steps, self.denoiser.config.prediction
-        )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Literal, cast
 
@@ -106,9 +107,19 @@ class UNetPPConfig:
         return cls(**d)  # type: ignore[arg-type]
 
 
-def _float32_region(like: Tensor) -> torch.autocast:
-    """Autocast off on like's device: what runs inside computes in the dtype of its inputs."""
-    return torch.autocast(device_type=like.device.type, enabled=False)
+def _precision_regions(
+    body_dtype: torch.dtype | None, like: Tensor
+) -> tuple[AbstractContextManager[object], AbstractContextManager[object]]:
+    """(body, exact) contexts for `encode` / `decode_heads`. With a body dtype: autocast to it
+    for the nested network, autocast off for the shortcuts and sums (which then compute in the
+    dtype of their float32 inputs). Without: both leave the caller's precision as it is."""
+    if body_dtype is None:
+        return nullcontext(), nullcontext()
+    device = like.device.type
+    return (
+        torch.autocast(device_type=device, dtype=body_dtype),
+        torch.autocast(device_type=device, enabled=False),
+    )
 
 
 def _groups(groups: int, channels: int) -> int:
@@ -231,32 +242,24 @@ class UNetPlusPlusAutoencoder(nn.Module):
         body_dtype: None computes everything in the caller's precision (training's autocast, if
         any). A dtype (bfloat16, float16) runs only the nested network under autocast to it: the
         space-to-depth blocks, the linear shortcut, the 1x1 projection of X(0, L) and the sum
-        stay float32 (`_float32_region`), so the values the shortcut carries are not rounded."""
+        stay float32 (`_precision_regions`), so the values the shortcut carries are not rounded."""
         blocks = self.to_blocks(image)
-        if body_dtype is None:
-            z: Tensor = self.to_latent(self.encoder(blocks)[-1]) + self.encoder_shortcut(blocks)
-            return z
-        with torch.autocast(device_type=blocks.device.type, dtype=body_dtype):
+        body, exact = _precision_regions(body_dtype, blocks)
+        with body:
             top = self.encoder(blocks)[-1]
-        with _float32_region(blocks):
-            z_exact: Tensor = self.to_latent(top.float()) + self.encoder_shortcut(blocks.float())
-        return z_exact
+        with exact:  # .float(): a no-op in float32, an exact widening of autocast outputs
+            z: Tensor = self.to_latent(top.float()) + self.encoder_shortcut(blocks.float())
+        return z
 
     def decode_heads(self, latent: Tensor, body_dtype: torch.dtype | None = None) -> list[Tensor]:
         """One image per deep-supervision head, shallowest first: each [N, 1, H, W].
 
         body_dtype: as in `encode`: only the nested network (and its 3x3 input convolution) runs
         under autocast; the linear shortcut of Z, the 1x1 heads and the sums stay float32."""
-        if body_dtype is None:
+        body, exact = _precision_regions(body_dtype, latent)
+        with body:
             top = self.decoder(self.from_latent(latent))
-            shortcut = self.decoder_shortcut(latent)
-            return [
-                self.from_blocks(head(x) + shortcut)
-                for head, x in zip(self.heads, top, strict=True)
-            ]
-        with torch.autocast(device_type=latent.device.type, dtype=body_dtype):
-            top = self.decoder(self.from_latent(latent))
-        with _float32_region(latent):
+        with exact:
             shortcut = self.decoder_shortcut(latent.float())
             return [
                 self.from_blocks(head(x.float()) + shortcut)

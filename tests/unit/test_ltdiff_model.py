@@ -125,3 +125,27 @@ def test_standard_latent_inverts_the_diffusion_target(target: str) -> None:
     if target == "residual":
         torch.testing.assert_close(x0, 7.0 * (z_b - z_a))
     torch.testing.assert_close(standard_latent(target, z_a, x0, 7.0), z_b)  # type: ignore[arg-type]
+
+
+def test_inference_in_place_activations_give_the_numbers_of_the_autograd_path() -> None:
+    """Without a gradient the blocks run SiLU and FiLM in place: the same numbers, bit for bit,
+    as the out-of-place code that training runs (both precisions of the engine)."""
+    torch.manual_seed(0)
+    ae = UNetPlusPlusAutoencoder(TINY_AE)
+    den = LatentDenoiser(TINY_DENOISER)
+    with torch.no_grad():
+        for param in den.head.parameters():  # zero-initialized: give it something to pass on
+            param.normal_(0.0, 0.1)
+    x = torch.randn(2, 1, 32, 32)
+    t = torch.tensor([999, 10])
+
+    def run() -> tuple[torch.Tensor, ...]:
+        z = ae.encode(x)
+        return z, den(z, t, z), ae.decode(z)
+
+    with torch.enable_grad():
+        reference = [v.detach() for v in run()]
+    with torch.inference_mode():
+        fast = run()
+    for ref, got in zip(reference, fast, strict=True):
+        assert torch.equal(ref, got)
