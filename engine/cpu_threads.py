@@ -2,7 +2,7 @@
 
 torch's CPU kernels (oneDNN, OpenMP) start one thread per core by default. Two engine processes
 on a 2-core machine then run 4 busy threads on 2 cores, and OpenMP's barriers stall whenever a
-thread is descheduled: measured here, a training step went from 1.4 s to 5 s that way. Each
+thread is descheduled: seen here in a training log, a step went from 1.4 s to 5 s that way. Each
 process that shares the cores with N - 1 others therefore takes cores // N threads (at least 1).
 """
 
