@@ -11,7 +11,8 @@ stops the accept loop. `AdmissionServer` splits the work:
 - the connection's own thread (socketserver's, one per connection) does the TLS handshake and
   waits until the first PDU (the A-ASSOCIATE-RQ) is buffered, both within one deadline, as the
   ARTIM timer of PS3.8 bounds an acceptor's wait for A-ASSOCIATE-RQ (state Sta2);
-- only then does pynetdicom's request handler create the Association.
+- only then does pynetdicom's request handler create the Association, made event-driven
+  (dicom_node/reactor.py: its threads wait for work instead of polling every millisecond).
 
 Every connection that does not make it is closed and logged (`connection.*`, address and reason,
 never PHI). Stopping the server wakes the pending connections, so it never waits for a peer.
@@ -39,6 +40,7 @@ from pynetdicom.utils import make_target
 from dicom_node.config import ListenerConfig, parse_network
 from dicom_node.logs import get_logger
 from dicom_node.metrics import RejectionReason
+from dicom_node.reactor import EventDrivenRequestHandler, check_pynetdicom_internals
 
 log = get_logger("dicom_node.admission")
 
@@ -97,8 +99,9 @@ def first_pdu_bytes(header: bytes) -> int:
 
 class _ReplayingSSLSocket(ssl.SSLSocket):
     """A TLS socket that first returns the bytes admission read from it, so pynetdicom reads
-    the A-ASSOCIATE-RQ as if it were unread. pynetdicom reads with recv() and asks pending()
-    for data that select() cannot see (its AssociationSocket.ready)."""
+    the A-ASSOCIATE-RQ as if it were unread. pynetdicom reads with recv(), the event-driven DUL
+    (dicom_node/reactor.py) with recv_into(); both ask pending() for data that select() cannot
+    see."""
 
     replay = b""
 
@@ -107,6 +110,15 @@ class _ReplayingSSLSocket(ssl.SSLSocket):
             chunk, self.replay = self.replay[:buflen], self.replay[buflen:]
             return chunk
         return super().recv(buflen, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self.replay and not flags:
+            view = memoryview(buffer).cast("B")
+            n = min(len(self.replay), nbytes or len(view), len(view))
+            view[:n] = self.replay[:n]
+            self.replay = self.replay[n:]
+            return n
+        return super().recv_into(buffer, nbytes, flags)
 
     def pending(self) -> int:
         return len(self.replay) + super().pending()
@@ -199,7 +211,16 @@ class AdmissionServer(ThreadedAssociationServer):
         self._refused_throttle = _Throttle(_REFUSED_LOG_INTERVAL_S)
         if ssl_context is not None:
             ssl_context.sslsocket_class = _ReplayingSSLSocket
-        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers)
+        check_pynetdicom_internals(ae)  # before the port opens: fail at start-up, not per peer
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers=evt_handlers,
+            request_handler=EventDrivenRequestHandler,  # accepted associations do not poll
+        )
 
     @property
     def pending_connections(self) -> int:

@@ -66,6 +66,7 @@ class Structure:
 
     elements: int
     max_depth: int
+    pixel_data_at: int | None = None  # offset of the top-level Pixel Data element, if any
 
 
 def inflate_capped(data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
@@ -150,6 +151,7 @@ def scan_structure(
     stack = [_Container(_Kind.DATASET, total)]
     depth = max_depth = elements = 0
     pos = 0
+    pixel_data_at: int | None = None
 
     def need(n: int, what: str) -> None:
         limit_end = stack[-1].end if stack[-1].end is not None else total
@@ -212,6 +214,8 @@ def scan_structure(
                 stack.pop()
                 continue
             vr: bytes | None = None
+            if tag == PIXEL_DATA and len(stack) == 1 and pixel_data_at is None:
+                pixel_data_at = pos
             if implicit_vr or group == 0xFFFE:
                 length = u32.unpack_from(buf, pos + 4)[0]
                 pos += 8
@@ -251,7 +255,7 @@ def scan_structure(
                 pos += length
         if elements > limits.max_elements:
             raise DatasetRejectedError(f"more than {limits.max_elements} data elements", limit=True)
-    return Structure(elements=elements, max_depth=max_depth)
+    return Structure(elements=elements, max_depth=max_depth, pixel_data_at=pixel_data_at)
 
 
 def read_header(
@@ -275,9 +279,11 @@ def read_header(
         else dataset
     )
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
-    scan_structure(data, implicit_vr=implicit, little_endian=little, limits=limits)
+    structure = scan_structure(data, implicit_vr=implicit, little_endian=little, limits=limits)
+    # pydicom reads from a BytesIO, which copies what it is given: only the header
+    header = memoryview(data)[: structure.pixel_data_at]
     return read_dataset(
-        BytesIO(data),
+        BytesIO(header),
         implicit,
         little,
         stop_when=lambda tag, _vr, _length: tag == PIXEL_DATA,

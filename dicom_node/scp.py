@@ -1,9 +1,10 @@
 """The DICOM listener: C-ECHO and C-STORE SCP.
 
 The C-STORE handler is a thin adapter (pynetdicom runs one thread per association): validate the
-identifiers, write the encoded bytes to the spool with fsync, record the instance in the database,
-return a status. It never decodes pixels and never runs an engine. Anything that prevents durable
-storage answers Out of Resources (0xA700), so the sender keeps its copy and retries.
+identifiers, write the Part 10 header and the received dataset's buffer to the spool with fsync,
+record the instance in the database, return a status. It never decodes pixels and never runs an
+engine. Anything that prevents durable storage answers Out of Resources (0xA700), so the sender
+keeps its copy and retries.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node import dimse_guard, statuses
+from dicom_node import dimse_guard, part10, statuses
 from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
 from dicom_node.audit.reception import Subject, read_subject
 from dicom_node.audit.trail import AuditTrail
@@ -51,6 +52,7 @@ from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
 from dicom_node.tls import make_ssl_context
 from engine.derived import is_ltdiff_output
 from engine.dicom_facts import CT_SOP_CLASSES, functional_group_items, is_valid_uid
+from engine.durable import content_length
 
 log = get_logger("dicom_node.scp")
 
@@ -281,7 +283,15 @@ class StoreHandler:
                     subject,
                     str(ds.SOPClassUID),
                 )
-            data = event.encoded_dataset()
+            # The file as Event.encoded_dataset() makes it, without its copies: the Part 10
+            # header and the received dataset's own buffer, written side by side.
+            request = cast(C_STORE, event.request)
+            data = (
+                part10.file_header(
+                    str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax)
+                ),
+                cast(BytesIO, request.DataSet).getbuffer(),
+            )
             path, created = self.spool.store(series_uid, sop_uid, data)
             outcome = self.store.record_instance(
                 InstanceRecord(
@@ -291,7 +301,7 @@ class StoreHandler:
                     sop_class_uid=str(ds.SOPClassUID),
                     transfer_syntax=transfer_syntax,
                     path=path,
-                    size_bytes=len(data),
+                    size_bytes=content_length(data),
                     calling_ae=calling_ae,
                     header=described.header,
                     own_output=described.own_output,

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.dicom_facts import is_valid_uid
-from engine.durable import TEMPORARY_SUFFIX, fsync_directory, write_first
+from engine.durable import (
+    TEMPORARY_SUFFIX,
+    Pieces,
+    content_length,
+    fsync_directory,
+    write_first,
+)
 
 
 class SpoolError(OSError):
@@ -52,14 +58,19 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def store(self, series_uid: str, sop_uid: str, data: bytes | memoryview) -> tuple[Path, bool]:
+    def store(
+        self, series_uid: str, sop_uid: str, data: bytes | memoryview | Pieces
+    ) -> tuple[Path, bool]:
         """Store one encoded instance durably; raises SpoolError if it cannot.
 
-        Returns the path and whether this call created it (False: a copy was already there).
+        `data` is the file's bytes, or its pieces in order (a Part 10 header and the received
+        dataset's buffer), written with one writev. Returns the path and whether this call
+        created it (False: a copy was already there).
         """
         target = self.path_for(series_uid, sop_uid)
         try:
-            if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
+            size = content_length(data)
+            if self.min_free_bytes and self.free_bytes() - size < self.min_free_bytes:
                 raise SpoolError(
                     f"free disk space below the configured minimum ({self.min_free_bytes >> 20} MB)"
                 )

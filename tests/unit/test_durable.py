@@ -66,3 +66,32 @@ def test_temporary_names_are_hidden_unique_and_swept_by_suffix(tmp_path):
     assert first != second
     assert first.parent == tmp_path and first.name.startswith(".d.dcm.")
     assert first.name.endswith(durable.TEMPORARY_SUFFIX)
+
+
+def test_pieces_are_written_in_order_across_short_writes(tmp_path, monkeypatch):
+    """writev(2) may write less than asked (a signal, a nearly full disk): the rest follows."""
+    real_writev = os.writev
+    calls = []
+
+    def short_writev(fd, buffers):
+        calls.append(len(buffers))
+        return real_writev(fd, [memoryview(buffers[0])[:7]])  # 7 bytes at most per call
+
+    monkeypatch.setattr(durable.os, "writev", short_writev)
+    target = tmp_path / "f"
+    pieces = (b"header-", memoryview(bytearray(b"0123456789" * 3)), b"", b"tail")
+    assert durable.write_first(target, pieces) is True
+    assert target.read_bytes() == b"header-" + b"0123456789" * 3 + b"tail"
+    assert len(calls) > 3
+    assert durable.content_length(pieces) == len(target.read_bytes())
+
+
+def test_a_failed_piece_write_leaves_no_file(tmp_path, monkeypatch):
+    def failing_writev(fd, buffers):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable.os, "writev", failing_writev)
+    target = tmp_path / "f"
+    with pytest.raises(OSError, match="No space"):
+        durable.write_first(target, (b"a", b"b"))
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.filereader import read_preamble
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -60,6 +61,25 @@ def test_real_files_in_every_encoding_pass_and_decode(name):
     header = read_header(data, syntax, LIMITS)
     assert header.SOPInstanceUID == dcmread(get_testdata_file(name)).SOPInstanceUID
     assert "PixelData" not in header, "the header stops before the pixel data"
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm"])
+def test_header_is_every_element_before_the_top_level_pixel_data(name):
+    """read_header hands pydicom only the bytes before Pixel Data (no copy of the pixels): the
+    scan finds where it starts, and the header has every element the full decode has before it."""
+    data, syntax = _dataset_bytes(get_testdata_file(name))
+    syntax_uid = UID(syntax)
+    structure = scan_structure(
+        data,
+        implicit_vr=syntax_uid.is_implicit_VR,
+        little_endian=syntax_uid.is_little_endian,
+        limits=LIMITS,
+    )
+    assert structure.pixel_data_at is not None
+    assert data[structure.pixel_data_at : structure.pixel_data_at + 4] == b"\xe0\x7f\x10\x00"
+    full = dcmread(get_testdata_file(name))
+    before = [e.tag for e in full if e.tag < 0x7FE00010]
+    assert [e.tag for e in read_header(data, syntax, LIMITS)] == before
 
 
 def test_synthetic_ct_in_implicit_and_big_endian_encodings_passes():

@@ -1,0 +1,474 @@
+"""Event-driven reactors for the listener's accepted associations (no 1 ms polling).
+
+pynetdicom 3.0.4 runs two threads per association, and both poll. The association thread
+(`Association._run_reactor`) sleeps 1 ms between looks for a complete DIMSE message; the DUL
+thread (`DULServiceProvider.run_reactor`) sleeps `_run_loop_delay` (1 ms) whenever a pass found
+nothing to do, for instance while the C-STORE handler runs and the response is not queued yet.
+With one association an instance is strictly sequential (the sender waits for each response),
+so up to 2 ms of every instance is spent asleep (docs/PERFORMANCE.md, lever 2).
+
+Here the same loops wait for what they are waiting for:
+
+- the association thread blocks on a `threading.Event` that is set when the DIMSE provider
+  queues a complete message, when the DUL queues a primitive for the user (A-RELEASE, A-ABORT,
+  A-P-ABORT), when the DUL thread ends and when the association is killed;
+- the DUL thread blocks in `select()` on the peer's socket and the reading end of a socketpair,
+  written (only while the DUL waits) when a primitive is queued for sending or an event is
+  queued for the state machine from another thread. A TLS socket's decrypted but unread bytes
+  (`SSLSocket.pending()`, invisible to select) end the wait at once, as pynetdicom's
+  `AssociationSocket.ready` does.
+
+Both waits are bounded (`WAIT_BOUND_S`), so everything the original loops check on every pass
+still gets checked: the ARTIM timer (Evt18), the network idle timer (`network_timeout`), a
+killed or dead DUL, the `_reactor_checkpoint` pause. Every pass does exactly what a pass of the
+original does, in the same order; only the sleeps are replaced by waits.
+
+The DUL also reads a PDU with `recv_into` one preallocated buffer in large pieces instead of
+pynetdicom's 4 KB `recv` calls appended to a growing bytearray (lever 4).
+
+Only associations the listener accepts are adapted (`EventDrivenRequestHandler`, used by
+dicom_node.admission.AdmissionServer); the exporter's SCU associations keep pynetdicom's loops.
+The adaptation switches the class of the new Association and of its DUL to the subclasses
+below (they add no state pynetdicom would have to know about) and, before their threads
+start, replaces four of their queues by queues that signal a put (with what they held).
+
+pynetdicom 3.0.4 internals relied on (checked at start-up by `check_pynetdicom_internals`,
+which names what is missing; the version is pinned `>=3.0.4,<3.1` in pyproject.toml):
+
+- `transport.RequestHandler._create_association` creates the acceptor Association before
+  EVT_CONN_OPEN (where dimse_guard replaces `assoc.dimse`) and `assoc.start()`;
+- `Association`: `run_reactor` (starts the DUL, negotiates, then calls `_run_reactor` while
+  established), `_run_reactor`, `_kill`, `_is_paused`, `_reactor_checkpoint`, `kill`,
+  `network_timeout_response`, `dimse.get_msg`, `dimse.msg_queue`, `_serve_request`,
+  `acse.is_release_requested`, `acse.is_aborted`, `acse.send_release`, `_dul_ready`;
+- `DULServiceProvider`: `run_reactor`, `_kill_thread`, `kill_dul`, `stop_dul`,
+  `artim_timer`, `_idle_timer`, `state_machine` (`current_state`, `do_action`),
+  `_process_recv_primitive`, `_is_transport_event`, `_read_pdu_data`, `_decode_pdu`,
+  `_recv_pdu`, `event_queue`, `to_provider_queue`, `to_user_queue`, `socket`;
+- `AssociationSocket.socket` (the connected socket object); `pdu.A_ABORT_RQ`;
+- both threads run the target given to `threading.Thread.__init__` (`utils.make_target` of
+  the bound reactor), which the adaptation replaces through CPython's `Thread._target`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import select
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.utils import make_target
+
+from dicom_node.logs import get_logger
+
+if TYPE_CHECKING:
+    from pynetdicom.ae import ApplicationEntity
+
+log = get_logger("dicom_node.reactor")
+
+#: Longest a reactor waits without looking at its timers and flags. The ARTIM and network idle
+#: timers fire at most this late; nothing on the receive path waits for it.
+WAIT_BOUND_S = 0.05
+#: Largest single read from the socket into a PDU's buffer.
+_READ_CHUNK = 1 << 20
+_PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ .. A-ABORT (PS3.8 9.3.1)
+_PDU_HEADER = struct.Struct(">BBL")
+
+T = TypeVar("T")
+
+
+class SignallingQueue(queue.Queue[T]):
+    """A FIFO queue that calls `on_put` after every put (from the putting thread)."""
+
+    def __init__(self, on_put: Callable[[], object]) -> None:
+        super().__init__()
+        self._on_put = on_put
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._on_put()
+
+
+def _signalling(old: queue.Queue[T], on_put: Callable[[], object]) -> SignallingQueue[T]:
+    """A SignallingQueue holding what `old` holds (the socket queues Evt5 on creation); only
+    while no thread uses `old`."""
+    new: SignallingQueue[T] = SignallingQueue(on_put)
+    while True:
+        try:
+            item = old.get_nowait()
+        except queue.Empty:
+            return new
+        queue.Queue.put(new, item)
+
+
+def _retarget(thread: threading.Thread, run: Callable[[], None]) -> None:
+    """Point a not yet started thread at `run`. pynetdicom gives its threads their reactor as
+    the Thread target, bound when the object was made, so switching the class alone would
+    leave the original loop running."""
+    thread._target = make_target(run)  # type: ignore[attr-defined]
+
+
+class _Wakeup:
+    """A socketpair the DUL thread can select() on; `notify` makes it readable."""
+
+    def __init__(self) -> None:
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def notify(self) -> None:
+        # full (the reader is behind) or closed (the DUL has ended): nothing to wake
+        with contextlib.suppress(OSError):
+            self._writer.send(b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.reader.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self._writer.close()
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """pynetdicom's DUL provider whose reactor waits in select() instead of sleeping."""
+
+    _wakeup: _Wakeup
+    _waiting: bool
+
+    def _adapt(self) -> None:
+        """Install the wake-up (before the thread starts, while the queues are empty)."""
+        self._wakeup = _Wakeup()
+        self._waiting = False
+        _retarget(self, self.run_reactor)
+        self.to_provider_queue = _signalling(self.to_provider_queue, self._poke)
+        self.event_queue = _signalling(self.event_queue, self._poke)
+
+    def _poke(self) -> None:
+        # Only a waiting DUL needs the byte. Both sides run under the GIL: the DUL sets
+        # `_waiting` before it looks at its queues, so a put it did not see finds the flag set.
+        if self._waiting:
+            self._wakeup.notify()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wakeup.notify()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self._kill_thread = True
+        self._wakeup.notify()
+        while self.is_alive():
+            self.join(WAIT_BOUND_S)
+        return True
+
+    def run_reactor(self) -> None:
+        try:
+            self._event_driven_reactor()
+        finally:
+            self._wakeup.close()
+            self.assoc._wake_reactor()  # type: ignore[attr-defined]
+
+    def _event_driven_reactor(self) -> None:
+        """One pass as pynetdicom's: ARTIM, then one primitive to send or one PDU to read,
+        then one state machine event; a pass that found no event waits before the next."""
+        self._idle_timer.start()
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()  # the association thread may go on
+                idle = True
+            if idle:
+                self._wait_for_work()
+            if self._kill_thread:
+                return
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                log.exception("association.dul_error")
+                self._abort_hard()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
+
+    def _abort_hard(self) -> None:
+        """An exception in the reactor leaves the state machine unusable: send an A-ABORT
+        (source: service provider) past it and stop both threads, as pynetdicom does."""
+        pdu = A_ABORT_RQ()
+        pdu.source = 0x02
+        pdu.reason_diagnostic = 0x00
+        if self.socket is not None:
+            self.socket.send(pdu.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+    def _wait_for_work(self) -> None:
+        """Until the peer's socket is readable, something is queued, or WAIT_BOUND_S passed."""
+        self._waiting = True
+        try:
+            if self._kill_thread or self.to_provider_queue.qsize() or self.event_queue.qsize():
+                return
+            readers: list[Any] = [self._wakeup.reader]
+            peer = self.socket.socket if self.socket is not None else None
+            if peer is not None:
+                if isinstance(peer, ssl.SSLSocket) and peer.pending():
+                    return  # decrypted bytes select() cannot see
+                readers.append(peer)
+            try:
+                ready, _, _ = select.select(readers, [], [], WAIT_BOUND_S)
+            except (OSError, ValueError):  # the socket was closed under us: wait on the rest
+                ready, _, _ = select.select([self._wakeup.reader], [], [], WAIT_BOUND_S)
+            if self._wakeup.reader in ready:
+                self._wakeup.drain()
+        finally:
+            self._waiting = False
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU into a buffer of its size with recv_into, then decode it as pynetdicom
+        does (same events: Evt17 short read or closed, Evt19 unknown type or undecodable)."""
+        sock = cast(AssociationSocket, self.socket)
+        header = bytearray(6)
+        try:
+            got = _recv_exactly(sock, memoryview(header))
+        except OSError:  # TimeoutError included
+            log.info("association.pdu_read_failed", part="header")
+            self.event_queue.put("Evt17")
+            return
+        if got < len(header):
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = _PDU_HEADER.unpack(header)
+        if pdu_type not in _PDU_TYPES:
+            log.warning("association.unknown_pdu", pdu_type=f"0x{pdu_type:02X}")
+            self.event_queue.put("Evt19")
+            return
+        pdu = bytearray(6 + length)
+        pdu[:6] = header
+        try:
+            got = _recv_exactly(sock, memoryview(pdu)[6:])
+        except OSError:
+            log.info("association.pdu_read_failed", part="body")
+            self.event_queue.put("Evt17")
+            return
+        if got < length:
+            log.warning("association.pdu_truncated", received=6 + got, expected=6 + length)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            decoded, event = self._decode_pdu(pdu)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is an invalid PDU
+            log.warning("association.pdu_undecodable", error=type(exc).__name__)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
+
+
+def _recv_exactly(sock: AssociationSocket, view: memoryview) -> int:
+    """Fill `view` from the socket; fewer bytes only when the peer closed. Returns the count."""
+    raw = cast(socket.socket, sock.socket)
+    filled, total = 0, len(view)
+    while filled < total:
+        n = raw.recv_into(view[filled:], min(total - filled, _READ_CHUNK))
+        if n == 0:
+            break
+        filled += n
+    return filled
+
+
+class EventDrivenAssociation(Association):
+    """pynetdicom's acceptor Association whose reactor waits on an event instead of sleeping."""
+
+    _reactor_wake: threading.Event
+
+    def _adapt(self) -> None:
+        self._reactor_wake = threading.Event()
+        _retarget(self, self.run_reactor)
+        self.dul.__class__ = EventDrivenDUL
+        dul = cast(EventDrivenDUL, self.dul)
+        dul._adapt()
+        dul.to_user_queue = _signalling(dul.to_user_queue, self._reactor_wake.set)
+
+    def _wake_reactor(self) -> None:
+        self._reactor_wake.set()
+
+    def run_reactor(self) -> None:
+        # EVT_CONN_OPEN handlers (dimse_guard) have replaced the DIMSE provider by now, and the
+        # DUL, which fills its queue, has not started.
+        self.dimse.msg_queue = _signalling(self.dimse.msg_queue, self._reactor_wake.set)
+        super().run_reactor()
+
+    def kill(self) -> None:
+        self._reactor_wake.set()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        """One pass as pynetdicom's: the checkpoint pause, one DIMSE message, then release,
+        abort, a dead DUL and the network timeout; a pass that served nothing waits first."""
+        self._is_paused = False
+        served = False
+        while not self._kill:
+            self._is_paused = True  # waiting touches no queue: a release() may go ahead
+            if not served:
+                self._reactor_wake.wait(WAIT_BOUND_S)
+            self._reactor_wake.clear()
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            served = msg is not None
+            if msg is not None:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                log.debug("association.released_by_peer")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV handlers hear the abort
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.warning("association.network_timeout")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def adapt(assoc: Association) -> None:
+    """Make a new acceptor Association (not started) event-driven."""
+    assoc.__class__ = EventDrivenAssociation
+    cast(EventDrivenAssociation, assoc)._adapt()
+
+
+class EventDrivenRequestHandler(RequestHandler):
+    """pynetdicom's request handler whose Associations are event-driven."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        adapt(assoc)
+        return assoc
+
+
+class PynetdicomInternalsError(RuntimeError):
+    """The installed pynetdicom lacks an internal the event-driven reactors rely on."""
+
+
+_ASSOCIATION_METHODS = (
+    "run_reactor",
+    "_run_reactor",
+    "kill",
+    "_serve_request",
+    "release",
+    "abort",
+)
+_ASSOCIATION_ATTRIBUTES = (
+    "_kill",
+    "_is_paused",
+    "_reactor_checkpoint",
+    "_dul_ready",
+    "network_timeout_response",
+    "dimse",
+    "acse",
+    "dul",
+)
+_DUL_METHODS = (
+    "run_reactor",
+    "kill_dul",
+    "stop_dul",
+    "_process_recv_primitive",
+    "_is_transport_event",
+    "_read_pdu_data",
+    "_decode_pdu",
+    "idle_timer_expired",
+    "receive_pdu",
+)
+_DUL_ATTRIBUTES = (
+    "_kill_thread",
+    "artim_timer",
+    "_idle_timer",
+    "state_machine",
+    "_recv_pdu",
+    "event_queue",
+    "to_provider_queue",
+    "to_user_queue",
+    "socket",
+)
+
+
+def check_pynetdicom_internals(ae: ApplicationEntity) -> None:
+    """Raise PynetdicomInternalsError naming every internal that is missing (start-up check).
+
+    Builds one acceptor Association (never started) to look at its instance attributes.
+    """
+    missing: list[str] = []
+    if not callable(getattr(RequestHandler, "_create_association", None)):
+        missing.append("transport.RequestHandler._create_association")
+    assoc = Association(ae, "acceptor")
+    for name in _ASSOCIATION_METHODS:
+        if not callable(getattr(Association, name, None)):
+            missing.append(f"Association.{name}()")
+    missing += [f"Association.{n}" for n in _ASSOCIATION_ATTRIBUTES if not hasattr(assoc, n)]
+    dul = getattr(assoc, "dul", None)
+    for name in _DUL_METHODS:
+        if not callable(getattr(DULServiceProvider, name, None)):
+            missing.append(f"DULServiceProvider.{name}()")
+    missing += [f"DULServiceProvider.{n}" for n in _DUL_ATTRIBUTES if not hasattr(dul, n)]
+    dimse = getattr(assoc, "dimse", None)
+    if not isinstance(getattr(dimse, "msg_queue", None), queue.Queue):
+        missing.append("DIMSEServiceProvider.msg_queue")
+    acse = getattr(assoc, "acse", None)
+    for name in ("is_release_requested", "is_aborted", "send_release"):
+        if not callable(getattr(acse, name, None)):
+            missing.append(f"ACSE.{name}()")
+    if not callable(getattr(assoc, "_target", None)) or not callable(getattr(dul, "_target", None)):
+        missing.append("threading.Thread._target of the association and DUL threads")
+    if missing:
+        raise PynetdicomInternalsError(
+            f"pynetdicom {pynetdicom.__version__} lacks internals the listener's event-driven "
+            f"reactors need (dicom_node/reactor.py, written for 3.0.4): {', '.join(missing)}"
+        )
