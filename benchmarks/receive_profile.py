@@ -6,10 +6,10 @@ timers and, with `cprofile`, starts a cProfile per thread. At exit (`finish`) it
 process, `stages-<pid>.json` (total seconds and calls per stage) and `<thread>-<pid>.pstats`.
 `report` sums the stage files of a folder into a per-instance table.
 
-Threads of one association in pynetdicom 3.0: the DUL thread reads each PDU from the socket and
-assembles the DIMSE message (`_read_pdu_data`, `receive_primitive`); the association thread
-polls for complete messages every millisecond and runs the handler and the response
-(`_serve_request`). Stages nest (the handler is inside `_serve_request`, the spool write inside
+Threads of one association (pynetdicom 3.0, made event-driven by dicom_node/reactor.py): the
+DUL thread reads each PDU from the socket and assembles the DIMSE message (`_read_pdu_data`,
+`receive_primitive`); the association thread waits for complete messages and runs the handler
+and the response (`_serve_request`). Stages nest (the handler is inside `_serve_request`, the spool write inside
 the handler); the report says which.
 
 Wall time under a wrapper includes waiting for the GIL. cProfile slows Python code several
@@ -34,10 +34,10 @@ from typing import Any
 _STAGES: list[tuple[str, str, str, str, str]] = [
     (
         "pdu_read",
-        "pynetdicom.dul:DULServiceProvider",
+        "dicom_node.reactor:EventDrivenDUL",
         "_read_pdu_data",
         "",
-        "DUL thread: socket reads of one PDU (4 KB recv calls) and its decode",
+        "DUL thread: socket reads of one PDU (recv_into one buffer) and its decode",
     ),
     (
         "dimse_assembly",
@@ -70,11 +70,11 @@ _STAGES: list[tuple[str, str, str, str, str]] = [
     ("describe", "dicom_node.scp", "_describe", "handler", "routing attributes from the header"),
     ("has_instance", "dicom_node.store:JobStore", "has_instance", "handler", "duplicate check"),
     (
-        "encoded_dataset",
-        "pynetdicom.events:Event",
-        "encoded_dataset",
+        "file_header",
+        "dicom_node.part10",
+        "file_header",
         "handler",
-        "pynetdicom joins preamble, file meta and dataset (two copies)",
+        "preamble and file meta encoded (written with the dataset buffer by one writev)",
     ),
     (
         "spool_store",
