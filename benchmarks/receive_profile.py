@@ -9,8 +9,8 @@ process, `stages-<pid>.json` (total seconds and calls per stage) and `<thread>-<
 Threads of one association (pynetdicom 3.0, made event-driven by dicom_node/reactor.py): the
 DUL thread reads each PDU from the socket and assembles the DIMSE message (`_read_pdu_data`,
 `receive_primitive`); the association thread waits for complete messages and runs the handler
-and the response (`_serve_request`). Stages nest (the handler is inside `_serve_request`, the spool write inside
-the handler); the report says which.
+and the response (`_serve_request`). Stages nest (the handler is inside `_serve_request`, the
+spool write inside the handler); the report says which.
 
 Wall time under a wrapper includes waiting for the GIL. cProfile slows Python code several
 times: take the stage table from a run without it, and the pstats for finding the functions

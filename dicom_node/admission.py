@@ -111,7 +111,7 @@ class _ReplayingSSLSocket(ssl.SSLSocket):
             return chunk
         return super().recv(buflen, flags)
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         if self.replay and not flags:
             view = memoryview(buffer).cast("B")
             n = min(len(self.replay), nbytes or len(view), len(view))

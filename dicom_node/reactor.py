@@ -66,7 +66,8 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
@@ -80,8 +81,10 @@ log = get_logger("dicom_node.reactor")
 #: Longest a reactor waits without looking at its timers and flags. The ARTIM and network idle
 #: timers fire at most this late; nothing on the receive path waits for it.
 WAIT_BOUND_S = 0.05
-#: Largest single read from the socket into a PDU's buffer.
-_READ_CHUNK = 1 << 20
+#: Size of a read-ahead buffer (16 P-DATA-TF PDUs of 16 KB), and the most it grows per read.
+_READ_CHUNK = 256 * 1024
+#: Start a new read-ahead buffer when less room than this is left at the end of the current one.
+_MIN_ROOM = 16 * 1024 + 6
 _PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ .. A-ABORT (PS3.8 9.3.1)
 _PDU_HEADER = struct.Struct(">BBL")
 
@@ -147,11 +150,13 @@ class EventDrivenDUL(DULServiceProvider):
 
     _wakeup: _Wakeup
     _waiting: bool
+    _inbox: _Inbox
 
     def _adapt(self) -> None:
         """Install the wake-up (before the thread starts, while the queues are empty)."""
         self._wakeup = _Wakeup()
         self._waiting = False
+        self._inbox = _Inbox()
         _retarget(self, self.run_reactor)
         self.to_provider_queue = _signalling(self.to_provider_queue, self._poke)
         self.event_queue = _signalling(self.event_queue, self._poke)
@@ -231,7 +236,12 @@ class EventDrivenDUL(DULServiceProvider):
         """Until the peer's socket is readable, something is queued, or WAIT_BOUND_S passed."""
         self._waiting = True
         try:
-            if self._kill_thread or self.to_provider_queue.qsize() or self.event_queue.qsize():
+            if (
+                self._kill_thread
+                or self.to_provider_queue.qsize()
+                or self.event_queue.qsize()
+                or self._inbox.available()
+            ):
                 return
             readers: list[Any] = [self._wakeup.reader]
             peer = self.socket.socket if self.socket is not None else None
@@ -248,39 +258,56 @@ class EventDrivenDUL(DULServiceProvider):
         finally:
             self._waiting = False
 
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's check, with the bytes already read ahead counting as incoming data:
+        read a PDU if any is there; in Sta13 close the connection once nothing more comes."""
+        sock = self.socket
+        if sock is None or sock.socket is None:
+            self._inbox.discard()  # closed: what was read ahead will never be decoded
+        incoming = self._inbox.available() > 0 or (sock is not None and sock.ready)
+        if incoming:
+            self._read_pdu_data()
+            return True
+        if self.state_machine.current_state == "Sta13":
+            cast(AssociationSocket, sock).close()
+            return True
+        return False
+
     def _read_pdu_data(self) -> None:
-        """Read one PDU into a buffer of its size with recv_into, then decode it as pynetdicom
-        does (same events: Evt17 short read or closed, Evt19 unknown type or undecodable)."""
-        sock = cast(AssociationSocket, self.socket)
-        header = bytearray(6)
+        """Read one PDU and decode it, with pynetdicom's events (Evt17: closed or short,
+        Evt19: unknown type or undecodable; else the PDU's event, the PDU queued).
+
+        The socket is read in large pieces into a read-ahead buffer (`_Inbox`); a P-DATA-TF's
+        presentation data values are views of that buffer, not copies (the DIMSE layer copies
+        them into the message as it assembles it)."""
+        inbox = self._inbox
+        raw = cast(AssociationSocket, self.socket).socket
         try:
-            got = _recv_exactly(sock, memoryview(header))
-        except OSError:  # TimeoutError included
-            log.info("association.pdu_read_failed", part="header")
+            complete = inbox.fill(raw, 6)
+            if complete:
+                pdu_type, _, length = _PDU_HEADER.unpack(inbox.peek(6))
+                if pdu_type not in _PDU_TYPES:
+                    log.warning("association.unknown_pdu", pdu_type=f"0x{pdu_type:02X}")
+                    self.event_queue.put("Evt19")
+                    return
+                complete = inbox.fill(raw, 6 + length)
+        except OSError as exc:  # TimeoutError and ssl.SSLError included
+            log.info("association.pdu_read_failed", error=type(exc).__name__)
             self.event_queue.put("Evt17")
             return
-        if got < len(header):
+        if not complete:
+            if inbox.available():
+                log.warning("association.pdu_truncated", received=inbox.available())
             self.event_queue.put("Evt17")
             return
-        pdu_type, _, length = _PDU_HEADER.unpack(header)
-        if pdu_type not in _PDU_TYPES:
-            log.warning("association.unknown_pdu", pdu_type=f"0x{pdu_type:02X}")
-            self.event_queue.put("Evt19")
-            return
-        pdu = bytearray(6 + length)
-        pdu[:6] = header
+        pdu = inbox.take(6 + length)
         try:
-            got = _recv_exactly(sock, memoryview(pdu)[6:])
-        except OSError:
-            log.info("association.pdu_read_failed", part="body")
-            self.event_queue.put("Evt17")
-            return
-        if got < length:
-            log.warning("association.pdu_truncated", received=6 + got, expected=6 + length)
-            self.event_queue.put("Evt17")
-            return
-        try:
-            decoded, event = self._decode_pdu(pdu)
+            if pdu_type == _P_DATA_TF and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                decoded: Any = _p_data_tf(pdu)
+                evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": decoded})
+                event = "Evt10"
+            else:  # pynetdicom's decode, which hands EVT_DATA_RECV the PDU's bytes
+                decoded, event = self._decode_pdu(bytearray(pdu))
         except Exception as exc:  # noqa: BLE001 - any decode failure is an invalid PDU
             log.warning("association.pdu_undecodable", error=type(exc).__name__)
             self.event_queue.put("Evt19")
@@ -289,16 +316,72 @@ class EventDrivenDUL(DULServiceProvider):
         self._recv_pdu.put(decoded)
 
 
-def _recv_exactly(sock: AssociationSocket, view: memoryview) -> int:
-    """Fill `view` from the socket; fewer bytes only when the peer closed. Returns the count."""
-    raw = cast(socket.socket, sock.socket)
-    filled, total = 0, len(view)
-    while filled < total:
-        n = raw.recv_into(view[filled:], min(total - filled, _READ_CHUNK))
-        if n == 0:
-            break
-        filled += n
-    return filled
+_P_DATA_TF = 0x04
+_PDV_LENGTH = struct.Struct(">L")
+
+
+def _p_data_tf(pdu: memoryview) -> P_DATA_TF:
+    """A P-DATA-TF PDU (PS3.8 9.3.5) whose values are views of `pdu`; raises ValueError for an
+    item that runs past the PDU or has no message control header."""
+    decoded = P_DATA_TF()
+    items = decoded.presentation_data_value_items
+    pos, end = 6, len(pdu)
+    while pos < end:
+        if pos + 4 > end:
+            raise ValueError("truncated presentation data value item")
+        (item_length,) = _PDV_LENGTH.unpack_from(pdu, pos)
+        if item_length < 2 or pos + 4 + item_length > end:
+            raise ValueError("presentation data value item length out of range")
+        item = PresentationDataValueItem()
+        item.presentation_context_id = pdu[pos + 4]
+        item.presentation_data_value = pdu[pos + 5 : pos + 4 + item_length]  # type: ignore[assignment]
+        items.append(item)
+        pos += 4 + item_length
+    return decoded
+
+
+class _Inbox:
+    """Bytes read from the socket and not yet decoded.
+
+    Reads ask for as much as the buffer has room for, so one recv brings in every PDU the peer
+    has sent so far. A buffer is never rewritten where it was handed out (`take` returns views
+    of it): when the room at its end runs short, a new one is started with the unread rest.
+    A PDU's declared length never sizes an allocation beyond what has arrived: a buffer grows
+    by at most _READ_CHUNK per read.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray(_READ_CHUNK)
+        self._start = self._end = 0
+
+    def available(self) -> int:
+        return self._end - self._start
+
+    def discard(self) -> None:
+        self._start = self._end = 0
+
+    def peek(self, n: int) -> memoryview:
+        return memoryview(self._buf)[self._start : self._start + n]
+
+    def take(self, n: int) -> memoryview:
+        view = memoryview(self._buf)[self._start : self._start + n]
+        self._start += n
+        return view
+
+    def fill(self, raw: Any, need: int) -> bool:
+        """Read until `need` bytes are available; False if the peer closed first."""
+        while self._end - self._start < need:
+            room = len(self._buf) - self._end
+            if room < min(need - (self._end - self._start), _MIN_ROOM):
+                size = min(max(need, _READ_CHUNK), self._end - self._start + _READ_CHUNK)
+                fresh = bytearray(size)
+                fresh[: self._end - self._start] = memoryview(self._buf)[self._start : self._end]
+                self._buf, self._start, self._end = fresh, 0, self._end - self._start
+            n = raw.recv_into(memoryview(self._buf)[self._end :])
+            if n == 0:
+                return False
+            self._end += n
+        return True
 
 
 class EventDrivenAssociation(Association):

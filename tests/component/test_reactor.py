@@ -136,7 +136,7 @@ def test_an_idle_association_waits_instead_of_polling(serve, monkeypatch):
 
     monkeypatch.setattr(reactor.EventDrivenDUL, "_process_recv_primitive", counted_dul_pass)
     monkeypatch.setattr(dimse_guard.GuardedDIMSEProvider, "get_msg", counted_get_msg)
-    server, served = serve()
+    server, _served = serve()
     scu = _associate(server)
     try:
         assert scu.send_c_echo().Status == 0x0000
