@@ -23,8 +23,11 @@ still gets checked: the ARTIM timer (Evt18), the network idle timer (`network_ti
 killed or dead DUL, the `_reactor_checkpoint` pause. Every pass does exactly what a pass of the
 original does, in the same order; only the sleeps are replaced by waits.
 
-The DUL also reads a PDU with `recv_into` one preallocated buffer in large pieces instead of
-pynetdicom's 4 KB `recv` calls appended to a growing bytearray (lever 4).
+The DUL also reads the socket with `recv_into` in large pieces (several PDUs a call) instead of
+pynetdicom's 4 KB `recv` calls appended to a growing bytearray, and hands the DIMSE layer a
+P-DATA-TF's values as views of that buffer instead of copies (docs/PERFORMANCE.md, lever 4).
+When pynetdicom's logger drops INFO and DEBUG, its logging handlers (which format lines per
+PDU and copy each received dataset) are unbound from the association.
 
 Only associations the listener accepts are adapted (`EventDrivenRequestHandler`, used by
 dicom_node.admission.AdmissionServer); the exporter's SCU associations keep pynetdicom's loops.
@@ -45,7 +48,11 @@ which names what is missing; the version is pinned `>=3.0.4,<3.1` in pyproject.t
   `artim_timer`, `_idle_timer`, `state_machine` (`current_state`, `do_action`),
   `_process_recv_primitive`, `_is_transport_event`, `_read_pdu_data`, `_decode_pdu`,
   `_recv_pdu`, `event_queue`, `to_provider_queue`, `to_user_queue`, `socket`;
-- `AssociationSocket.socket` (the connected socket object); `pdu.A_ABORT_RQ`;
+- `AssociationSocket.socket` (the connected socket object); `pdu.A_ABORT_RQ`, `pdu.P_DATA_TF`
+  (`presentation_data_value_items`), `pdu_items.PresentationDataValueItem`
+  (`presentation_context_id`, `presentation_data_value`);
+- the logging handlers in `pynetdicom._handlers` (`standard_pdu_recv_handler`, ...), unbound
+  when pynetdicom's logger would drop what they log;
 - both threads run the target given to `threading.Thread.__init__` (`utils.make_target` of
   the bound reactor), which the adaptation replaces through CPython's `Thread._target`.
 """
@@ -53,6 +60,7 @@ which names what is missing; the version is pinned `>=3.0.4,<3.1` in pyproject.t
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import select
 import socket
@@ -64,6 +72,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pynetdicom
 from pynetdicom import evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
@@ -462,10 +476,26 @@ class EventDrivenAssociation(Association):
                 return
 
 
+#: pynetdicom's logging handlers, bound to every association (`_config.LOG_HANDLER_LEVEL`
+#: "standard"): they format log lines per PDU and per DIMSE message (the C-STORE one copies
+#: the whole received dataset to see whether it is empty) at DEBUG and INFO.
+_LOGGING_HANDLERS = (
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+)
+
+
 def adapt(assoc: Association) -> None:
-    """Make a new acceptor Association (not started) event-driven."""
+    """Make a new acceptor Association (not started) event-driven. When pynetdicom's logger
+    drops INFO and DEBUG (the node's default, dicom_node/logs.py), its logging handlers, whose
+    lines would be dropped, are unbound from the association."""
     assoc.__class__ = EventDrivenAssociation
     cast(EventDrivenAssociation, assoc)._adapt()
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        for event, handler in _LOGGING_HANDLERS:
+            assoc.unbind(event, handler)
 
 
 class EventDrivenRequestHandler(RequestHandler):

@@ -5,6 +5,7 @@ associations are pynetdicom's, untouched."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from listener_support import self_signed
 from pydicom import dcmread
 from pynetdicom import AE, evt
+from pynetdicom._handlers import standard_dimse_recv_handler
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -240,3 +242,26 @@ def test_missing_pynetdicom_internals_fail_at_start_up_naming_them(monkeypatch):
     monkeypatch.delattr(DULServiceProvider, "_read_pdu_data")
     with pytest.raises(reactor.PynetdicomInternalsError, match=r"DULServiceProvider\._read_pdu"):
         reactor.check_pynetdicom_internals(AE())
+
+
+@pytest.mark.parametrize(("level", "bound"), [(logging.WARNING, False), (logging.DEBUG, True)])
+def test_pynetdicoms_logging_handlers_are_unbound_only_when_their_lines_would_be_dropped(
+    serve, level, bound
+):
+    logger = logging.getLogger("pynetdicom")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        server, served = serve()
+        scu = _associate(server)
+        try:
+            assert scu.send_c_echo().Status == 0x0000
+        finally:
+            scu.release()
+    finally:
+        logger.setLevel(before)
+    (assoc,) = served.associations
+    handlers = [handler for handler, _args in assoc.get_handlers(evt.EVT_DIMSE_RECV)]
+    assert (standard_dimse_recv_handler in handlers) is bound
+    # the exporter's associations always keep them
+    assert standard_dimse_recv_handler in [h for h, _ in scu.get_handlers(evt.EVT_DIMSE_RECV)]
