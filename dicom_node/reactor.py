@@ -27,7 +27,8 @@ The DUL also reads the socket with `recv_into` in large pieces (several PDUs a c
 pynetdicom's 4 KB `recv` calls appended to a growing bytearray, and hands the DIMSE layer a
 P-DATA-TF's values as views of that buffer instead of copies (docs/PERFORMANCE.md, lever 4).
 When pynetdicom's logger drops INFO and DEBUG, its logging handlers (which format lines per
-PDU and copy each received dataset) are unbound from the association.
+PDU and copy each received dataset) are unbound from the association. A C-STORE response that
+carries only a status is encoded by dicom_node/dimse_response.py instead of pydicom (lever 4).
 
 Only associations the listener accepts are adapted (`EventDrivenRequestHandler`, used by
 dicom_node.admission.AdmissionServer); the exporter's SCU associations keep pynetdicom's loops.
@@ -42,7 +43,8 @@ which names what is missing; the version is pinned `>=3.0.4,<3.1` in pyproject.t
   EVT_CONN_OPEN (where dimse_guard replaces `assoc.dimse`) and `assoc.start()`;
 - `Association`: `run_reactor` (starts the DUL, negotiates, then calls `_run_reactor` while
   established), `_run_reactor`, `_kill`, `_is_paused`, `_reactor_checkpoint`, `kill`,
-  `network_timeout_response`, `dimse.get_msg`, `dimse.msg_queue`, `_serve_request`,
+  `network_timeout_response`, `dimse.get_msg`, `dimse.msg_queue`, `dimse.send_msg`
+  (replaced on the instance), `dimse.maximum_pdu_size`, `dimse.dul`, `_serve_request`,
   `acse.is_release_requested`, `acse.is_aborted`, `acse.send_release`, `_dul_ready`;
 - `DULServiceProvider`: `run_reactor`, `_kill_thread`, `kill_dul`, `stop_dul`,
   `artim_timer`, `_idle_timer`, `state_machine` (`current_state`, `do_action`),
@@ -79,12 +81,15 @@ from pynetdicom._handlers import (
     standard_pdu_sent_handler,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
+from dicom_node.dimse_response import COMMAND_LAST_FRAGMENT, encode_store_response
 from dicom_node.logs import get_logger
 
 if TYPE_CHECKING:
@@ -418,7 +423,32 @@ class EventDrivenAssociation(Association):
         # EVT_CONN_OPEN handlers (dimse_guard) have replaced the DIMSE provider by now, and the
         # DUL, which fills its queue, has not started.
         self.dimse.msg_queue = _signalling(self.dimse.msg_queue, self._reactor_wake.set)
+        self._encode_store_responses_directly()
         super().run_reactor()
+
+    def _encode_store_responses_directly(self) -> None:
+        """C-STORE responses that carry only a status go out encoded by dimse_response
+        (pynetdicom's bytes without its two pydicom encodes); anything else, or any response
+        while an EVT_DIMSE_SENT handler wants pynetdicom's message object, takes pynetdicom's
+        `send_msg`. Set on the provider instance, whatever its class (dimse_guard's)."""
+        provider = self.dimse
+        pynetdicom_send = provider.send_msg
+
+        def send_msg(primitive: Any, context_id: int) -> None:
+            encoded = encode_store_response(primitive) if type(primitive) is C_STORE else None
+            max_pdu = provider.maximum_pdu_size
+            if (
+                encoded is None
+                or self.get_handlers(evt.EVT_DIMSE_SENT)
+                or (max_pdu and len(encoded) > max_pdu - 6)
+            ):
+                pynetdicom_send(primitive, context_id)
+                return
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, COMMAND_LAST_FRAGMENT + encoded))
+            provider.dul.send_pdu(pdata)
+
+        provider.send_msg = send_msg  # type: ignore[method-assign]
 
     def kill(self) -> None:
         self._reactor_wake.set()

@@ -265,3 +265,24 @@ def test_pynetdicoms_logging_handlers_are_unbound_only_when_their_lines_would_be
     assert (standard_dimse_recv_handler in handlers) is bound
     # the exporter's associations always keep them
     assert standard_dimse_recv_handler in [h for h, _ in scu.get_handlers(evt.EVT_DIMSE_RECV)]
+
+
+def test_store_responses_are_encoded_directly_and_read_by_the_peer(serve, monkeypatch):
+    encoded = []
+    real = reactor.encode_store_response
+
+    def recording(rsp: Any) -> bytes | None:
+        result = real(rsp)
+        encoded.append(result)
+        return result
+
+    monkeypatch.setattr(reactor, "encode_store_response", recording)
+    server, _served = serve()
+    scu = _associate(server)
+    try:
+        ds = make_ct_dataset(rows=16, cols=16)
+        rsp = scu.send_c_store(ds)
+    finally:
+        scu.release()
+    assert rsp.Status == 0x0000  # pynetdicom matched it to its request by the Message ID
+    assert len(encoded) == 1 and encoded[0] is not None, "the response took the direct path"
