@@ -107,10 +107,10 @@ _STAGES: list[tuple[str, str, str, str, str]] = [
     ),
     (
         "send_response",
-        "pynetdicom.dimse:DIMSEServiceProvider",
-        "send_msg",
+        "dicom_node.reactor:EventDrivenAssociation",
+        "_send_msg",
         "serve_request",
-        "encode the C-STORE-RSP and queue it for the DUL thread",
+        "encode the C-STORE-RSP (dicom_node/dimse_response.py) and queue it for the DUL thread",
     ),
 ]
 

@@ -62,6 +62,7 @@ which names what is missing; the version is pinned `>=3.0.4,<3.1` in pyproject.t
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import select
@@ -432,23 +433,25 @@ class EventDrivenAssociation(Association):
         while an EVT_DIMSE_SENT handler wants pynetdicom's message object, takes pynetdicom's
         `send_msg`. Set on the provider instance, whatever its class (dimse_guard's)."""
         provider = self.dimse
-        pynetdicom_send = provider.send_msg
+        provider.send_msg = functools.partial(  # type: ignore[method-assign]
+            self._send_msg, provider.send_msg
+        )
 
-        def send_msg(primitive: Any, context_id: int) -> None:
-            encoded = encode_store_response(primitive) if type(primitive) is C_STORE else None
-            max_pdu = provider.maximum_pdu_size
-            if (
-                encoded is None
-                or self.get_handlers(evt.EVT_DIMSE_SENT)
-                or (max_pdu and len(encoded) > max_pdu - 6)
-            ):
-                pynetdicom_send(primitive, context_id)
-                return
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, COMMAND_LAST_FRAGMENT + encoded))
-            provider.dul.send_pdu(pdata)
-
-        provider.send_msg = send_msg  # type: ignore[method-assign]
+    def _send_msg(
+        self, pynetdicom_send: Callable[[Any, int], None], primitive: Any, context_id: int
+    ) -> None:
+        encoded = encode_store_response(primitive) if type(primitive) is C_STORE else None
+        max_pdu = self.dimse.maximum_pdu_size
+        if (
+            encoded is None
+            or self.get_handlers(evt.EVT_DIMSE_SENT)
+            or (max_pdu and len(encoded) > max_pdu - 6)
+        ):
+            pynetdicom_send(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, COMMAND_LAST_FRAGMENT + encoded))
+        self.dul.send_pdu(pdata)
 
     def kill(self) -> None:
         self._reactor_wake.set()
