@@ -324,6 +324,8 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             if pdu_type == _P_DATA_TF and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
                 decoded: Any = _p_data_tf(pdu)
+                if self.state_machine.current_state == "Sta6":
+                    self._merge_buffered_p_data(decoded)
                 evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": decoded})
                 event = "Evt10"
             else:  # pynetdicom's decode, which hands EVT_DATA_RECV the PDU's bytes
@@ -335,8 +337,39 @@ class EventDrivenDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
 
+    def _merge_buffered_p_data(self, decoded: P_DATA_TF) -> None:
+        """Append to `decoded` the values of the P-DATA-TF PDUs that follow it complete in the
+        read-ahead buffer, up to the end of the message fragment stream (a value marked last:
+        pynetdicom's DIMSE layer stops reading a P-DATA at the end of a message).
+
+        One state machine event (Evt10 in Sta6: DT-2, back to Sta6) and one pass through the
+        DIMSE layer then carry several PDUs, as if the peer had sent one larger PDU. Not done
+        while anyone listens to EVT_PDU_RECV (they would see fewer, larger PDUs). A PDU that
+        does not decode is left in the buffer, to be refused on its own (Evt19)."""
+        if self.assoc.get_handlers(evt.EVT_PDU_RECV):
+            return
+        items = decoded.presentation_data_value_items
+        inbox = self._inbox
+        while items and not _ends_a_message(items[-1]) and inbox.available() >= 6:
+            pdu_type, _, length = _PDU_HEADER.unpack(inbox.peek(6))
+            if pdu_type != _P_DATA_TF or inbox.available() < 6 + length:
+                return
+            try:
+                following = _p_data_tf(inbox.peek(6 + length))
+            except ValueError:
+                return
+            inbox.take(6 + length)
+            items.extend(following.presentation_data_value_items)
+
 
 _P_DATA_TF = 0x04
+
+
+def _ends_a_message(item: PresentationDataValueItem) -> bool:
+    """Whether a value is the last fragment of a command or data set (PS3.8 E.2)."""
+    return bool(cast(memoryview, item.presentation_data_value)[0] & 0x02)
+
+
 _PDV_LENGTH = struct.Struct(">L")
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import cast
 
 import pytest
+from pynetdicom import AE, evt
+from pynetdicom._handlers import standard_pdu_recv_handler
+from pynetdicom.association import Association
 from pynetdicom.pdu import P_DATA_TF
 
 from dicom_node import reactor
@@ -89,3 +93,56 @@ def test_malformed_p_data_tf_is_refused(body):
     raw = struct.pack(">BBL", 0x04, 0, len(body)) + body
     with pytest.raises(ValueError, match="item"):
         reactor._p_data_tf(memoryview(raw))
+
+
+def _dul_with_buffered(data: bytes) -> reactor.EventDrivenDUL:
+    assoc = Association(AE(), "acceptor")
+    reactor.adapt(assoc)
+    assoc.unbind(evt.EVT_PDU_RECV, standard_pdu_recv_handler)  # whatever the log level
+    dul = cast(reactor.EventDrivenDUL, assoc.dul)
+    dul.state_machine.current_state = "Sta6"
+    assert dul._inbox.fill(_Peer(data), len(data))
+    return dul
+
+
+def _take_first(dul: reactor.EventDrivenDUL) -> P_DATA_TF:
+    (length,) = struct.unpack(">L", dul._inbox.peek(6)[2:6])
+    return reactor._p_data_tf(dul._inbox.take(6 + length))
+
+
+def _values(pdu: P_DATA_TF) -> list[bytes]:
+    return [bytes(item.presentation_data_value) for item in pdu.presentation_data_value_items]
+
+
+def test_buffered_p_data_is_merged_up_to_the_end_of_the_message():
+    fragments = [_pdv(1, 0x00, b"a" * 10), _pdv(1, 0x00, b"b" * 10), _pdv(1, 0x02, b"c")]
+    next_command = _p_data(_pdv(1, 0x03, b"next message"))
+    dul = _dul_with_buffered(b"".join(_p_data(f) for f in fragments) + next_command)
+    first = _take_first(dul)
+    dul._merge_buffered_p_data(first)
+    assert _values(first) == [b"\x00" + b"a" * 10, b"\x00" + b"b" * 10, b"\x02c"]
+    assert bytes(dul._inbox.peek(dul._inbox.available())) == next_command, "the next message stays"
+
+
+@pytest.mark.parametrize(
+    "following",
+    [
+        _p_data(_pdv(1, 0x02, b"last"))[:-2],  # not complete yet
+        struct.pack(">BBL", 0x04, 0, 3) + b"\x00\x00\x00",  # does not decode: refused on its own
+        struct.pack(">BBL", 0x05, 0, 4) + b"\x00" * 4,  # an A-RELEASE-RQ
+    ],
+)
+def test_what_cannot_be_merged_stays_in_the_buffer(following):
+    dul = _dul_with_buffered(_p_data(_pdv(1, 0x00, b"first")) + following)
+    first = _take_first(dul)
+    dul._merge_buffered_p_data(first)
+    assert _values(first) == [b"\x00first"]
+    assert bytes(dul._inbox.peek(dul._inbox.available())) == following
+
+
+def test_nothing_is_merged_while_someone_listens_to_pdus():
+    dul = _dul_with_buffered(_p_data(_pdv(1, 0x00, b"1")) + _p_data(_pdv(1, 0x02, b"2")))
+    dul.assoc.bind(evt.EVT_PDU_RECV, standard_pdu_recv_handler)
+    first = _take_first(dul)
+    dul._merge_buffered_p_data(first)
+    assert _values(first) == [b"\x001"]
