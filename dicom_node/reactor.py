@@ -196,8 +196,9 @@ class EventDrivenDUL(DULServiceProvider):
             return False
         self._kill_thread = True
         self._wakeup.notify()
-        while self.is_alive():
-            self.join(WAIT_BOUND_S)
+        if threading.current_thread() is not self:  # from its own thread: it ends on return
+            while self.is_alive():
+                self.join(WAIT_BOUND_S)
         return True
 
     def run_reactor(self) -> None:
