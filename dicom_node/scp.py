@@ -287,9 +287,7 @@ class StoreHandler:
             # header and the received dataset's own buffer, written side by side.
             request = cast(C_STORE, event.request)
             data = (
-                part10.file_header(
-                    str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax)
-                ),
+                part10.file_header(str(request.AffectedSOPClassUID), sop_uid, transfer_syntax),
                 cast(BytesIO, request.DataSet).getbuffer(),
             )
             path, created = self.spool.store(series_uid, sop_uid, data)
