@@ -32,7 +32,7 @@ from typing import Any
 
 from dicom_node.assembly import ready_series
 from dicom_node.audit.trail import AuditTrail
-from dicom_node.config import NodeConfig, UnmatchedAction
+from dicom_node.config import NodeConfig, UnmatchedAction, receiver_process_count, usable_cpus
 from dicom_node.engine_host import ENVELOPE_LOG_KEYS
 from dicom_node.export import Exporter
 from dicom_node.logs import get_logger
@@ -45,6 +45,7 @@ from dicom_node.metrics import (
     probe_health,
     probe_readiness,
 )
+from dicom_node.receivers import DispatchingServer, start_receiver_listener
 from dicom_node.routing import decide
 from dicom_node.scp import start_listener
 from dicom_node.spool import Spool
@@ -166,9 +167,18 @@ class Node:
         try:
             for worker in workers:
                 worker.start_engine()
-            self.server = start_listener(
-                self.config.listener, self.spool, self.store, self.metrics, self.audit
+            receivers = receiver_process_count(
+                self.config.listener.receiver_processes, usable_cpus()
             )
+            if receivers:  # the associations run in receiver processes (receivers.py)
+                self.server = start_receiver_listener(
+                    self.config, receivers, self.metrics, self.audit
+                )
+                self.metrics.refresh = self.server.drain
+            else:
+                self.server = start_listener(
+                    self.config.listener, self.spool, self.store, self.metrics, self.audit
+                )
         except BaseException:  # bad weights, port in use, ...: leave nothing running
             for worker in workers:
                 worker.engine.close()
@@ -249,6 +259,9 @@ class Node:
             listener_serving=self._listener_serving(),
             threads=list(self.threads),
             database_path=self.config.database_path,
+            receivers=self.server.pool.health
+            if isinstance(self.server, DispatchingServer)
+            else None,
         )
 
     def readiness(self) -> Probe:
@@ -356,6 +369,8 @@ class Node:
                 **common,
             )
         if self.audit is not None:  # where the node decided the series is complete
+            if isinstance(self.server, DispatchingServer):
+                self.server.drain()  # the receivers' audit records of what the database holds
             self.audit.series_complete(series_uid)
 
     def _run_forward_jobs(self) -> None:
