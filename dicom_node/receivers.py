@@ -293,11 +293,14 @@ class ReceiverPool:
             return False
         try:
             with slot.send_lock:
+                # a receiver that stops reading must not block the accept thread for long
+                if not select.select([], [chan], [], STOP_TIMEOUT_S)[1]:
+                    return False
                 if fd is None:
                     chan.send(data)
                 else:
                     socket.send_fds(chan, [data], [fd])
-        except OSError:
+        except (OSError, ValueError):  # ValueError: closed meanwhile (the receiver exited)
             return False
         return True
 

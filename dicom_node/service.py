@@ -184,6 +184,9 @@ class Node:
                 worker.engine.close()
             self.store.close()
             raise
+        # A series still receiving gets its fresh stable-age window from when senders can
+        # reach the node again, not from when start-up began (receivers take a while to start).
+        self.started_at = time.time()
         self.threads.append(
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True)
         )

@@ -22,6 +22,14 @@ from dicom_node.receivers import DispatchingServer, ReceiverPool
 from dicom_node.service import Node
 from engine.synthetic import make_ct_dataset
 
+#: One series for every instance these tests send.
+SERIES = "2.25.31415926535897932384626433832795028841"
+
+
+def _ds(n: int) -> Dataset:
+    """Instance `n` of the one series."""
+    return make_ct_dataset(uid_seed="receivers", series_uid=SERIES, instance_number=n)
+
 
 def _pool(node: Node) -> ReceiverPool:
     assert isinstance(node.server, DispatchingServer), "the node runs receiver processes"
@@ -67,7 +75,7 @@ def test_four_associations_are_served_by_more_than_one_receiver_process(start_no
 
     def send(k: int, assoc: Association) -> None:
         for i in range(3):
-            status = _store(assoc, make_ct_dataset(uid_seed=f"four-{k}-{i}", series_seed="four"))
+            status = _store(assoc, _ds(100 + 10 * k + i))
             with lock:
                 statuses_seen.append(status)
 
@@ -97,7 +105,7 @@ def test_copies_of_one_instance_sent_at_once_through_two_processes_end_as_one_fi
     assert len({pid for _, pid in pool.history}) == 2, "the copies go through both processes"
     try:
         for round_ in range(8):
-            ds = make_ct_dataset(uid_seed=f"copy-{round_}", series_seed="copies")
+            ds = _ds(200 + round_)
             barrier = threading.Barrier(len(assocs))
             results: list[int | None] = []
 
@@ -129,14 +137,15 @@ def test_a_receiver_killed_mid_association_fails_its_sender_and_the_node_keeps_r
     node = start_node(receiver_processes=2)
     pool = _pool(node)
     assoc = _associate(node)
-    first = make_ct_dataset(uid_seed="before-kill", series_seed="kill")
+    first = _ds(300)
     assert _store(assoc, first) == statuses.SUCCESS  # acknowledged: must survive
     _, victim = pool.history[-1]
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not assoc.is_alive(), 30, "the association to end with its process")
     assert not assoc.is_established
-    assert _store(assoc, make_ct_dataset(uid_seed="after-kill", series_seed="kill")) is None
+    with pytest.raises(RuntimeError, match="must be established"):
+        _store(assoc, _ds(301))  # the sender keeps its copy and sends it again
     wait_until(
         lambda: victim not in pool.pids() and None not in pool.pids(),
         60,
@@ -146,7 +155,7 @@ def test_a_receiver_killed_mid_association_fails_its_sender_and_the_node_keeps_r
     for k in range(4):  # new associations land on both processes, the replacement included
         again = _associate(node)
         try:
-            status = _store(again, make_ct_dataset(uid_seed=f"after-{k}", series_seed="kill"))
+            status = _store(again, _ds(310 + k))
             assert status == statuses.SUCCESS
         finally:
             again.release()
@@ -214,3 +223,27 @@ def test_no_receiver_outlives_the_node_process(tmp_path, how):
     if how == "SIGTERM":
         assert proc.returncode == 0
         assert any(e["event"] == "receiver.stopped" for e in log_events(log))
+
+
+def test_a_receiver_that_keeps_dying_makes_the_node_unhealthy_and_is_still_replaced(start_node):
+    node = start_node(receiver_processes=2)
+    pool = _pool(node)
+    assert node.health().ok
+    for kill in range(3):
+        pid = pool.pids()[0]
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda pid=pid: pool.pids()[0] not in (None, pid),
+            60,
+            f"receiver 0 replaced after kill {kill + 1}",
+        )
+    probe = node.health()
+    assert not probe.ok
+    assert "[0] keep dying" in probe.body()["checks"]["receivers"], probe.body()
+    assert node.readiness().ok, "reception still works: the node is ready"
+    assoc = _associate(node)
+    try:
+        assert _store(assoc, _ds(400)) == 0
+    finally:
+        assoc.release()
