@@ -303,7 +303,9 @@ class Node:
             self.scheduler_wake.clear()
 
     def schedule_once(self, now: float) -> None:
-        receiving = self.store.receiving_series()
+        # Stopping closes no series: one interrupted by the stop gets its fresh window after the
+        # restart (stopping the listener and its receiver processes takes a moment).
+        receiving = [] if self.phase is Phase.STOPPING else self.store.receiving_series()
         for ready in ready_series(receiving, now, self.config.assembly, self.started_at):
             self._route(ready.series, ready.why, now)
         self._run_forward_jobs()
