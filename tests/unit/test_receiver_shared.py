@@ -36,7 +36,7 @@ def _held_by_other_process(path: Path, offset: int) -> bool:
         "except OSError:\n"
         "    sys.exit(1)\n"
     )
-    done = subprocess.run(  # noqa: S603 - this interpreter, the probe above
+    done = subprocess.run(
         [sys.executable, "-c", probe, str(path), str(offset)], check=False, timeout=60
     )
     return done.returncode == 1
