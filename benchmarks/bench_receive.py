@@ -106,7 +106,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated counts of concurrent associations (default: 1,4)",
     )
     parser.add_argument(
-        "--profile", type=Path, metavar="DIR", help="profile the node process, write under DIR"
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="profile the node process, write under DIR (its 1-association trials run with "
+        "receiver_processes = 0: the profile instruments the node process)",
     )
     parser.add_argument("--cprofile", action="store_true", help="with --profile: cProfile too")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it")
@@ -342,7 +346,9 @@ def _serve(kind: str, folder: Path, profile: Path | None, cprofile: bool) -> int
         finish = receive_profile.install(profile, cprofile=cprofile)
     if kind.startswith("node"):
         # No destination, and a stable age far beyond any trial: no series is ever processed.
-        listener = {"receiver_processes": 0} if kind == "node-inprocess" else {}
+        # The profile instruments this process: its node receives in-process when profiled.
+        inprocess = kind == "node-inprocess" or profile is not None
+        listener = {"receiver_processes": 0} if inprocess else {}
         node = Node(
             loopback_config(folder, None, stable_age_s=3600.0, poll_interval_s=1.0, **listener)
         )
