@@ -302,6 +302,9 @@ def serve(chan: socket.socket, spec: ReceiverSpec) -> int:
             else:
                 for fd in fds:
                     os.close(fd)
+                if isinstance(message, HandOver):  # its descriptor did not arrive: over
+                    sender.send(Admitted(message.conn_id, ok=False))
+                    sender.send(Closed(message.conn_id))
     except _TerminateError:
         pass
     finally:
