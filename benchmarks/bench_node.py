@@ -58,6 +58,10 @@ def main() -> int:
         help="jobs.engine_nice (default: the config's, 10): the engine's CPU priority below "
         "reception's",
     )
+    parser.add_argument(
+        "--receiver-processes",
+        help='listener.receiver_processes (default: the config\'s, "auto"; 0: in the node process)',
+    )
     parser.add_argument("--keep", type=Path, help="keep the work folder here")
     parser.add_argument(
         "--during-processing",
@@ -97,7 +101,18 @@ def main() -> int:
         config = dataclasses.replace(
             config, jobs=dataclasses.replace(config.jobs, engine_nice=args.engine_nice)
         )
-    print(f"engine {args.engine} on {args.device}, jobs.engine_nice = {config.jobs.engine_nice}")
+    if args.receiver_processes is not None:
+        value = args.receiver_processes
+        config = dataclasses.replace(
+            config,
+            listener=dataclasses.replace(
+                config.listener, receiver_processes=value if value == "auto" else int(value)
+            ),
+        )
+    print(
+        f"engine {args.engine} on {args.device}, jobs.engine_nice = {config.jobs.engine_nice}, "
+        f"listener.receiver_processes = {config.listener.receiver_processes!r}"
+    )
     node = Node(config)
     node.start()
     try:

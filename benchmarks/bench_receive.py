@@ -61,15 +61,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in
 from peer_support import dcmtk_env, orthanc_executable, start_orthanc
 from tests_support import free_port
 
-RECEIVERS = ("storescp", "orthanc", "pynetdicom", "node")
+RECEIVERS = ("storescp", "orthanc", "pynetdicom", "node", "node-inprocess")
+#: What a run measures unless --receivers says otherwise.
+DEFAULT_RECEIVERS = RECEIVERS[:4]
 LABELS = {
     "storescp": "DCMTK storescp (no fsync)",
     "orthanc": "Orthanc (fsync per file)",
     "pynetdicom": "pynetdicom handler + fsync",
     "node": "ltdiff-node",
+    "node-inprocess": "ltdiff-node, receiver_processes = 0",
 }
 #: Ratios printed under the table: (numerator, denominator).
-RATIOS = (("node", "orthanc"), ("node", "storescp"))
+RATIOS = (("node", "orthanc"), ("node", "storescp"), ("node-inprocess", "orthanc"))
 STARTUP_TIMEOUT_S = 120
 
 
@@ -91,8 +94,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--receivers",
         type=_receivers,
-        default=RECEIVERS,
-        help=f"comma-separated subset of {','.join(RECEIVERS)} (default: all)",
+        default=DEFAULT_RECEIVERS,
+        help=f"comma-separated subset of {','.join(RECEIVERS)} (default: "
+        f"{','.join(DEFAULT_RECEIVERS)}; node-inprocess: the node with its associations in the "
+        "node process, listener.receiver_processes = 0)",
     )
     parser.add_argument(
         "--associations",
@@ -101,12 +106,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated counts of concurrent associations (default: 1,4)",
     )
     parser.add_argument(
-        "--profile", type=Path, metavar="DIR", help="profile the node process, write under DIR"
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="profile the node process, write under DIR (its 1-association trials run with "
+        "receiver_processes = 0: the profile instruments the node process)",
     )
     parser.add_argument("--cprofile", action="store_true", help="with --profile: cProfile too")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it")
     # Internal: the pynetdicom and node receivers run this script in a child process.
-    parser.add_argument("--serve", choices=("pynetdicom", "node"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=("pynetdicom", "node", "node-inprocess"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is None and any(a > args.instances for a in args.associations):
@@ -297,8 +308,9 @@ def _start_child(kind: str, work: Path, profile: Path | None, cprofile: bool) ->
         stdin.close()  # the child stops its receiver and exits
         _terminate_after(proc, 60)
 
-    pattern = "*/*.dcm" if kind == "node" else "*.dcm"
-    root = folder / "spool" if kind == "node" else folder
+    node = kind.startswith("node")
+    pattern = "*/*.dcm" if node else "*.dcm"
+    root = folder / "spool" if node else folder
     return Running(int(line[1]), "LTDIFF", _files_in(root, pattern), stop)
 
 
@@ -315,6 +327,9 @@ STARTERS: dict[str, Callable[[Path, Path | None, bool], Running]] = {
     "orthanc": lambda work, _profile, _cprofile: start_orthanc_receiver(work),
     "pynetdicom": lambda work, _profile, _cprofile: _start_child("pynetdicom", work, None, False),
     "node": lambda work, profile, cprofile: _start_child("node", work, profile, cprofile),
+    "node-inprocess": lambda work, _profile, _cprofile: _start_child(
+        "node-inprocess", work, None, False
+    ),
 }
 
 
@@ -329,9 +344,14 @@ def _serve(kind: str, folder: Path, profile: Path | None, cprofile: bool) -> int
     finish = None
     if profile is not None:
         finish = receive_profile.install(profile, cprofile=cprofile)
-    if kind == "node":
+    if kind.startswith("node"):
         # No destination, and a stable age far beyond any trial: no series is ever processed.
-        node = Node(loopback_config(folder, None, stable_age_s=3600.0, poll_interval_s=1.0))
+        # The profile instruments this process: its node receives in-process when profiled.
+        inprocess = kind == "node-inprocess" or profile is not None
+        listener = {"receiver_processes": 0} if inprocess else {}
+        node = Node(
+            loopback_config(folder, None, stable_age_s=3600.0, poll_interval_s=1.0, **listener)
+        )
         node.start()
         port, stop = node.port, node.stop
     else:

@@ -458,16 +458,8 @@ def start_admission_server(
     thread and register the server with the AE (so `server.shutdown()` works). `on_rejected`
     hears every connection turned away before it is an association, with the peer's address and
     why (the metrics and the audit trail)."""
-    server = cast(
-        AdmissionServer,
-        ae.make_server(
-            address,
-            ssl_context=ssl_context,
-            evt_handlers=evt_handlers,
-            server_class=AdmissionServer,
-            policy=policy,
-            on_rejected=on_rejected,
-        ),
+    server = make_admission_server(
+        ae, address, policy, evt_handlers, ssl_context, on_rejected=on_rejected
     )
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(
@@ -477,3 +469,31 @@ def start_admission_server(
     thread.start()
     ae._servers.append(server)  # pynetdicom's own bookkeeping, as in start_server
     return server
+
+
+def make_admission_server(
+    ae: AE,
+    address: tuple[str, int],
+    policy: AdmissionPolicy,
+    evt_handlers: list[Any],
+    ssl_context: ssl.SSLContext | None,
+    *,
+    on_rejected: Callable[[RejectionReason, str, str], None] | None = None,
+    server_class: type[AdmissionServer] = AdmissionServer,
+    **kwargs: Any,
+) -> AdmissionServer:
+    """The server of `start_admission_server`, not yet serving; `server_class` may be a
+    subclass (dicom_node/receivers.py: the main process's dispatcher and the receiver
+    processes' servers, which create the Association from a handed-over connection)."""
+    return cast(
+        AdmissionServer,
+        ae.make_server(
+            address,
+            ssl_context=ssl_context,
+            evt_handlers=evt_handlers,
+            server_class=server_class,
+            policy=policy,
+            on_rejected=on_rejected,
+            **kwargs,
+        ),
+    )

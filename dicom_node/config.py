@@ -88,6 +88,10 @@ class ListenerConfig:
     # a connection must finish its TLS handshake and send its A-ASSOCIATE-RQ within this time
     association_request_timeout_s: float = 10.0
     max_pending_connections: int = 32  # connections not yet associated; more are closed at once
+    # Processes that run the associations (C-STORE into the spool), so that concurrent
+    # associations use several cores; the main process accepts and admits connections and hands
+    # each to the least busy one. "auto": the usable cores, at most 4; 0 or 1: in the main process.
+    receiver_processes: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,46 @@ def _plain(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Parsing: small typed readers that name the key on every error.
+
+
+#: The most receiver processes `listener.receiver_processes` may ask for.
+MAX_RECEIVER_PROCESSES = 64
+#: What "auto" gives at most: beyond it the shared disk and database, not the CPU, limit.
+AUTO_RECEIVER_PROCESSES_CAP = 4
+
+
+def receiver_process_count(setting: int | str, usable_cpus: int) -> int:
+    """How many receiver processes to run for `listener.receiver_processes` on a machine with
+    `usable_cpus` cores; 0 means the associations run in the main process (0 and 1 alike)."""
+    n = min(max(usable_cpus, 1), AUTO_RECEIVER_PROCESSES_CAP) if setting == "auto" else int(setting)
+    return 0 if n <= 1 else n
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. systemd's CPUAffinity=)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _receiver_processes(lt: _Table) -> int | str:
+    name = "receiver_processes"
+    if not lt.has(name):
+        return ListenerConfig.receiver_processes
+    value = lt.raw(name)
+    if value == "auto":
+        return "auto"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value <= MAX_RECEIVER_PROCESSES
+    ):
+        raise ConfigError(
+            f'{lt.key(name)} = {value!r}: expected "auto" or an integer from 0 to '
+            f"{MAX_RECEIVER_PROCESSES} (0 or 1: associations run in the main process)"
+        )
+    return value
 
 
 class _Table:
@@ -601,6 +645,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             "max_pending_connections", ListenerConfig.max_pending_connections, 1, 4096
         ),
         limits=_limits(lt.table("limits")),
+        receiver_processes=_receiver_processes(lt),
     )
     lt.reject_unknown()
 

@@ -136,6 +136,8 @@ class NodeMetrics:
 
     def __init__(self, routes: Sequence[RouteRule] = (), version: str = __version__) -> None:
         self.registry = CollectorRegistry()
+        # Called before each exposition: applies what receiver processes reported (receivers.py)
+        self.refresh: Callable[[], None] | None = None
         ProcessCollector(registry=self.registry)  # process_* : CPU, resident memory, open files
         Info("ltdiff_node_build", "The running ltdiff-node.", registry=self.registry).info(
             {"version": version}
@@ -221,6 +223,8 @@ class NodeMetrics:
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The registry in the text format the Accept header asks for (Prometheus text by
         default, OpenMetrics when asked): body and content type."""
+        if self.refresh is not None:
+            self.refresh()
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
@@ -257,11 +261,18 @@ class Probe:
 
 
 def probe_health(
-    *, listener_serving: bool, threads: Sequence[threading.Thread], database_path: Path
+    *,
+    listener_serving: bool,
+    threads: Sequence[threading.Thread],
+    database_path: Path,
+    receivers: str | None = None,
 ) -> Probe:
     """Healthy when the listener accepts connections, the database can be read and every
-    thread of the node (scheduler, engine workers, exporters) is running."""
+    thread of the node (scheduler, engine workers, exporters) is running; with receiver
+    processes, `receivers` is "ok" or what is wrong with them."""
     checks = {"listener": "ok" if listener_serving else "not accepting connections"}
+    if receivers is not None:
+        checks["receivers"] = receivers
     try:
         check_database(database_path)
         checks["database"] = "ok"

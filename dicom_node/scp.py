@@ -9,10 +9,14 @@ keeps its copy and retries.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import sqlite3
 import threading
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -153,6 +157,38 @@ def _describe(ds: Dataset) -> _Described:
     )
 
 
+class InstanceLocks:
+    """Copies of one SOP Instance received at once by several receiver processes: a POSIX
+    byte-range lock on one byte of a shared lock file, chosen by the SOP Instance UID's CRC.
+
+    POSIX record locks belong to the process, not the thread, so the caller holds the thread lock
+    of the same stripe first (`hold`): a byte is then only ever locked by one thread of a process
+    at a time. The lock goes with the process: a receiver that dies holds none. The file is
+    opened once per process (closing any descriptor of it would drop the process's locks).
+    """
+
+    #: Bytes of the file used as locks; a multiple of StoreHandler._STRIPES, so that one byte is
+    #: always under one thread stripe.
+    BYTES = 4096
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextmanager
+    def hold(self, thread_lock: threading.Lock, crc: int) -> Iterator[None]:
+        offset = crc % self.BYTES
+        with thread_lock:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, offset, os.SEEK_SET)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset, os.SEEK_SET)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class StoreHandler:
     """C-STORE: bound, validate, spool durably, record, answer. Called on association threads.
 
@@ -172,6 +208,8 @@ class StoreHandler:
         limits: ReceptionLimits,
         metrics: NodeMetrics | None = None,
         audit: AuditTrail | None = None,
+        *,
+        lock_path: Path | None = None,
     ) -> None:
         self.spool = spool
         self.store = store
@@ -179,9 +217,16 @@ class StoreHandler:
         self.metrics = metrics or NodeMetrics()
         self.audit = audit
         self._locks = [threading.Lock() for _ in range(self._STRIPES)]
+        # Receiver processes share the spool and database: their copies of one SOP Instance are
+        # serialized by a byte-range lock on this file as well (module InstanceLocks).
+        self._file_locks = None if lock_path is None else InstanceLocks(lock_path)
 
-    def _lock_for(self, sop_uid: str) -> threading.Lock:
-        return self._locks[zlib.crc32(sop_uid.encode("ascii")) % self._STRIPES]
+    def _lock_for(self, sop_uid: str) -> AbstractContextManager[object]:
+        crc = zlib.crc32(sop_uid.encode("ascii"))
+        lock = self._locks[crc % self._STRIPES]
+        if self._file_locks is None:
+            return lock
+        return self._file_locks.hold(lock, crc)
 
     def __call__(self, event: evt.Event) -> int:
         request = cast(C_STORE, event.request)
@@ -343,8 +388,8 @@ class StoreHandler:
         return statuses.SUCCESS
 
 
-def build_ae(cfg: ListenerConfig) -> AE:
-    ae = AE(ae_title=cfg.ae_title)
+def build_ae(cfg: ListenerConfig, ae_class: type[AE] = AE) -> AE:
+    ae = ae_class(ae_title=cfg.ae_title)
     ae.maximum_associations = cfg.max_associations
     ae.network_timeout = cfg.network_timeout_s
     ae.acse_timeout = 30
@@ -380,22 +425,7 @@ def start_listener(
     """
     metrics = metrics or NodeMetrics()
     ae = build_ae(cfg)
-
-    def rejected(event: evt.Event) -> None:
-        _log_rejected(event, metrics, audit)
-
-    def refused(reason: RejectionReason, address: str, detail: str) -> None:
-        metrics.association_rejected(reason)
-        if audit is not None:
-            audit.association_rejected(reason, address, detail=detail)
-
-    handlers: list[Any] = [
-        (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
-        (evt.EVT_C_STORE, StoreHandler(spool, store, cfg.limits, metrics, audit)),
-        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-        (evt.EVT_CONN_OPEN, dimse_guard.install),  # answer or abort malformed requests
-        (evt.EVT_REJECTED, rejected),
-    ]
+    handlers, refused = reception_handlers(cfg, spool, store, metrics, audit)
     ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None
     return start_admission_server(
         ae,
@@ -405,6 +435,49 @@ def start_listener(
         ssl_context=ssl_context,
         on_rejected=refused,
     )
+
+
+def reception_handlers(
+    cfg: ListenerConfig,
+    spool: Spool,
+    store: JobStore,
+    metrics: NodeMetrics,
+    audit: AuditTrail | None,
+    *,
+    lock_path: Path | None = None,
+) -> tuple[list[Any], Callable[[RejectionReason, str, str], None]]:
+    """The association event handlers of the listener, and the hook admission calls for a
+    connection it turns away; the same in the main process and in a receiver process (where
+    `metrics` and `audit` forward to the main process, and `lock_path` names the file whose
+    byte-range locks serialize copies of one instance across processes)."""
+
+    def rejected(event: evt.Event) -> None:
+        _log_rejected(event, metrics, audit)
+
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
+        (
+            evt.EVT_C_STORE,
+            StoreHandler(spool, store, cfg.limits, metrics, audit, lock_path=lock_path),
+        ),
+        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, dimse_guard.install),  # answer or abort malformed requests
+        (evt.EVT_REJECTED, rejected),
+    ]
+    return handlers, rejection_hook(metrics, audit)
+
+
+def rejection_hook(
+    metrics: NodeMetrics, audit: AuditTrail | None
+) -> Callable[[RejectionReason, str, str], None]:
+    """What admission calls for a connection it turns away: counted, and audited."""
+
+    def refused(reason: RejectionReason, address: str, detail: str) -> None:
+        metrics.association_rejected(reason)
+        if audit is not None:
+            audit.association_rejected(reason, address, detail=detail)
+
+    return refused
 
 
 def _log_rejected(event: evt.Event, metrics: NodeMetrics, audit: AuditTrail | None) -> None:

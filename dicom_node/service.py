@@ -32,7 +32,7 @@ from typing import Any
 
 from dicom_node.assembly import ready_series
 from dicom_node.audit.trail import AuditTrail
-from dicom_node.config import NodeConfig, UnmatchedAction
+from dicom_node.config import NodeConfig, UnmatchedAction, receiver_process_count, usable_cpus
 from dicom_node.engine_host import ENVELOPE_LOG_KEYS
 from dicom_node.export import Exporter
 from dicom_node.logs import get_logger
@@ -45,6 +45,7 @@ from dicom_node.metrics import (
     probe_health,
     probe_readiness,
 )
+from dicom_node.receivers import DispatchingServer, start_receiver_listener
 from dicom_node.routing import decide
 from dicom_node.scp import start_listener
 from dicom_node.spool import Spool
@@ -166,14 +167,26 @@ class Node:
         try:
             for worker in workers:
                 worker.start_engine()
-            self.server = start_listener(
-                self.config.listener, self.spool, self.store, self.metrics, self.audit
+            receivers = receiver_process_count(
+                self.config.listener.receiver_processes, usable_cpus()
             )
+            if receivers:  # the associations run in receiver processes (receivers.py)
+                self.server = start_receiver_listener(
+                    self.config, receivers, self.metrics, self.audit
+                )
+                self.metrics.refresh = self.server.drain
+            else:
+                self.server = start_listener(
+                    self.config.listener, self.spool, self.store, self.metrics, self.audit
+                )
         except BaseException:  # bad weights, port in use, ...: leave nothing running
             for worker in workers:
                 worker.engine.close()
             self.store.close()
             raise
+        # A series still receiving gets its fresh stable-age window from when senders can
+        # reach the node again, not from when start-up began (receivers take a while to start).
+        self.started_at = time.time()
         self.threads.append(
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True)
         )
@@ -249,6 +262,9 @@ class Node:
             listener_serving=self._listener_serving(),
             threads=list(self.threads),
             database_path=self.config.database_path,
+            receivers=self.server.pool.health
+            if isinstance(self.server, DispatchingServer)
+            else None,
         )
 
     def readiness(self) -> Probe:
@@ -287,7 +303,9 @@ class Node:
             self.scheduler_wake.clear()
 
     def schedule_once(self, now: float) -> None:
-        receiving = self.store.receiving_series()
+        # Stopping closes no series: one interrupted by the stop gets its fresh window after the
+        # restart (stopping the listener and its receiver processes takes a moment).
+        receiving = [] if self.phase is Phase.STOPPING else self.store.receiving_series()
         for ready in ready_series(receiving, now, self.config.assembly, self.started_at):
             self._route(ready.series, ready.why, now)
         self._run_forward_jobs()
@@ -356,6 +374,8 @@ class Node:
                 **common,
             )
         if self.audit is not None:  # where the node decided the series is complete
+            if isinstance(self.server, DispatchingServer):
+                self.server.drain()  # the receivers' audit records of what the database holds
             self.audit.series_complete(series_uid)
 
     def _run_forward_jobs(self) -> None:

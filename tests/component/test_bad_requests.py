@@ -252,6 +252,12 @@ def test_unanswerable_request_is_aborted_cleanly_and_the_node_keeps_serving(
         assert scu.abort_source == 2, "aborted by the service provider (the node's DUL)"
     finally:
         scu.close()
+    # a receiver process's log lines reach the node process just after the A-ABORT
+    wait_until(
+        lambda: any(e.get("event") == "dimse.request_aborted" for e in events),
+        TIMEOUT,
+        "dimse.request_aborted",
+    )
     aborts = [e for e in events if e.get("event") == "dimse.request_aborted"]
     assert len(aborts) == 1, events
     assert aborts[0]["reason"].startswith(reason), aborts[0]

@@ -175,7 +175,7 @@ def test_a_failure_after_the_spool_write_removes_the_file_and_answers_out_of_res
 ):
     """Defect 9: an exception after the spool write returned a generic failure and left a file
     no record pointed to."""
-    node = start_node()
+    node = start_node(receiver_processes=0)  # the fault is injected into this process's store
     (path,) = write_series(tmp_path / "one", n_slices=1, size=32, uid_seed="orphan")
     ds = dcmread(path)
 

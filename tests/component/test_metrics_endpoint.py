@@ -25,6 +25,7 @@ from dicom_node.cli import EXIT_CONFIG, main
 from dicom_node.config import ConfigError, DestinationConfig, MetricsConfig
 from dicom_node.export import send_paths
 from dicom_node.phantom import PATIENT_ID, PATIENT_NAME, generate_phantom_series
+from dicom_node.receivers import DispatchingServer
 from dicom_node.service import Node
 from dicom_node.worker import EngineWorker
 
@@ -58,6 +59,11 @@ def _scrape(node: Node) -> tuple[str, Samples]:
     status, body = _get(node.metrics_server.url)
     assert status == 200, body
     return body.decode(), _samples(body.decode())
+
+
+def _receivers(node: Node) -> dict[str, str]:
+    """The check /healthz adds when the associations run in receiver processes."""
+    return {"receivers": "ok"} if isinstance(node.server, DispatchingServer) else {}
 
 
 def _to(node: Node) -> DestinationConfig:
@@ -106,7 +112,10 @@ def test_a_phantom_series_shows_in_metrics_with_its_engine_and_no_patient_data(
 
     assert _probe(node, "/healthz") == (
         200,
-        {"status": "ok", "checks": {"listener": "ok", "database": "ok", "threads": "ok"}},
+        {
+            "status": "ok",
+            "checks": {"listener": "ok", "database": "ok", "threads": "ok", **_receivers(node)},
+        },
     )
     assert _probe(node, "/readyz")[0] == 200
 
@@ -153,6 +162,7 @@ def test_healthz_is_503_with_the_reason_when_the_database_or_a_worker_thread_is_
         "listener": "ok",
         "database": "ok",
         "threads": f"not running: {worker.name}",
+        **_receivers(node),
     }
     assert _scrape(node)[1]["ltdiff_node_healthy", ()] == 0
     assert _probe(node, "/readyz")[0] == 200, "reception still works: the node is ready"

@@ -115,6 +115,6 @@ def test_unwritable_spool_answers_out_of_resources_and_sender_keeps_its_copy(sta
 
 
 def test_low_disk_space_answers_out_of_resources(start_node):
-    node = start_node()
+    node = start_node(receiver_processes=0)  # the limit is changed in this process's spool
     node.spool.min_free_bytes = 1 << 62
     assert _store_one(node, make_ct_dataset(uid_seed="full-disk")) == statuses.OUT_OF_RESOURCES

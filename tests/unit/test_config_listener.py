@@ -9,7 +9,7 @@ import pytest
 from listener_support import encrypt_key, self_signed
 
 from dicom_node.cli import EXIT_CONFIG, main
-from dicom_node.config import ConfigError, check_runtime, parse_config
+from dicom_node.config import ConfigError, check_runtime, parse_config, receiver_process_count
 
 
 def _listener(**kw):
@@ -163,3 +163,31 @@ def test_check_config_and_serve_exit_78_on_a_mismatched_key(tmp_path, pair, open
     assert main(["check-config", "-c", str(cfg)]) == EXIT_CONFIG
     assert "listener.tls.private_key" in capsys.readouterr().err
     assert main(["serve", "-c", str(cfg)]) == EXIT_CONFIG
+
+
+def test_receiver_processes_default_to_auto_and_accept_a_count():
+    assert _listener().receiver_processes == "auto"
+    assert _listener(receiver_processes="auto").receiver_processes == "auto"
+    assert _listener(receiver_processes=0).receiver_processes == 0
+    assert _listener(receiver_processes=3).receiver_processes == 3
+
+
+@pytest.mark.parametrize("value", [-1, 65, "four", "AUTO", True, 2.0])
+def test_receiver_processes_out_of_range_or_not_a_count_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"listener\.receiver_processes = .*expected \"auto\""):
+        _listener(receiver_processes=value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpus", "expected"),
+    [
+        ("auto", 1, 0),  # one core: the associations stay in the main process
+        ("auto", 2, 2),
+        ("auto", 16, 4),  # capped: beyond it the disk and the database limit, not the CPU
+        (0, 8, 0),
+        (1, 8, 0),  # one receiver process would only add a hop
+        (3, 1, 3),  # an explicit count is taken as it is
+    ],
+)
+def test_receiver_process_count_resolves_auto_to_the_usable_cores_capped(setting, cpus, expected):
+    assert receiver_process_count(setting, cpus) == expected
