@@ -203,7 +203,7 @@ class GuardedDIMSEProvider(DIMSEServiceProvider):
         if refusal is not None:
             return refusal
         try:  # what check_request does not look at: let pynetdicom's own conversion judge
-            message.message_to_primitive()
+            converted = message.message_to_primitive()
         except Exception as exc:  # noqa: BLE001 - any rejection of a command element
             field = message.command_set.CommandField  # converted by decode_msg already
             return Refusal(
@@ -212,6 +212,8 @@ class GuardedDIMSEProvider(DIMSEServiceProvider):
                 _message_id(message.command_set),
                 field,
             )
+        # pynetdicom's receive_primitive converts the message again: hand it this conversion
+        message.message_to_primitive = lambda: converted  # type: ignore[method-assign]
         return None
 
     def _answer(self, refusal: Refusal, context_id: int) -> None:

@@ -121,6 +121,32 @@ def test_accepted_associations_are_event_driven_and_serve_echo_and_store(serve):
     assert type(scu.dul) is DULServiceProvider
 
 
+def test_a_guarded_store_request_is_converted_to_a_primitive_once(serve, monkeypatch):
+    """dimse_guard converts each request to judge it; pynetdicom gets that conversion instead
+    of converting the message a second time (about 0.3 ms an instance)."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    conversions: list[int] = []
+    convert = DIMSEMessage.message_to_primitive
+
+    def counted(self: Any) -> Any:
+        if self.command_set.CommandField == dimse_guard.C_STORE_RQ:  # not the SCU's responses
+            conversions.append(1)
+        return convert(self)
+
+    monkeypatch.setattr(DIMSEMessage, "message_to_primitive", counted)
+    server, served = serve()
+    scu = _associate(server)
+    try:
+        for i in range(1, 4):
+            ds = make_ct_dataset(rows=64, cols=64, instance_number=i)
+            assert scu.send_c_store(ds).Status == 0x0000
+    finally:
+        scu.release()
+    assert len(served.stored) == 3
+    assert len(conversions) == 3
+
+
 def test_an_idle_association_waits_instead_of_polling(serve, monkeypatch):
     """pynetdicom's loops run about 1000 passes a second each while idle; the event-driven
     ones one pass per WAIT_BOUND_S at most (fewer on a busy machine, never more)."""
