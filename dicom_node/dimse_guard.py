@@ -213,7 +213,7 @@ class GuardedDIMSEProvider(DIMSEServiceProvider):
                 field,
             )
         # pynetdicom's receive_primitive converts the message again: hand it this conversion
-        message.message_to_primitive = lambda: converted  # type: ignore[method-assign]
+        message.message_to_primitive = lambda: converted
         return None
 
     def _answer(self, refusal: Refusal, context_id: int) -> None:
