@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_receive import PeerMissingError, Running, _terminate, send, start_orthanc_receiver
+from pydicom import dcmread
 
 from dicom_node.config import AssemblyConfig
 from dicom_node.demo import loopback_config
@@ -145,7 +146,8 @@ def start_node(
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             _terminate(proc)
-            raise RuntimeError(f"the node did not start: {(folder / 'node.log').read_text()[-2000:]}")
+            log = (folder / "node.log").read_text()[-2000:]
+            raise RuntimeError(f"the node did not start: {log}")
         time.sleep(0.05)
     return NodeChild(int(port_file.read_text()), folder, proc)
 
@@ -265,8 +267,6 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, poll: float 
 
 
 def _series_uid(path: Path) -> str:
-    from pydicom import dcmread
-
     return str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
 
 
@@ -338,6 +338,7 @@ def during_processing_trial(
     storescu: str,
     first: Sequence[Path],
     second: Sequence[Path],
+    *,
     work: Path,
     args: argparse.Namespace,
     pythonpath: Path | None,
@@ -407,9 +408,7 @@ def report(
     for name, value in rows:
         cells = [_stats([value(t) for t in trials[label]]) for label in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    ratios = [
-        _stats([t.marks.export_s / t.storescu_s for t in trials[label]]) for label in labels
-    ]
+    ratios = [_stats([t.marks.export_s / t.storescu_s for t in trials[label]]) for label in labels]
     lines.append("| node export / storescu | " + " | ".join(ratios) + " |")
     for label, runs in during.items():
         if not runs:
@@ -508,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 folder = work / f"trial-{trial}"
                 try:
                     busy = during_processing_trial(
-                        storescu, files, second, folder, args, pythonpath
+                        storescu, files, second, work=folder, args=args, pythonpath=pythonpath
                     )
                 except (TrialError, RuntimeError) as exc:
                     print(f"{label} run {repeat + 1} (during): FAILED: {exc}", file=sys.stderr)

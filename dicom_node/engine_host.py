@@ -91,7 +91,8 @@ class EngineJob:
 class EngineResult:
     """The derived series is in the outbox."""
 
-    outputs: tuple[tuple[str, str, str], ...]  # (SOP Instance UID, SOP Class UID, path)
+    #: (SOP Instance UID, SOP Class UID, path, transfer syntax the file was written in)
+    outputs: tuple[tuple[str, str, str, str], ...]
     derived_series_uid: str
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -217,7 +218,7 @@ def run_job(
             log.error("job.engine_error", job=job.job_id, exc_info=True)
         return EngineFailure(FailureKind.INPUT, safe_error_text(exc))
     outputs = tuple(
-        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(p))
+        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(p), str(ds.file_meta.TransferSyntaxUID))
         for ds, p in zip(result.datasets, written, strict=True)
     )
     ran = result.identity

@@ -33,7 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Statements that bring a database of schema N to N + 1 (run in order, in one transaction).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -42,6 +42,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN not_before REAL",
         "ALTER TABLE jobs ADD COLUMN waiting TEXT",
     ),
+    # The transfer syntax of each outbox file, recorded when it is written (NULL: read it from
+    # the file when it is sent, as for rows queued by an older version).
+    2: ("ALTER TABLE exports ADD COLUMN transfer_syntax TEXT",),
 }
 
 _SCHEMA = """
@@ -108,6 +111,7 @@ CREATE TABLE IF NOT EXISTS exports (
     next_attempt  REAL NOT NULL,
     last_error    TEXT,
     sent_at       REAL,
+    transfer_syntax TEXT,
     UNIQUE(job_id, destination, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS exports_due ON exports(destination, state, next_attempt);
@@ -223,6 +227,13 @@ class ExportRow:
     sop_class_uid: str
     path: Path
     attempts: int
+    #: The file's transfer syntax as recorded when it was written; None: not recorded (read it
+    #: from the file).
+    transfer_syntax: str | None = None
+
+
+#: Told the destination names that have new exports due (after the commit).
+ExportsQueuedListener = Callable[[Sequence[str]], None]
 
 
 class ReceiveOutcome(StrEnum):
@@ -244,6 +255,7 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._finished_in_tx: list[JobFinished] = []
+        self._exports_queued: list[ExportsQueuedListener] = []
         self._conn = sqlite3.connect(
             str(path), timeout=30.0, check_same_thread=False, isolation_level=None
         )
@@ -427,6 +439,13 @@ class JobStore:
         )
         return [(r["sop_uid"], r["sop_class_uid"], Path(r["path"])) for r in rows]
 
+    def transfer_syntaxes(self, series_uid: str) -> dict[str, str]:
+        """SOP Instance UID -> transfer syntax of the series' stored instances."""
+        rows = self._query(
+            "SELECT sop_uid, transfer_syntax FROM instances WHERE series_uid=?", (series_uid,)
+        )
+        return {r["sop_uid"]: r["transfer_syntax"] for r in rows}
+
     def complete_series(
         self,
         series_uid: str,
@@ -510,18 +529,33 @@ class JobStore:
         *,
         derived_series_uid: str | None,
         summary: Mapping[str, Any],
+        transfer_syntaxes: Mapping[str, str] | None = None,
         now: float | None = None,
     ) -> JobState:
-        """Record a processed job's output files and queue them per destination."""
+        """Record a processed job's output files and queue them per destination.
+
+        `transfer_syntaxes`: SOP Instance UID -> the transfer syntax its file was written in, so
+        that the exporter sends the file's bytes without reading its header first. The
+        destinations' exporters are told after the commit (`on_exports_queued`)."""
         now = time.time() if now is None else now
         state = JobState.EXPORTING if destinations and outputs else JobState.DONE
+        syntaxes = transfer_syntaxes or {}
         with self._tx() as c:
             for dest in destinations:
                 c.executemany(
                     "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
-                    "path, state, next_attempt) VALUES(?,?,?,?,?,?,?)",
+                    "path, state, next_attempt, transfer_syntax) VALUES(?,?,?,?,?,?,?,?)",
                     [
-                        (job_id, dest, sop, cls, str(p), ExportState.PENDING.value, now)
+                        (
+                            job_id,
+                            dest,
+                            sop,
+                            cls,
+                            str(p),
+                            ExportState.PENDING.value,
+                            now,
+                            syntaxes.get(sop),
+                        )
                         for sop, cls, p in outputs
                     ],
                 )
@@ -539,7 +573,23 @@ class JobStore:
             )
             if state is JobState.DONE:
                 self._finish(c, job_id, JobState.DONE, None, now)
+        if state is JobState.EXPORTING:
+            self._announce_exports(destinations)
         return state
+
+    def on_exports_queued(self, listener: ExportsQueuedListener) -> None:
+        """Call `listener(destination names)` whenever a job's output is queued for export,
+        after the commit: an exporter waits on this
+        rather than on its idle poll. (`retry_job` runs in the CLI's process: the exporter
+        finds those on its next poll.)"""
+        self._exports_queued.append(listener)
+
+    def _announce_exports(self, destinations: Sequence[str]) -> None:
+        for listener in self._exports_queued:
+            try:
+                listener(destinations)
+            except Exception:  # a listener's failure must not undo a committed transition
+                logging.getLogger(__name__).exception("store.listener_failed")
 
     def fail_job(
         self,
@@ -680,6 +730,7 @@ class JobStore:
                 r["sop_class_uid"],
                 Path(r["path"]),
                 r["attempts"],
+                r["transfer_syntax"],
             )
             for r in rows
         ]

@@ -82,6 +82,7 @@ def forward_job(job: JobRow, store: JobStore) -> JobState:
         job.id,
         outputs,
         job.destinations,
+        transfer_syntaxes=store.transfer_syntaxes(job.series_uid),
         derived_series_uid=None,
         summary={"slices_in": len(outputs), "slices_out": len(outputs), "forwarded": True},
     )
@@ -225,12 +226,13 @@ class EngineWorker(threading.Thread):
                 self.metrics.outside_envelope(job.rule, job.engine, str(outside["outcome"]))
         if isinstance(outcome, EngineResult):
             self.metrics.engine_processed(outcome.summary)
-            outputs = [(sop, cls, Path(p)) for sop, cls, p in outcome.outputs]
+            outputs = [(sop, cls, Path(p)) for sop, cls, p, _ in outcome.outputs]
             state = self._db(
                 lambda: self.store.start_export(
                     job.id,
                     outputs,
                     job.destinations,
+                    transfer_syntaxes={sop: ts for sop, _, _, ts in outcome.outputs},
                     derived_series_uid=outcome.derived_series_uid,
                     summary=outcome.summary,
                 )
