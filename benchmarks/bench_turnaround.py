@@ -28,7 +28,8 @@ as a ratio to the first series' (idle) rate in the same trial.
 e.g. `git archive COMMIT | tar -x -C DIR`), interleaved, so before/after is one run.
 
 Usage: python benchmarks/bench_turnaround.py [--slices 300] [--repeats 3] [--stable-age 1.0]
-       [--poll-interval S] [--no-during-processing] [--baseline DIR] [--keep DIR]
+       [--poll-interval S] [--engine-nice N] [--no-during-processing] [--baseline DIR]
+       [--keep DIR]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from bench_receive import PeerMissingError, Running, _terminate, send, start_orthanc_receiver
 from pydicom import dcmread
@@ -83,7 +84,13 @@ STAGES = (
 # ---- the node child (--serve) ------------------------------------------------------------------
 
 
-def _serve(folder: Path, orthanc_port: int, stable_age_s: float, poll_s: float | None) -> int:
+def _serve(
+    folder: Path,
+    orthanc_port: int,
+    stable_age_s: float,
+    poll_s: float | None,
+    engine_nice: int | None,
+) -> int:
     """Run a node until stdin closes; write its port to `folder/port` once it listens."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     configure_logging("json", "info")
@@ -94,6 +101,10 @@ def _serve(folder: Path, orthanc_port: int, stable_age_s: float, poll_s: float |
         poll_interval_s=AssemblyConfig.poll_interval_s if poll_s is None else poll_s,
     )
     config = dataclasses.replace(config, log_format="json", log_level="info")
+    if engine_nice is not None:
+        config = dataclasses.replace(
+            config, jobs=dataclasses.replace(config.jobs, engine_nice=engine_nice)
+        )
     node = Node(config)
     node.start()
     (folder / "port.tmp").write_text(str(node.port))
@@ -136,6 +147,8 @@ def start_node(
     argv += ["--orthanc-port", str(orthanc_port), "--stable-age", str(args.stable_age)]
     if args.poll_interval is not None:
         argv += ["--poll-interval", str(args.poll_interval)]
+    if args.engine_nice is not None:
+        argv += ["--engine-nice", str(args.engine_nice)]
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
@@ -441,6 +454,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"assembly.poll_interval_s (default: the shipped {AssemblyConfig.poll_interval_s})",
     )
     parser.add_argument(
+        "--engine-nice",
+        type=int,
+        help="jobs.engine_nice (default: the config's, 10); 0 on a machine busy with other "
+        "work, where a niced engine waits for it",
+    )
+    parser.add_argument(
         "--no-during-processing",
         dest="during",
         action="store_false",
@@ -455,10 +474,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _on_sigterm(_signum: int, _frame: object) -> NoReturn:
+    raise SystemExit(143)  # unwinds the finally blocks: peers stopped, work folder removed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve is not None:
-        return _serve(args.serve, args.orthanc_port, args.stable_age, args.poll_interval)
+        return _serve(
+            args.serve, args.orthanc_port, args.stable_age, args.poll_interval, args.engine_nice
+        )
+    signal.signal(signal.SIGTERM, _on_sigterm)
     storescu = shutil.which("storescu")
     if storescu is None:
         print("storescu (DCMTK) is needed to send: apt-get install dcmtk", file=sys.stderr)
