@@ -153,7 +153,10 @@ def start_node(
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
     with (folder / "node.log").open("wb") as sink:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sink, stderr=sink, env=env)
+        # cwd: the engine processes (multiprocessing forkserver, `python -c`) have it on sys.path
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=sink, stderr=sink, env=env, cwd=pythonpath or folder
+        )
     port_file = folder / "port"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not port_file.exists():
