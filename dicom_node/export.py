@@ -243,19 +243,18 @@ class Link:
 
 
 def open_link(dest: DestinationConfig, calling_ae: str, needs: dict[str, list[str]]) -> Link | str:
-    """An association offering, per SOP class, each needed transfer syntax in a context of its
-    own (so that a file goes out as it is encoded wherever the peer accepts that syntax) and one
-    context with the little endian syntaxes pynetdicom can convert to. Returns why not, on
-    failure."""
+    """An association with one presentation context per SOP class (at most 128) proposing the
+    files' own transfer syntaxes first, then the little endian syntaxes pynetdicom can convert
+    to (docs/CONFORMANCE.md, table 4.2-10). Returns why not, on failure."""
     ae = _new_ae(dest, calling_ae)
     offered: dict[str, list[str]] = {}
-    for sop_class, tss in list(needs.items())[: MAX_CONTEXTS // 2]:
+    for sop_class, tss in list(needs.items())[:MAX_CONTEXTS]:
+        proposed = list(tss)
+        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if fallback not in proposed:
+                proposed.append(fallback)
+        ae.add_requested_context(sop_class, proposed)
         offered[sop_class] = list(tss)
-        for ts in tss:
-            ae.add_requested_context(sop_class, [ts])
-        fallbacks = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        if len(ae.requested_contexts) < MAX_CONTEXTS:
-            ae.add_requested_context(sop_class, fallbacks)
     tls = (make_ssl_context(dest.tls, server_side=False), dest.host) if dest.tls.enabled else None
     try:
         assoc = ae.associate(
