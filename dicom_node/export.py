@@ -277,8 +277,9 @@ class HeldAssociation:
     reuse across jobs) until it has been idle `close_delay_s`, then released. 0 closes it after
     every batch. One that the peer closed meanwhile is noticed before it is used again."""
 
-    def __init__(self, close_delay_s: float) -> None:
+    def __init__(self, close_delay_s: float, destination: str = "") -> None:
         self.close_delay_s = close_delay_s
+        self.destination = destination
         self.link: Link | None = None
         self.idle_since = 0.0
 
@@ -293,7 +294,11 @@ class HeldAssociation:
         if link.alive:
             link.close()
         else:
-            log.info("export.association_closed_by_peer", idle_s=self._idle_s())
+            log.info(
+                "export.association_closed_by_peer",
+                destination=self.destination,
+                idle_s=self._idle_s(),
+            )
         return None
 
     def keep(self, link: Link) -> None:
@@ -562,7 +567,7 @@ class Exporter(threading.Thread):
         self.on_settled = on_settled
         self.batch_size = batch_size
         self.idle_poll_s = idle_poll_s
-        self.held = HeldAssociation(dest.association_close_delay_s)
+        self.held = HeldAssociation(dest.association_close_delay_s, dest.name)
         # A job's output queued for this destination wakes the exporter at once.
         store.on_exports_queued(self._on_exports_queued)
 
