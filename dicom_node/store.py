@@ -577,6 +577,59 @@ class JobStore:
             self._announce_exports(destinations)
         return state
 
+    def queue_outputs(
+        self,
+        job_id: int,
+        outputs: Sequence[tuple[str, str, Path]],
+        destinations: Sequence[str],
+        *,
+        transfer_syntaxes: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Queue the export of output files a job still processing has already written, so the
+        exporter sends them while the rest is written; `start_export` queues the rest and moves
+        the job on. Does nothing (False) unless the job is processing. If the job then does not
+        finish (crash, failure, stop), its pending exports are withdrawn (`_withdraw_exports`)
+        and what the destination confirmed stays sent."""
+        now = time.time() if now is None else now
+        syntaxes = transfer_syntaxes or {}
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["state"] != JobState.PROCESSING.value:
+                return False
+            for dest in destinations:
+                c.executemany(
+                    "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
+                    "path, state, next_attempt, transfer_syntax) VALUES(?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            job_id,
+                            dest,
+                            sop,
+                            cls,
+                            str(p),
+                            ExportState.PENDING.value,
+                            now,
+                            syntaxes.get(sop),
+                        )
+                        for sop, cls, p in outputs
+                    ],
+                )
+        if destinations and outputs:
+            self._announce_exports(destinations)
+        return True
+
+    @staticmethod
+    def _withdraw_exports(c: sqlite3.Connection, job_id: int) -> None:
+        """A processing job that does not finish now: the exports of output it had already
+        written (`queue_outputs`) and that are still pending are withdrawn; a rerun queues its
+        output again, and instances the destination confirmed stay sent (the rerun writes the
+        same UIDs)."""
+        c.execute(
+            "DELETE FROM exports WHERE job_id=? AND state=?",
+            (job_id, ExportState.PENDING.value),
+        )
+
     def on_exports_queued(self, listener: ExportsQueuedListener) -> None:
         """Call `listener(destination names)` whenever a job's output is queued for export,
         after the commit: an exporter waits on this
@@ -603,6 +656,7 @@ class JobStore:
         replaces the job's summary for the canonical line."""
         now = time.time() if now is None else now
         with self._tx() as c:
+            self._withdraw_exports(c, job_id)
             if summary:
                 c.execute(
                     "UPDATE jobs SET summary_json=? WHERE id=?",
@@ -613,6 +667,7 @@ class JobStore:
     def _count_crash(
         self, c: sqlite3.Connection, job_id: int, reason: str, max_attempts: int, now: float
     ) -> JobState:
+        self._withdraw_exports(c, job_id)
         row = c.execute("SELECT crashes FROM jobs WHERE id=?", (job_id,)).fetchone()
         crashes = int(row["crashes"]) + 1
         c.execute("UPDATE jobs SET crashes=? WHERE id=?", (crashes, job_id))
@@ -666,10 +721,12 @@ class JobStore:
         """A clean stop interrupted the job: queue it again without counting an attempt."""
         now = time.time() if now is None else now
         with self._tx() as c:
-            c.execute(
+            released = c.execute(
                 "UPDATE jobs SET state=?, worker=NULL, updated_at=? WHERE id=? AND state=?",
                 (JobState.QUEUED.value, now, job_id, JobState.PROCESSING.value),
-            )
+            ).rowcount
+            if released:
+                self._withdraw_exports(c, job_id)
 
     def defer_job(
         self, job_id: int, reason: str, not_before: float, now: float | None = None
@@ -678,6 +735,7 @@ class JobStore:
         `not_before`, with the reason shown by `status`."""
         now = time.time() if now is None else now
         with self._tx() as c:
+            self._withdraw_exports(c, job_id)
             c.execute(
                 "UPDATE jobs SET state=?, worker=NULL, updated_at=?, not_before=?, waiting=? "
                 "WHERE id=?",
@@ -785,6 +843,9 @@ class JobStore:
         )
         if not rows or any(r["state"] == ExportState.PENDING.value for r in rows):
             return None
+        job = self._query("SELECT state FROM jobs WHERE id=?", (job_id,))
+        if job and job[0]["state"] == JobState.PROCESSING.value:
+            return None  # the output is still being written (queue_outputs): not the total
         sent = {r["sop_class_uid"]: r["n"] for r in rows if r["state"] == ExportState.SENT.value}
         dead = [r for r in rows if r["state"] == ExportState.DEAD.value]
         return ExportTotals(

@@ -40,6 +40,7 @@ from dicom_node.engine_host import (
     EngineProcess,
     EngineResult,
     FailureKind,
+    OutputFile,
     outside_envelope_fields,
 )
 from dicom_node.logs import get_logger
@@ -208,13 +209,30 @@ class EngineWorker(threading.Thread):
             fallback_engine=None if route is None else route.fallback_engine,
         )
         try:
-            outcome: EngineOutcome = self.engine.run(request, self.stop_event)
+            outcome: EngineOutcome = self.engine.run(
+                request, self.stop_event, on_written=lambda chunk: self._queue_early(job, chunk)
+            )
         except EngineError as exc:
             log.error("worker.engine_unavailable", worker=self.name, job=job.id, reason=str(exc))
             self._db(lambda: self.store.release_job(job.id))
             self.stop_event.wait(_ENGINE_RESTART_BACKOFF_S)
             return
         self._settle(job, outcome)
+
+    def _queue_early(self, job: JobRow, chunk: tuple[OutputFile, ...]) -> None:
+        """Queue the export of output already written while the engine process writes the
+        rest. Best effort: whatever is not queued here is queued with the result."""
+        if not job.destinations:
+            return
+        try:
+            self.store.queue_outputs(
+                job.id,
+                [(sop, cls, Path(p)) for sop, cls, p, _ in chunk],
+                job.destinations,
+                transfer_syntaxes={sop: ts for sop, _, _, ts in chunk},
+            )
+        except sqlite3.Error as exc:
+            log.warning("worker.early_export_not_queued", job=job.id, error=str(exc))
 
     def _settle(self, job: JobRow, outcome: EngineOutcome) -> None:
         context = {"job": job.id, "series_uid": job.series_uid, "worker": self.name}
