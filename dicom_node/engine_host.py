@@ -2,7 +2,8 @@
 
 Each engine worker (one per configured device) owns one long-lived child process, the *engine
 process*. The child loads the engines once and runs jobs one at a time: read and decode the
-series, run the engine, build the derived series, write it to the outbox. The parent (the
+series, run the engine, build the derived series, write it to the outbox (in chunks, each
+reported to the parent once durable, so its export can start: EngineProgress). The parent (the
 worker thread in the node) sends a job over a pipe and waits for the answer, watching the child:
 
 - its resident memory (`jobs.memory_max_mb`): above the limit the child is killed;

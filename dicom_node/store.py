@@ -11,6 +11,9 @@ it is not claimed), or when its engine process died (`record_crash`); a job whos
 died, or that was interrupted by a crash of the node, `max_attempts` times ends failed.
 Series states: receiving -> complete | discarded.
 Export states: pending -> sent | dead (dead letter after the destination's max_attempts).
+Exports are queued when a job's output is written (`start_export`), the first chunks already
+while it is written (`queue_outputs`, the job still processing); a processing job that does not
+finish withdraws its pending exports.
 
 Job completion has one owner: every transition to done or failed goes through `_finish`, inside
 the transaction that makes it, and the store's `on_job_finished` listener is called once per

@@ -6,7 +6,9 @@ take the node down. Each worker runs one job at a time; a device listed twice in
 has two workers.
 
 What a worker does with each outcome:
-- the derived series is written: its exports are queued (or the job is done);
+- while the derived series is written: each chunk the engine process reports written has its
+  exports queued at once (store.queue_outputs), so the exporter sends while the rest is written;
+- the derived series is written: its (remaining) exports are queued (or the job is done);
 - the series cannot be standardized: the job fails with a reason an operator can read
   (`ltdiff-node retry JOB` queues it again);
 - the series was outside the validated envelope of the route's engine (fallback engine ran,
