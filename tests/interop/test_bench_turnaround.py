@@ -38,7 +38,7 @@ def test_benchmark_prints_the_stages_the_floor_and_reception_while_processing(
     )
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-3000:]}"
-    for stage in ("series closed", "engine process: engine", "export: C-STOREs confirmed"):
+    for stage in ("series closed", "engine process: engine", "export: exporter starts"):
         assert re.search(rf"^\| {re.escape(stage)}.* \| -?[\d.]+ \(", out, re.M), out
     assert re.search(r"^\| \*\*turnaround, stable age excluded\*\* \| [\d.]+ ", out, re.M), out
     assert re.search(r"^\| node export / storescu \| [\d.]+ ", out, re.M), out
