@@ -40,3 +40,13 @@ def ready_series(
         elif now - max(s.last_received, clock_start) >= cfg.stable_age_s:
             ready.append(ReadySeries(s, "stable"))
     return ready
+
+
+def next_stable_at(
+    receiving: Iterable[SeriesRow], cfg: AssemblyConfig, clock_start: float = 0.0
+) -> float | None:
+    """When the first of the series still receiving becomes stable if nothing more arrives
+    (the time `ready_series` would first return it); None when none is receiving."""
+    return min(
+        (max(s.last_received, clock_start) + cfg.stable_age_s for s in receiving), default=None
+    )

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
@@ -169,6 +169,9 @@ class DestinationConfig:
     dimse_timeout_s: float = 30.0
     # Idle connection (no PDU either way) before the association is given up.
     network_timeout_s: float = 30.0
+    # An association kept open this long after its last C-STORE, for the next job's instances
+    # (association reuse); 0 releases it after every batch. Below network_timeout_s.
+    association_close_delay_s: float = 5.0
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -733,8 +736,27 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             network_timeout_s=t.number(
                 "network_timeout_s", DestinationConfig.network_timeout_s, 1.0, 3600.0
             ),
+            association_close_delay_s=t.number(
+                "association_close_delay_s",
+                DestinationConfig.association_close_delay_s,
+                0.0,
+                3600.0,
+            ),
             tls=_tls(t.table("tls"), base_dir, server_side=False),
         )
+        if not t.has("association_close_delay_s"):  # the default stays below the timeout
+            dest = replace(
+                dest,
+                association_close_delay_s=min(
+                    dest.association_close_delay_s, dest.network_timeout_s / 2
+                ),
+            )
+        elif dest.association_close_delay_s >= dest.network_timeout_s:
+            raise ConfigError(
+                f"{t.key('association_close_delay_s')} = {dest.association_close_delay_s:g}: "
+                f"must be below network_timeout_s = {dest.network_timeout_s:g} (an association "
+                "idle that long is given up)"
+            )
         if not dest.host:
             raise ConfigError(f"{t.key('host')}: required (host name or IP address of the peer)")
         if not t.has("port"):

@@ -2,7 +2,8 @@
 
 Each engine worker (one per configured device) owns one long-lived child process, the *engine
 process*. The child loads the engines once and runs jobs one at a time: read and decode the
-series, run the engine, build the derived series, write it to the outbox. The parent (the
+series, run the engine, build the derived series, write it to the outbox (in chunks, each
+reported to the parent once durable, so its export can start: EngineProgress). The parent (the
 worker thread in the node) sends a job over a pipe and waits for the answer, watching the child:
 
 - its resident memory (`jobs.memory_max_mb`): above the limit the child is killed;
@@ -36,11 +37,14 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from pydicom.dataset import Dataset
 
 from dicom_node.config import BUILTIN_FALLBACK, EngineConfig, NodeConfig
 from dicom_node.logs import configure_process, get_logger, safe_error_text
@@ -91,7 +95,8 @@ class EngineJob:
 class EngineResult:
     """The derived series is in the outbox."""
 
-    outputs: tuple[tuple[str, str, str], ...]  # (SOP Instance UID, SOP Class UID, path)
+    #: (SOP Instance UID, SOP Class UID, path, transfer syntax the file was written in)
+    outputs: tuple[tuple[str, str, str, str], ...]
     derived_series_uid: str
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +128,21 @@ class EngineInterrupted:
 
 
 EngineOutcome = EngineResult | EngineFailure | EngineCrash | EngineInterrupted
+
+#: (SOP Instance UID, SOP Class UID, path, transfer syntax) of one written derived file.
+OutputFile = tuple[str, str, str, str]
+
+
+@dataclass(frozen=True)
+class EngineProgress:
+    """Derived files already written (fsynced, directory too) while the job goes on: the
+    worker queues their export at once, so the exporter sends while the rest is written."""
+
+    outputs: tuple[OutputFile, ...]
+
+
+#: Derived files are written, and reported to the worker, in chunks of this many.
+WRITE_CHUNK = 32
 
 
 # ---- the child side ------------------------------------------------------------------------------
@@ -187,11 +207,19 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def run_job(
-    job: EngineJob, engines: EngineCache, config: NodeConfig, device: str
+    job: EngineJob,
+    engines: EngineCache,
+    config: NodeConfig,
+    device: str,
+    on_written: Callable[[tuple[OutputFile, ...]], None] | None = None,
 ) -> EngineResult | EngineFailure:
-    """Standardize one series into `job.out_dir`. Never raises for a job's own problems."""
+    """Standardize one series into `job.out_dir`. Never raises for a job's own problems.
+
+    The output is written in chunks of WRITE_CHUNK files; `on_written` hears each chunk but the
+    last once it is durable (the last comes with the EngineResult)."""
     t0 = time.monotonic()
     out_dir = Path(job.out_dir)
+    written: list[Path] = []
     try:
         if not job.paths:
             raise ValueError("the series has no stored instances")
@@ -204,7 +232,13 @@ def run_job(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        written = write_series(result.datasets, out_dir)
+        datasets = result.datasets
+        for start in range(0, len(datasets), WRITE_CHUNK):
+            chunk = datasets[start : start + WRITE_CHUNK]
+            paths = write_series(chunk, out_dir)
+            written.extend(paths)
+            if on_written is not None and start + WRITE_CHUNK < len(datasets):
+                on_written(_output_files(chunk, paths))
     except Exception as exc:
         if is_disk_full(exc):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -216,10 +250,7 @@ def run_job(
         if not isinstance(exc, ValueError | RuntimeError):
             log.error("job.engine_error", job=job.job_id, exc_info=True)
         return EngineFailure(FailureKind.INPUT, safe_error_text(exc))
-    outputs = tuple(
-        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(p))
-        for ds, p in zip(result.datasets, written, strict=True)
-    )
+    outputs = _output_files(result.datasets, written)
     ran = result.identity
     summary: dict[str, Any] = {
         "slices_in": len(job.paths),
@@ -239,6 +270,13 @@ def run_job(
         summary.update(result.envelope.as_log())
         summary["envelope_ms"] = round(result.timings.envelope_ms, 1)
     return EngineResult(outputs, result.series_instance_uid, summary)
+
+
+def _output_files(datasets: Sequence[Dataset], paths: Sequence[Path]) -> tuple[OutputFile, ...]:
+    return tuple(
+        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(p), str(ds.file_meta.TransferSyntaxUID))
+        for ds, p in zip(datasets, paths, strict=True)
+    )
 
 
 MEASUREMENT_LOG_KEYS = (
@@ -318,7 +356,11 @@ def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
             return
         if job is None:
             return
-        conn.send(run_job(job, engines, config, device))
+
+        def progress(outputs: tuple[OutputFile, ...]) -> None:
+            conn.send(EngineProgress(outputs))
+
+        conn.send(run_job(job, engines, config, device, on_written=progress))
 
 
 # ---- the parent side -----------------------------------------------------------------------------
@@ -398,9 +440,15 @@ class EngineProcess:
             raise EngineError(str(detail))
         log.info("engine_process.started", worker=self.name, pid=proc.pid, device=self.device)
 
-    def run(self, job: EngineJob, stop: threading.Event) -> EngineOutcome:
+    def run(
+        self,
+        job: EngineJob,
+        stop: threading.Event,
+        on_written: Callable[[tuple[OutputFile, ...]], None] | None = None,
+    ) -> EngineOutcome:
         """Run one job in the child; start the child first if needed (EngineError if it
-        cannot start)."""
+        cannot start). `on_written` hears the chunks of output the child reports as written
+        before its result."""
         if self._proc is None or not self._proc.is_alive():
             self.start(stop)
         proc, conn = self._proc, self._conn
@@ -416,8 +464,12 @@ class EngineProcess:
         while True:
             try:
                 if conn.poll(_POLL_S):
-                    outcome: EngineResult | EngineFailure = conn.recv()
-                    return outcome
+                    message: EngineResult | EngineFailure | EngineProgress = conn.recv()
+                    if not isinstance(message, EngineProgress):
+                        return message
+                    if on_written is not None:
+                        on_written(message.outputs)
+                    continue
             except (EOFError, OSError):
                 proc.join(_STOP_GRACE_S)
                 return self._crashed(_exit_reason(proc.exitcode))

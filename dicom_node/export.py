@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
 
 from dicom_node.config import DestinationConfig
 from dicom_node.logs import get_logger, safe_error_text
@@ -163,8 +166,190 @@ def _new_ae(dest: DestinationConfig, calling_ae: str) -> AE:
     return ae
 
 
-def _transfer_syntax(path: Path) -> str:
-    return str(read_file_meta_info(path).TransferSyntaxUID)
+#: A file in the DICOM File Format (PS3.10 7.1) starts with a 128-byte preamble, "DICM" and the
+#: File Meta Information Group Length (0002,0000), explicit VR "UL", length 4.
+_META_HEAD = 144
+_GROUP_LENGTH_HEADER = b"DICM\x02\x00\x00\x00UL\x04\x00"
+
+
+def dataset_offset(head: bytes) -> int | None:
+    """Where the data set starts in a DICOM file, from its first 144 bytes: after the preamble,
+    "DICM" and the file meta group, whose length (0002,0000) says how long it is. None when the
+    file does not start that way (the caller parses the file meta instead)."""
+    if len(head) < _META_HEAD or head[128:140] != _GROUP_LENGTH_HEADER:
+        return None
+    return _META_HEAD + int.from_bytes(head[140:144], "little")
+
+
+@dataclass(frozen=True)
+class OnTheWire:
+    """How a file goes out: its transfer syntax and where its data set starts."""
+
+    transfer_syntax: str
+    offset: int
+
+
+def on_the_wire(row: ExportRow) -> OnTheWire:
+    """The transfer syntax recorded when the file was written (read from the file only for rows
+    that have none) and the data set's offset, from the file's first 144 bytes."""
+    with row.path.open("rb") as handle:
+        offset = dataset_offset(handle.read(_META_HEAD))
+    if offset is not None and row.transfer_syntax:
+        return OnTheWire(row.transfer_syntax, offset)
+    meta, offset = split_dataset(row.path)
+    return OnTheWire(str(row.transfer_syntax or meta.TransferSyntaxUID), offset)
+
+
+#: PS3.7 C.4.1.1: 0x0002 is LOW priority (pynetdicom's default for send_c_store).
+_PRIORITY_LOW = 0x0002
+
+
+class Link:
+    """An established association to one destination and the presentation contexts it was
+    opened with (SOP class -> transfer syntaxes offered)."""
+
+    def __init__(self, assoc: Association, offered: dict[str, list[str]]) -> None:
+        self.assoc = assoc
+        self.offered = offered
+        #: (SOP class, transfer syntax) -> the ID of an accepted context that carries exactly it
+        self.exact: dict[tuple[str, str], int] = {}
+        for cx in assoc.accepted_contexts:
+            key = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            self.exact.setdefault(key, int(cx.context_id or 0))
+        self.next_message_id = 1
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.assoc.is_established)
+
+    def covers(self, needs: dict[str, list[str]]) -> bool:
+        """Whether it was opened for every (SOP class, transfer syntax) in `needs`."""
+        return all(
+            ts in self.offered.get(sop_class, ()) for sop_class, tss in needs.items() for ts in tss
+        )
+
+    def message_id(self) -> int:
+        """A distinct Message ID per request, so the two ends can tell answers apart."""
+        mid = self.next_message_id
+        self.next_message_id = mid % _MAX_MESSAGE_ID + 1
+        return mid
+
+    def close(self, *, abort: bool = False) -> None:
+        if self.assoc.is_established:
+            if abort:
+                self.assoc.abort()
+            else:
+                self.assoc.release()
+
+
+def open_link(dest: DestinationConfig, calling_ae: str, needs: dict[str, list[str]]) -> Link | str:
+    """An association with one presentation context per SOP class (at most 128) proposing the
+    files' own transfer syntaxes first, then the little endian syntaxes pynetdicom can convert
+    to (docs/CONFORMANCE.md, table 4.2-10). Returns why not, on failure."""
+    ae = _new_ae(dest, calling_ae)
+    offered: dict[str, list[str]] = {}
+    for sop_class, tss in list(needs.items())[:MAX_CONTEXTS]:
+        proposed = list(tss)
+        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if fallback not in proposed:
+                proposed.append(fallback)
+        ae.add_requested_context(sop_class, proposed)
+        offered[sop_class] = list(tss)
+    tls = (make_ssl_context(dest.tls, server_side=False), dest.host) if dest.tls.enabled else None
+    try:
+        assoc = ae.associate(
+            dest.host,
+            dest.port,
+            ae_title=dest.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+            tls_args=tls,
+        )
+    except (OSError, RuntimeError) as exc:
+        return f"association failed: {exc}"
+    if not assoc.is_established:
+        return "association rejected" if assoc.is_rejected else "association aborted or no answer"
+    _guard_answers(assoc)
+    return Link(assoc, offered)
+
+
+class HeldAssociation:
+    """The exporter's association to its destination, kept open between batches (association
+    reuse across jobs) until it has been idle `close_delay_s`, then released. 0 closes it after
+    every batch. One that the peer closed meanwhile is noticed before it is used again."""
+
+    def __init__(self, close_delay_s: float, destination: str = "") -> None:
+        self.close_delay_s = close_delay_s
+        self.destination = destination
+        self.link: Link | None = None
+        self.idle_since = 0.0
+
+    def take(self, needs: dict[str, list[str]]) -> Link | None:
+        """The held association when it is alive and was opened for `needs`; else None (a held
+        one that does not fit is released)."""
+        link, self.link = self.link, None
+        if link is None:
+            return None
+        if link.alive and link.covers(needs):
+            return link
+        if link.alive:
+            link.close()
+        else:
+            log.info(
+                "export.association_closed_by_peer",
+                destination=self.destination,
+                idle_s=self._idle_s(),
+            )
+        return None
+
+    def keep(self, link: Link) -> None:
+        if self.close_delay_s <= 0 or not link.alive:
+            link.close()
+            return
+        self.link, self.idle_since = link, time.monotonic()
+
+    def _idle_s(self) -> float:
+        return round(time.monotonic() - self.idle_since, 3)
+
+    def seconds_left(self) -> float | None:
+        """Until the held association is due to close; None when none is held."""
+        if self.link is None:
+            return None
+        return max(0.0, self.idle_since + self.close_delay_s - time.monotonic())
+
+    def close_if_idle(self) -> None:
+        left = self.seconds_left()
+        if left is not None and left <= 0:
+            self.close()
+
+    def close(self) -> None:
+        link, self.link = self.link, None
+        if link is not None:
+            link.close()
+
+
+def _c_store(link: Link, context_id: int, row: ExportRow, offset: int) -> int | None:
+    """Send the file's data set as it is encoded (no decode, no re-encode) under an accepted
+    context of exactly its transfer syntax; the answer's status, None when none came (DIMSE
+    timeout: aborted; abort or closed connection).
+
+    pynetdicom's send_c_store would pause the association's reactor around the exchange; with
+    the guarded queue (`_AnswersForTheWaiter`) the reactor cannot take the answer, so the pause,
+    and the wait for the reactor to reach it, are not needed."""
+    assoc = link.assoc
+    req = C_STORE()
+    req.MessageID = link.message_id()
+    req.AffectedSOPClassUID = row.sop_class_uid
+    req.AffectedSOPInstanceUID = row.sop_uid
+    req.Priority = _PRIORITY_LOW
+    req._dataset_path = (row.path, offset)  # pynetdicom 3.0: send these bytes
+    assoc.dimse.send_msg(req, context_id)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    if rsp is None:
+        assoc._handle_no_response()  # aborts after a DIMSE timeout
+        return None
+    status = assoc._check_received_status(rsp)  # aborts on an invalid answer
+    code = getattr(status, "Status", None)
+    return None if code is None else int(code)
 
 
 def send_files(
@@ -174,14 +359,22 @@ def send_files(
     *,
     on_result: ResultCallback | None = None,
     keep_going: Callable[[], bool] | None = None,
+    held: HeldAssociation | None = None,
 ) -> SendResult:
     """Send the rows' files over one association; never raises for network trouble.
 
+    Each file goes out as it is on disk (its data set's bytes, no decode or re-encode) wherever
+    the peer accepted its transfer syntax, else decoded and converted by pynetdicom.
     `on_result(row, error)` hears each instance's outcome as soon as it is known, before the
     next instance is sent. Sending stops early, leaving the rest `not_attempted`, when
     `keep_going()` turns false or the association breaks: no answer within the destination's
     `dimse_timeout_s` (the association is then aborted), a peer abort or a closed connection.
     A broken association is never used again.
+
+    `held`: an association kept from an earlier call is used again when it is alive and fits
+    the rows, and the association is handed back to it afterwards instead of released. If the
+    peer closed a reused association before answering its first instance here, that instance
+    is not counted as an attempt: everything goes out at once on a fresh association.
     """
     sent: list[int] = []
     failed: list[tuple[ExportRow, str]] = []
@@ -194,96 +387,107 @@ def send_files(
         if on_result is not None:
             on_result(row, error)
 
-    ae = _new_ae(dest, calling_ae)
-    contexts: dict[str, list[str]] = {}
-    sendable: list[ExportRow] = []
+    needs: dict[str, list[str]] = {}
+    sendable: list[tuple[ExportRow, OnTheWire]] = []
     for r in rows:
         try:
-            ts = _transfer_syntax(r.path)
-        except (OSError, ValueError, InvalidDicomError) as exc:
+            wire = on_the_wire(r)
+        except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
             outcome(r, f"cannot read outbox file: {safe_error_text(exc)}")
             continue
-        lst = contexts.setdefault(r.sop_class_uid, [])
-        if ts not in lst:
-            lst.append(ts)
-        sendable.append(r)
+        tss = needs.setdefault(r.sop_class_uid, [])
+        if wire.transfer_syntax not in tss:
+            tss.append(wire.transfer_syntax)
+        sendable.append((r, wire))
     if not sendable:
         return SendResult(sent, failed)
-    for sop_class, tss in list(contexts.items())[:MAX_CONTEXTS]:
-        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if fallback not in tss:
-                tss.append(fallback)
-        ae.add_requested_context(sop_class, tss)
-    tls = (make_ssl_context(dest.tls, server_side=False), dest.host) if dest.tls.enabled else None
-    try:
-        assoc = ae.associate(
-            dest.host,
-            dest.port,
-            ae_title=dest.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-            tls_args=tls,
-        )
-    except (OSError, RuntimeError) as exc:
-        for r in sendable:
-            outcome(r, f"association failed: {exc}")
-        return SendResult(sent, failed)
-    if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association aborted or no answer"
-        for r in sendable:
+    link = held.take(needs) if held is not None else None
+    reused = link is not None
+    while True:
+        if link is None:
+            opened = open_link(dest, calling_ae, needs)
+            if isinstance(opened, str):
+                for r, _ in sendable:
+                    outcome(r, opened)
+                return SendResult(sent, failed)
+            link = opened
+        rest, broken, stale = _send_over(link, dest, sendable, outcome, keep_going, reused=reused)
+        if stale:  # the peer had closed the association we kept: again on a fresh one
+            log.info("export.association_reopened", destination=dest.name)
+            link.close(abort=True)
+            link, reused = None, False
+            continue
+        break
+    if broken:
+        link.close(abort=True)  # pynetdicom aborts on a DIMSE timeout; make sure of it
+    elif held is not None:
+        held.keep(link)
+    else:
+        link.close()
+    return SendResult(sent, failed, [r for r, _ in rest])
+
+
+def _send_over(
+    link: Link,
+    dest: DestinationConfig,
+    items: Sequence[tuple[ExportRow, OnTheWire]],
+    outcome: ResultCallback,
+    keep_going: Callable[[], bool] | None,
+    *,
+    reused: bool,
+) -> tuple[list[tuple[ExportRow, OnTheWire]], bool, bool]:
+    """Send `items` in order over `link`: (the items not tried, whether the association broke,
+    whether it was a reused association found closed before its first answer here)."""
+    assoc = link.assoc
+    for i, (r, wire) in enumerate(items):
+        if keep_going is not None and not keep_going():
+            return list(items[i:]), False, False
+        if not assoc.is_established:
+            if i == 0 and reused:
+                return list(items), True, True
+            if i == 0:  # nothing went out on this association: count it against them all
+                for x, _ in items:
+                    outcome(x, "association lost before the first instance")
+                return [], True, False
+            _log_broken(dest, "association lost between instances", 0.0, len(items) - i)
+            return list(items[i:]), True, False
+        t0 = time.monotonic()
+        context_id = link.exact.get((r.sop_class_uid, wire.transfer_syntax))
+        try:
+            if context_id is not None:
+                code = _c_store(link, context_id, r, wire.offset)
+            else:  # no context for its own syntax: pynetdicom decodes and converts it
+                status = assoc.send_c_store(dcmread(r.path), msg_id=link.message_id())
+                raw = getattr(status, "Status", None)
+                code = None if raw is None else int(raw)
+        except (ValueError, AttributeError, InvalidDicomError) as exc:
+            outcome(r, f"send failed: {safe_error_text(exc)}")
+            continue
+        except (OSError, RuntimeError) as exc:  # the request may be half sent: end it here
+            if i == 0 and reused:
+                return list(items), True, True
+            outcome(r, f"send failed: {safe_error_text(exc)}")
+            return list(items[i + 1 :]), True, False
+        if code in _STORED:
+            outcome(r, None)
+        elif code is not None:
+            outcome(r, f"peer answered status 0x{code:04X}")
+        else:
+            waited = time.monotonic() - t0
+            timed_out = waited >= dest.dimse_timeout_s * 0.98
+            if i == 0 and reused and not timed_out:
+                return list(items), True, True
+            why = (
+                f"no answer within dimse_timeout_s = {dest.dimse_timeout_s:g} s; "
+                "association aborted"
+                if timed_out
+                else "association aborted or connection closed while waiting for the answer"
+            )
             outcome(r, why)
-        return SendResult(sent, failed)
-    _guard_answers(assoc)
-    rest: list[ExportRow] = []
-    broken = False
-    try:
-        for i, r in enumerate(sendable):
-            if keep_going is not None and not keep_going():
-                rest = list(sendable[i:])
-                break
-            if not assoc.is_established:
-                if i == 0:  # nothing went out on this association: count it against them all
-                    for x in sendable:
-                        outcome(x, "association lost before the first instance")
-                else:
-                    rest = list(sendable[i:])
-                    _log_broken(dest, "association lost between instances", 0.0, len(rest))
-                broken = True
-                break
-            t0 = time.monotonic()
-            try:
-                # A distinct Message ID per request, so the two ends can tell answers apart.
-                status = assoc.send_c_store(r.path, msg_id=i % _MAX_MESSAGE_ID + 1)
-            except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
-                outcome(r, f"send failed: {safe_error_text(exc)}")
-                continue
-            except RuntimeError as exc:  # the association ended before the request went out
-                outcome(r, f"send failed: {safe_error_text(exc)}")
-                rest, broken = list(sendable[i + 1 :]), True
-                break
-            code = getattr(status, "Status", None)
-            if code in _STORED:
-                outcome(r, None)
-            elif code is not None:
-                outcome(r, f"peer answered status 0x{code:04X}")
-            else:
-                waited = time.monotonic() - t0
-                why = (
-                    f"no answer within dimse_timeout_s = {dest.dimse_timeout_s:g} s; "
-                    "association aborted"
-                    if waited >= dest.dimse_timeout_s * 0.98
-                    else "association aborted or connection closed while waiting for the answer"
-                )
-                outcome(r, why)
-                rest, broken = list(sendable[i + 1 :]), True
-                _log_broken(dest, why, waited, len(rest))
-                break
-    finally:
-        if assoc.is_established:
-            if broken:  # pynetdicom aborts on a DIMSE timeout; make sure of it on any break
-                assoc.abort()
-            else:
-                assoc.release()
-    return SendResult(sent, failed, rest)
+            rest = list(items[i + 1 :])
+            _log_broken(dest, why, waited, len(rest))
+            return rest, True, False
+    return [], False, False
 
 
 def _log_broken(dest: DestinationConfig, why: str, waited_s: float, not_attempted: int) -> None:
@@ -302,10 +506,12 @@ def send_paths(dest: DestinationConfig, calling_ae: str, paths: Sequence[Path]) 
     rows = []
     for i, p in enumerate(paths):
         try:
-            sop_class = str(read_file_meta_info(p).MediaStorageSOPClassUID)
-        except (OSError, ValueError, AttributeError):
-            sop_class = ""
-        rows.append(ExportRow(i, 0, dest.name, "", sop_class, p, 0))
+            meta = read_file_meta_info(p)
+            sop_class, sop = str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)
+            ts: str | None = str(meta.TransferSyntaxUID)
+        except (OSError, ValueError, AttributeError, InvalidDicomError):
+            sop_class, sop, ts = "", "", None
+        rows.append(ExportRow(i, 0, dest.name, sop, sop_class, p, 0, ts))
     result = send_files(dest, calling_ae, rows)
     why = "not sent: the association broke before its turn"
     not_sent = [(r, why) for r in result.not_attempted]
@@ -361,23 +567,37 @@ class Exporter(threading.Thread):
         self.on_settled = on_settled
         self.batch_size = batch_size
         self.idle_poll_s = idle_poll_s
+        self.held = HeldAssociation(dest.association_close_delay_s, dest.name)
+        # A job's output queued for this destination wakes the exporter at once.
+        store.on_exports_queued(self._on_exports_queued)
+
+    def _on_exports_queued(self, destinations: Sequence[str]) -> None:
+        if self.dest.name in destinations:
+            self.wake.set()
 
     def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                worked = self.run_once(time.time())
-            except Exception:
-                log.exception("export.loop_error", destination=self.dest.name)
-                worked = False
-            if not worked:
-                nxt = self.store.next_export_time(self.dest.name)
-                wait = (
-                    self.idle_poll_s
-                    if nxt is None
-                    else max(0.05, min(self.idle_poll_s, nxt - time.time()))
-                )
-                self.wake.wait(wait)
-                self.wake.clear()
+        try:
+            while not self.stop_event.is_set():
+                self.wake.clear()  # a wake from here on ends the wait below at once
+                try:
+                    worked = self.run_once(time.time())
+                except Exception:
+                    log.exception("export.loop_error", destination=self.dest.name)
+                    worked = False
+                if not worked:
+                    self.held.close_if_idle()
+                    self.wake.wait(self._idle_wait())
+        finally:
+            self.held.close()
+
+    def _idle_wait(self) -> float:
+        """Until the next due export, the held association's close or the idle poll."""
+        nxt = self.store.next_export_time(self.dest.name)
+        wait = self.idle_poll_s if nxt is None else min(self.idle_poll_s, nxt - time.time())
+        close_in = self.held.seconds_left()
+        if close_in is not None:
+            wait = min(wait, close_in)
+        return max(0.05, wait)
 
     def run_once(self, now: float) -> bool:
         """Send the due exports over one association; True if there is more to do at once."""
@@ -400,6 +620,7 @@ class Exporter(threading.Thread):
                 rows,
                 on_result=record,
                 keep_going=lambda: not self.stop_event.is_set(),
+                held=self.held,
             )
         finally:
             if len(group):

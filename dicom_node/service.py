@@ -30,7 +30,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from dicom_node.assembly import ready_series
+from dicom_node.assembly import next_stable_at, ready_series
 from dicom_node.audit.trail import AuditTrail
 from dicom_node.config import NodeConfig, UnmatchedAction, receiver_process_count, usable_cpus
 from dicom_node.engine_host import ENVELOPE_LOG_KEYS
@@ -295,24 +295,36 @@ class Node:
 
     def _scheduler_loop(self) -> None:
         while not self.stop_event.is_set():
+            wait = self.config.assembly.poll_interval_s
             try:
-                self.schedule_once(time.time())
+                stable_at = self.schedule_once(time.time())
             except Exception:
                 log.exception("scheduler.error")
-            self.scheduler_wake.wait(self.config.assembly.poll_interval_s)
+            else:  # wake when the next series becomes stable, not up to a poll later
+                if stable_at is not None:
+                    wait = max(0.01, min(wait, stable_at - time.time()))
+            self.scheduler_wake.wait(wait)
             self.scheduler_wake.clear()
 
-    def schedule_once(self, now: float) -> None:
+    def schedule_once(self, now: float) -> float | None:
+        """One pass; returns when the next series still receiving becomes stable (or None)."""
         # Stopping closes no series: one interrupted by the stop gets its fresh window after the
         # restart (stopping the listener and its receiver processes takes a moment).
         receiving = [] if self.phase is Phase.STOPPING else self.store.receiving_series()
-        for ready in ready_series(receiving, now, self.config.assembly, self.started_at):
-            self._route(ready.series, ready.why, now)
+        ready = ready_series(receiving, now, self.config.assembly, self.started_at)
+        for r in ready:
+            self._route(r.series, r.why, now)
         self._run_forward_jobs()
         self.store.settle_exporting_jobs()
         if now - self._last_purge > 60:
             self._last_purge = now
             self._purge(now)
+        closed = {r.series.series_uid for r in ready}
+        return next_stable_at(
+            [s for s in receiving if s.series_uid not in closed],
+            self.config.assembly,
+            self.started_at,
+        )
 
     def _route(self, series: SeriesRow, why: str, now: float) -> None:
         """Close the series revision read by the scheduler; if a late instance changed the

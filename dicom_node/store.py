@@ -11,6 +11,9 @@ it is not claimed), or when its engine process died (`record_crash`); a job whos
 died, or that was interrupted by a crash of the node, `max_attempts` times ends failed.
 Series states: receiving -> complete | discarded.
 Export states: pending -> sent | dead (dead letter after the destination's max_attempts).
+Exports are queued when a job's output is written (`start_export`), the first chunks already
+while it is written (`queue_outputs`, the job still processing); a processing job that does not
+finish withdraws its pending exports.
 
 Job completion has one owner: every transition to done or failed goes through `_finish`, inside
 the transaction that makes it, and the store's `on_job_finished` listener is called once per
@@ -33,7 +36,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Statements that bring a database of schema N to N + 1 (run in order, in one transaction).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -42,6 +45,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN not_before REAL",
         "ALTER TABLE jobs ADD COLUMN waiting TEXT",
     ),
+    # The transfer syntax of each outbox file, recorded when it is written (NULL: read it from
+    # the file when it is sent, as for rows queued by an older version).
+    2: ("ALTER TABLE exports ADD COLUMN transfer_syntax TEXT",),
 }
 
 _SCHEMA = """
@@ -108,6 +114,7 @@ CREATE TABLE IF NOT EXISTS exports (
     next_attempt  REAL NOT NULL,
     last_error    TEXT,
     sent_at       REAL,
+    transfer_syntax TEXT,
     UNIQUE(job_id, destination, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS exports_due ON exports(destination, state, next_attempt);
@@ -223,6 +230,13 @@ class ExportRow:
     sop_class_uid: str
     path: Path
     attempts: int
+    #: The file's transfer syntax as recorded when it was written; None: not recorded (read it
+    #: from the file).
+    transfer_syntax: str | None = None
+
+
+#: Told the destination names that have new exports due (after the commit).
+ExportsQueuedListener = Callable[[Sequence[str]], None]
 
 
 class ReceiveOutcome(StrEnum):
@@ -244,6 +258,7 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._finished_in_tx: list[JobFinished] = []
+        self._exports_queued: list[ExportsQueuedListener] = []
         self._conn = sqlite3.connect(
             str(path), timeout=30.0, check_same_thread=False, isolation_level=None
         )
@@ -427,6 +442,13 @@ class JobStore:
         )
         return [(r["sop_uid"], r["sop_class_uid"], Path(r["path"])) for r in rows]
 
+    def transfer_syntaxes(self, series_uid: str) -> dict[str, str]:
+        """SOP Instance UID -> transfer syntax of the series' stored instances."""
+        rows = self._query(
+            "SELECT sop_uid, transfer_syntax FROM instances WHERE series_uid=?", (series_uid,)
+        )
+        return {r["sop_uid"]: r["transfer_syntax"] for r in rows}
+
     def complete_series(
         self,
         series_uid: str,
@@ -510,18 +532,33 @@ class JobStore:
         *,
         derived_series_uid: str | None,
         summary: Mapping[str, Any],
+        transfer_syntaxes: Mapping[str, str] | None = None,
         now: float | None = None,
     ) -> JobState:
-        """Record a processed job's output files and queue them per destination."""
+        """Record a processed job's output files and queue them per destination.
+
+        `transfer_syntaxes`: SOP Instance UID -> the transfer syntax its file was written in, so
+        that the exporter sends the file's bytes without reading its header first. The
+        destinations' exporters are told after the commit (`on_exports_queued`)."""
         now = time.time() if now is None else now
         state = JobState.EXPORTING if destinations and outputs else JobState.DONE
+        syntaxes = transfer_syntaxes or {}
         with self._tx() as c:
             for dest in destinations:
                 c.executemany(
                     "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
-                    "path, state, next_attempt) VALUES(?,?,?,?,?,?,?)",
+                    "path, state, next_attempt, transfer_syntax) VALUES(?,?,?,?,?,?,?,?)",
                     [
-                        (job_id, dest, sop, cls, str(p), ExportState.PENDING.value, now)
+                        (
+                            job_id,
+                            dest,
+                            sop,
+                            cls,
+                            str(p),
+                            ExportState.PENDING.value,
+                            now,
+                            syntaxes.get(sop),
+                        )
                         for sop, cls, p in outputs
                     ],
                 )
@@ -539,7 +576,76 @@ class JobStore:
             )
             if state is JobState.DONE:
                 self._finish(c, job_id, JobState.DONE, None, now)
+        if state is JobState.EXPORTING:
+            self._announce_exports(destinations)
         return state
+
+    def queue_outputs(
+        self,
+        job_id: int,
+        outputs: Sequence[tuple[str, str, Path]],
+        destinations: Sequence[str],
+        *,
+        transfer_syntaxes: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Queue the export of output files a job still processing has already written, so the
+        exporter sends them while the rest is written; `start_export` queues the rest and moves
+        the job on. Does nothing (False) unless the job is processing. If the job then does not
+        finish (crash, failure, stop), its pending exports are withdrawn (`_withdraw_exports`)
+        and what the destination confirmed stays sent."""
+        now = time.time() if now is None else now
+        syntaxes = transfer_syntaxes or {}
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["state"] != JobState.PROCESSING.value:
+                return False
+            for dest in destinations:
+                c.executemany(
+                    "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
+                    "path, state, next_attempt, transfer_syntax) VALUES(?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            job_id,
+                            dest,
+                            sop,
+                            cls,
+                            str(p),
+                            ExportState.PENDING.value,
+                            now,
+                            syntaxes.get(sop),
+                        )
+                        for sop, cls, p in outputs
+                    ],
+                )
+        if destinations and outputs:
+            self._announce_exports(destinations)
+        return True
+
+    @staticmethod
+    def _withdraw_exports(c: sqlite3.Connection, job_id: int) -> None:
+        """A processing job that does not finish now: the exports of output it had already
+        written (`queue_outputs`) and that are still pending are withdrawn; a rerun queues its
+        output again, and instances the destination confirmed stay sent (the rerun writes the
+        same UIDs)."""
+        c.execute(
+            "DELETE FROM exports WHERE job_id=? AND state=?",
+            (job_id, ExportState.PENDING.value),
+        )
+
+    def on_exports_queued(self, listener: ExportsQueuedListener) -> None:
+        """Call `listener(destination names)` whenever a job's output is queued for export,
+        after the commit: an exporter waits on this
+        rather than on its idle poll. (`retry_job` runs in the CLI's process: the exporter
+        finds those on its next poll.)"""
+        self._exports_queued.append(listener)
+
+    def _announce_exports(self, destinations: Sequence[str]) -> None:
+        for listener in self._exports_queued:
+            try:
+                listener(destinations)
+            except Exception:  # a listener's failure must not undo a committed transition
+                logging.getLogger(__name__).exception("store.listener_failed")
 
     def fail_job(
         self,
@@ -553,6 +659,7 @@ class JobStore:
         replaces the job's summary for the canonical line."""
         now = time.time() if now is None else now
         with self._tx() as c:
+            self._withdraw_exports(c, job_id)
             if summary:
                 c.execute(
                     "UPDATE jobs SET summary_json=? WHERE id=?",
@@ -563,6 +670,7 @@ class JobStore:
     def _count_crash(
         self, c: sqlite3.Connection, job_id: int, reason: str, max_attempts: int, now: float
     ) -> JobState:
+        self._withdraw_exports(c, job_id)
         row = c.execute("SELECT crashes FROM jobs WHERE id=?", (job_id,)).fetchone()
         crashes = int(row["crashes"]) + 1
         c.execute("UPDATE jobs SET crashes=? WHERE id=?", (crashes, job_id))
@@ -616,10 +724,12 @@ class JobStore:
         """A clean stop interrupted the job: queue it again without counting an attempt."""
         now = time.time() if now is None else now
         with self._tx() as c:
-            c.execute(
+            released = c.execute(
                 "UPDATE jobs SET state=?, worker=NULL, updated_at=? WHERE id=? AND state=?",
                 (JobState.QUEUED.value, now, job_id, JobState.PROCESSING.value),
-            )
+            ).rowcount
+            if released:
+                self._withdraw_exports(c, job_id)
 
     def defer_job(
         self, job_id: int, reason: str, not_before: float, now: float | None = None
@@ -628,6 +738,7 @@ class JobStore:
         `not_before`, with the reason shown by `status`."""
         now = time.time() if now is None else now
         with self._tx() as c:
+            self._withdraw_exports(c, job_id)
             c.execute(
                 "UPDATE jobs SET state=?, worker=NULL, updated_at=?, not_before=?, waiting=? "
                 "WHERE id=?",
@@ -680,6 +791,7 @@ class JobStore:
                 r["sop_class_uid"],
                 Path(r["path"]),
                 r["attempts"],
+                r["transfer_syntax"],
             )
             for r in rows
         ]
@@ -734,6 +846,9 @@ class JobStore:
         )
         if not rows or any(r["state"] == ExportState.PENDING.value for r in rows):
             return None
+        job = self._query("SELECT state FROM jobs WHERE id=?", (job_id,))
+        if job and job[0]["state"] == JobState.PROCESSING.value:
+            return None  # the output is still being written (queue_outputs): not the total
         sent = {r["sop_class_uid"]: r["n"] for r in rows if r["state"] == ExportState.SENT.value}
         dead = [r for r in rows if r["state"] == ExportState.DEAD.value]
         return ExportTotals(

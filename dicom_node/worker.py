@@ -6,7 +6,9 @@ take the node down. Each worker runs one job at a time; a device listed twice in
 has two workers.
 
 What a worker does with each outcome:
-- the derived series is written: its exports are queued (or the job is done);
+- while the derived series is written: each chunk the engine process reports written has its
+  exports queued at once (store.queue_outputs), so the exporter sends while the rest is written;
+- the derived series is written: its (remaining) exports are queued (or the job is done);
 - the series cannot be standardized: the job fails with a reason an operator can read
   (`ltdiff-node retry JOB` queues it again);
 - the series was outside the validated envelope of the route's engine (fallback engine ran,
@@ -40,6 +42,7 @@ from dicom_node.engine_host import (
     EngineProcess,
     EngineResult,
     FailureKind,
+    OutputFile,
     outside_envelope_fields,
 )
 from dicom_node.logs import get_logger
@@ -82,6 +85,7 @@ def forward_job(job: JobRow, store: JobStore) -> JobState:
         job.id,
         outputs,
         job.destinations,
+        transfer_syntaxes=store.transfer_syntaxes(job.series_uid),
         derived_series_uid=None,
         summary={"slices_in": len(outputs), "slices_out": len(outputs), "forwarded": True},
     )
@@ -207,13 +211,30 @@ class EngineWorker(threading.Thread):
             fallback_engine=None if route is None else route.fallback_engine,
         )
         try:
-            outcome: EngineOutcome = self.engine.run(request, self.stop_event)
+            outcome: EngineOutcome = self.engine.run(
+                request, self.stop_event, on_written=lambda chunk: self._queue_early(job, chunk)
+            )
         except EngineError as exc:
             log.error("worker.engine_unavailable", worker=self.name, job=job.id, reason=str(exc))
             self._db(lambda: self.store.release_job(job.id))
             self.stop_event.wait(_ENGINE_RESTART_BACKOFF_S)
             return
         self._settle(job, outcome)
+
+    def _queue_early(self, job: JobRow, chunk: tuple[OutputFile, ...]) -> None:
+        """Queue the export of output already written while the engine process writes the
+        rest. Best effort: whatever is not queued here is queued with the result."""
+        if not job.destinations:
+            return
+        try:
+            self.store.queue_outputs(
+                job.id,
+                [(sop, cls, Path(p)) for sop, cls, p, _ in chunk],
+                job.destinations,
+                transfer_syntaxes={sop: ts for sop, _, _, ts in chunk},
+            )
+        except sqlite3.Error as exc:
+            log.warning("worker.early_export_not_queued", job=job.id, error=str(exc))
 
     def _settle(self, job: JobRow, outcome: EngineOutcome) -> None:
         context = {"job": job.id, "series_uid": job.series_uid, "worker": self.name}
@@ -225,12 +246,13 @@ class EngineWorker(threading.Thread):
                 self.metrics.outside_envelope(job.rule, job.engine, str(outside["outcome"]))
         if isinstance(outcome, EngineResult):
             self.metrics.engine_processed(outcome.summary)
-            outputs = [(sop, cls, Path(p)) for sop, cls, p in outcome.outputs]
+            outputs = [(sop, cls, Path(p)) for sop, cls, p, _ in outcome.outputs]
             state = self._db(
                 lambda: self.store.start_export(
                     job.id,
                     outputs,
                     job.destinations,
+                    transfer_syntaxes={sop: ts for sop, _, _, ts in outcome.outputs},
                     derived_series_uid=outcome.derived_series_uid,
                     summary=outcome.summary,
                 )

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from tests_support import node_config, wait_until, write_series
@@ -63,12 +64,13 @@ def test_two_cpu_workers_run_two_series_at_once_in_two_engine_processes(
         def run(
             job: EngineJob,
             stop: threading.Event,
+            on_written: Any = None,
             worker: EngineWorker = worker,
             real_run=worker.engine.run,
         ) -> EngineOutcome:
             started = time.monotonic()
             both_dispatched.wait()  # opens only while the other worker holds a job too
-            outcome = real_run(job, stop)
+            outcome = real_run(job, stop, on_written)
             runs.append(Run(worker.name, worker.engine.pid, job.job_id, started, time.monotonic()))
             return outcome
 

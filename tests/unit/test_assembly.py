@@ -1,6 +1,6 @@
 """Series completeness: idle time per series, or the expected count when known."""
 
-from dicom_node.assembly import ready_series
+from dicom_node.assembly import next_stable_at, ready_series
 from dicom_node.config import AssemblyConfig
 from dicom_node.store import SeriesRow, SeriesState
 
@@ -45,3 +45,13 @@ def test_the_expected_count_still_completes_at_once_after_a_restart():
         [_series(last=100, n=8, expected=8)], now=5000.5, cfg=cfg, clock_start=5000.0
     )
     assert ready.why == "expected-count"
+
+
+def test_next_stable_at_is_when_the_first_receiving_series_becomes_stable():
+    cfg = AssemblyConfig(stable_age_s=60)
+    series = [_series(last=100), _series(last=90), _series(last=120)]
+    assert next_stable_at(series, cfg) == 150.0
+    assert next_stable_at(series, cfg, clock_start=95.0) == 155.0, "idle counted from the start"
+    assert next_stable_at([], cfg) is None
+    (ready,) = ready_series([_series(last=90)], now=150.0, cfg=cfg)
+    assert ready.why == "stable", "ready_series agrees at that very time"

@@ -96,6 +96,14 @@ def test_shipped_config_file_is_valid_and_documents_the_defaults():
         ),
         ({"destinations": [_dest(acse_timeout_s=601)]}, "destinations[0].acse_timeout_s = 601"),
         ({"destinations": [_dest(network_timeout_s="30")]}, "destinations[0].network_timeout_s"),
+        (
+            {"destinations": [_dest(association_close_delay_s=-1)]},
+            "destinations[0].association_close_delay_s = -1",
+        ),
+        (
+            {"destinations": [_dest(association_close_delay_s=30)]},
+            "destinations[0].association_close_delay_s = 30: must be below network_timeout_s",
+        ),
         ({"unmatched": {"action": "forward"}}, "required when unmatched.action = 'forward'"),
         ({"node": {"workers": ["gpu0"]}}, "'gpu0' is not 'cpu', 'cuda' or 'cuda:N'"),
         ({"node": {"log_format": "xml"}}, "node.log_format"),
@@ -278,3 +286,14 @@ def test_a_fallback_engine_that_is_never_used_is_a_warning(tmp_path):
 @pytest.mark.parametrize("workers", [["cpu", "cpu"], ["cuda:0", "cuda:0", "cpu"]])
 def test_a_device_listed_twice_runs_two_workers_on_it(workers):
     assert parse_config({"node": {"workers": workers}}).workers == tuple(workers)
+
+
+def test_association_close_delay_defaults_to_5_s_and_stays_below_the_network_timeout():
+    (dest,) = parse_config({"destinations": [_dest()]}).destinations
+    assert dest.association_close_delay_s == 5.0
+    (shipped,) = load_config(REPO / "config" / "ltdiff-node.toml").destinations
+    assert shipped.association_close_delay_s == 5.0, "config/ltdiff-node.toml documents it"
+    (short,) = parse_config({"destinations": [_dest(network_timeout_s=4)]}).destinations
+    assert short.association_close_delay_s == 2.0, "the default never reaches the timeout"
+    (off,) = parse_config({"destinations": [_dest(association_close_delay_s=0)]}).destinations
+    assert off.association_close_delay_s == 0.0

@@ -163,7 +163,7 @@ def test_confirmations_are_recorded_while_sending_not_after_the_batch(
     store = store_with_exports
     unrecorded_before_each_send: list[int] = []
 
-    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None):
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None):
         for i, r in enumerate(rows):
             # what a kill -9 right now would resend: confirmed but not recorded
             n_sent = len(_states(store).get(ExportState.SENT.value, []))
@@ -182,7 +182,7 @@ def test_broken_association_counts_one_attempt_and_leaves_the_rest_untouched(
 ):
     store = store_with_exports
 
-    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None):
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None):
         for r in rows[:5]:
             on_result(r, None)
         on_result(rows[5], "no answer within dimse_timeout_s = 30 s; association aborted")
@@ -203,7 +203,7 @@ def test_stop_request_ends_the_batch_before_the_next_instance(store_with_exports
     ex = _exporter(store)
     offered: list[int] = []
 
-    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None):
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None):
         for i, r in enumerate(rows):
             if not keep_going():
                 return SendResult(offered[:], [], list(rows[i:]))

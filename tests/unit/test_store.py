@@ -321,12 +321,63 @@ def test_a_schema_1_database_is_migrated_in_place(tmp_path):
     con = sqlite3.connect(path)  # make it look like a database written by schema 1
     con.executescript(
         "ALTER TABLE jobs DROP COLUMN crashes; ALTER TABLE jobs DROP COLUMN not_before; "
-        "ALTER TABLE jobs DROP COLUMN waiting; UPDATE meta SET value='1';"
+        "ALTER TABLE jobs DROP COLUMN waiting; ALTER TABLE exports DROP COLUMN transfer_syntax; "
+        "UPDATE meta SET value='1';"
     )
     con.close()
     s = JobStore(path)
     job = s.claim_job("w", (JobKind.STANDARDIZE,))
     assert job.id == job_id and job.crashes == 0
+    s.close()
+
+
+def test_a_schema_2_database_keeps_its_queued_exports_without_a_transfer_syntax(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    s = JobStore(path)
+    s.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(s)
+    s.claim_job("w", (JobKind.STANDARDIZE,))
+    s.start_export(
+        job_id,
+        [("9.9.1", "1.2.840.10008.5.1.4.1.1.2", Path("/o/1.dcm"))],
+        ("pacs",),
+        derived_series_uid="9.9",
+        summary={},
+    )
+    s.close()
+    con = sqlite3.connect(path)  # as written by schema 2: no transfer syntax per export
+    con.executescript("ALTER TABLE exports DROP COLUMN transfer_syntax; UPDATE meta SET value='2';")
+    con.close()
+    s = JobStore(path)
+    (row,) = s.due_exports("pacs", now=1e12)
+    assert row.transfer_syntax is None, "the exporter reads it from the file, as before"
+    s.close()
+
+
+def test_the_transfer_syntax_recorded_with_the_output_is_what_the_exporter_gets(tmp_path):
+    s = JobStore(tmp_path / "db.sqlite3")
+    s.record_instance(_rec("1.2.3.1"), now=100.0)
+    job_id = _complete(s)
+    s.claim_job("w", (JobKind.STANDARDIZE,))
+    woken: list[tuple[str, ...]] = []
+    s.on_exports_queued(lambda dests: woken.append(tuple(dests)))
+    outs = [(f"9.9.{i}", "1.2.840.10008.5.1.4.1.1.2", Path(f"/o/{i}.dcm")) for i in range(2)]
+    s.start_export(
+        job_id,
+        outs,
+        ("pacs",),
+        derived_series_uid="9.9",
+        summary={},
+        transfer_syntaxes={"9.9.0": "1.2.840.10008.1.2.1", "9.9.1": "1.2.840.10008.1.2.4.80"},
+    )
+    rows = s.due_exports("pacs", now=1e12)
+    assert [(r.sop_uid, r.transfer_syntax) for r in rows] == [
+        ("9.9.0", "1.2.840.10008.1.2.1"),
+        ("9.9.1", "1.2.840.10008.1.2.4.80"),
+    ]
+    assert woken == [("pacs",)], "the exporter is told after the commit"
     s.close()
 
 
