@@ -17,8 +17,9 @@ storescu processes, each a contiguous k-th of the files), R times, to each recei
 Every trial gets a fresh receiver (a resend of the same SOP Instance UIDs to a warm node would
 be answered as duplicates without a write) and checks afterwards that it stored all N. The rate
 is N / (first storescu started -> last storescu exited). Prints the median instances/s per
-receiver and association count, and the ratios node/Orthanc and node/storescp. A missing peer is
-reported and left out of the table.
+receiver and association count, the ratios node/Orthanc and node/storescp of those medians, and
+the same ratios within each repeat (the two trials ran back to back, so drift between repeats
+cancels out) with their median and range. A missing peer is reported and left out of the table.
 
 `--profile DIR` instruments the node process in its 1-association trials
 (benchmarks/receive_profile.py): wall time per stage of the receive path per instance, written
@@ -198,6 +199,40 @@ def format_table(
             cells = [_ratio(med.get((num, a)), med.get((den, a))) for a in associations]
             lines.append(f"| {num} / {den} | " + " | ".join(cells) + " |")
     lines.extend(f"skipped {name}: {why}" for name, why in skipped.items())
+    return "\n".join(lines)
+
+
+RunKey = tuple[str, int, int]  # (receiver, associations, repeat)
+
+
+def paired_ratios(runs: dict[RunKey, float], num: str, den: str, associations: int) -> list[float]:
+    """num / den of each repeat in which both succeeded: the two trials ran back to back, so
+    the machine's drift between repeats cancels out of each ratio."""
+    return [
+        rate / runs[(den, associations, repeat)]
+        for (name, assoc, repeat), rate in sorted(runs.items(), key=lambda kv: kv[0][2])
+        if name == num and assoc == associations and runs.get((den, associations, repeat))
+    ]
+
+
+def format_paired(
+    runs: dict[RunKey, float], receivers: Sequence[str], associations: Sequence[int]
+) -> str:
+    """One line per ratio of RATIOS and association count: each repeat's ratio, and their
+    median and range."""
+    lines = []
+    for num, den in RATIOS:
+        if num not in receivers or den not in receivers:
+            continue
+        for a in associations:
+            ratios = paired_ratios(runs, num, den, a)
+            if not ratios:
+                continue
+            each = " ".join(f"{r:.2f}" for r in ratios)
+            lines.append(
+                f"{num} / {den}, {a} association{'s' if a > 1 else ''}: per run {each}; "
+                f"median {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+            )
     return "\n".join(lines)
 
 
@@ -461,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = generate_phantom_series(work / "input", n_slices=args.instances, seed=7)
         mb = sum(p.stat().st_size for p in files) / len(files) / 1e3
         print(f"phantom: {len(files)} instances of {mb:.0f} KB in {time.monotonic() - t0:.1f} s")
-        rates, skipped, failures = _run_all(args, storescu, files, work)
+        rates, skipped, failures, runs = _run_all(args, storescu, files, work)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -470,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(storescu, TCP_NODELAY=1, loopback, {os.cpu_count()} CPUs):\n"
     )
     print(format_table(medians(rates), args.receivers, args.associations, skipped=skipped))
+    paired = format_paired(runs, args.receivers, args.associations)
+    if paired:
+        print("\nratios within each run (trials back to back):")
+        print(paired)
     if args.profile is not None:
         print()
         print(receive_profile.report(args.profile))
@@ -478,9 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_all(
     args: argparse.Namespace, storescu: str, files: list[Path], work: Path
-) -> tuple[dict[Key, list[float]], dict[str, str], int]:
-    """Rates per (receiver, associations), receivers skipped (and why), failed trials."""
+) -> tuple[dict[Key, list[float]], dict[str, str], int, dict[RunKey, float]]:
+    """Rates per (receiver, associations), receivers skipped (and why), failed trials, and the
+    rate of each (receiver, associations, repeat) that succeeded."""
     rates: dict[Key, list[float]] = {(r, a): [] for r in args.receivers for a in args.associations}
+    runs: dict[RunKey, float] = {}
     skipped: dict[str, str] = {}
     trial = failures = 0
     # Interleaved (repeat, associations, receiver) so drift on the machine hits all alike.
@@ -512,8 +553,9 @@ def _run_all(
                 finally:
                     shutil.rmtree(work / f"trial-{trial}", ignore_errors=True)
                 rates[(name, assoc)].append(rate)
+                runs[(name, assoc, repeat)] = rate
                 print(f"{name:<10} {assoc} assoc run {repeat + 1}: {rate:6.0f} instances/s")
-    return rates, skipped, failures
+    return rates, skipped, failures, runs
 
 
 if __name__ == "__main__":

@@ -133,3 +133,18 @@ def test_profile_report_sums_processes_per_instance(tmp_path: Path) -> None:
     assert "| record_instance | handler | 1.00 | 1.0 |" in report
     assert "| fsync | - | 2.00 | 2.0 |" in report
     assert "no instance recorded" in profile.report(tmp_path / "empty")
+
+
+def test_ratios_within_each_run_pair_trials_of_the_same_repeat_only(bench: ModuleType) -> None:
+    runs = {
+        ("node", 1, 0): 100.0,
+        ("orthanc", 1, 0): 200.0,
+        ("node", 1, 1): 150.0,  # its orthanc trial failed: no ratio for repeat 1
+        ("node", 1, 2): 300.0,
+        ("orthanc", 1, 2): 200.0,
+        ("node", 4, 0): 90.0,
+    }
+    assert bench.paired_ratios(runs, "node", "orthanc", 1) == [0.5, 1.5]
+    assert bench.paired_ratios(runs, "node", "orthanc", 4) == []
+    text = bench.format_paired(runs, ("node", "orthanc"), (1, 4))
+    assert text == "node / orthanc, 1 association: per run 0.50 1.50; median 1.00x (0.50-1.50)"
