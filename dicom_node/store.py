@@ -544,24 +544,7 @@ class JobStore:
         state = JobState.EXPORTING if destinations and outputs else JobState.DONE
         syntaxes = transfer_syntaxes or {}
         with self._tx() as c:
-            for dest in destinations:
-                c.executemany(
-                    "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
-                    "path, state, next_attempt, transfer_syntax) VALUES(?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            job_id,
-                            dest,
-                            sop,
-                            cls,
-                            str(p),
-                            ExportState.PENDING.value,
-                            now,
-                            syntaxes.get(sop),
-                        )
-                        for sop, cls, p in outputs
-                    ],
-                )
+            _insert_exports(c, job_id, destinations, outputs, syntaxes, now)
             c.execute(
                 "UPDATE jobs SET state=?, updated_at=?, derived_series_uid=?, n_out=?, "
                 "summary_json=?, error=NULL WHERE id=?",
@@ -600,24 +583,7 @@ class JobStore:
             row = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None or row["state"] != JobState.PROCESSING.value:
                 return False
-            for dest in destinations:
-                c.executemany(
-                    "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
-                    "path, state, next_attempt, transfer_syntax) VALUES(?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            job_id,
-                            dest,
-                            sop,
-                            cls,
-                            str(p),
-                            ExportState.PENDING.value,
-                            now,
-                            syntaxes.get(sop),
-                        )
-                        for sop, cls, p in outputs
-                    ],
-                )
+            _insert_exports(c, job_id, destinations, outputs, syntaxes, now)
         if destinations and outputs:
             self._announce_exports(destinations)
         return True
@@ -1114,3 +1080,24 @@ def _job(r: sqlite3.Row) -> JobRow:
         crashes=r["crashes"],
         waiting=r["waiting"],
     )
+
+
+def _insert_exports(  # noqa: PLR0917 - one row per (destination, output), all positional here
+    c: sqlite3.Connection,
+    job_id: int,
+    destinations: Sequence[str],
+    outputs: Sequence[tuple[str, str, Path]],
+    syntaxes: Mapping[str, str],
+    now: float,
+) -> None:
+    """Queue a job's outputs (SOP Instance UID, SOP Class UID, path) for each destination, in
+    the caller's transaction; an export already queued is left as it is."""
+    for dest in destinations:
+        c.executemany(
+            "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, sop_class_uid, "
+            "path, state, next_attempt, transfer_syntax) VALUES(?,?,?,?,?,?,?,?)",
+            [
+                (job_id, dest, sop, cls, str(p), ExportState.PENDING.value, now, syntaxes.get(sop))
+                for sop, cls, p in outputs
+            ],
+        )
