@@ -33,6 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
+from dicom_node import part10
 from dicom_node.config import DestinationConfig
 from dicom_node.logs import get_logger, safe_error_text
 from dicom_node.scp import set_tcp_nodelay
@@ -166,21 +167,6 @@ def _new_ae(dest: DestinationConfig, calling_ae: str) -> AE:
     return ae
 
 
-#: A file in the DICOM File Format (PS3.10 7.1) starts with a 128-byte preamble, "DICM" and the
-#: File Meta Information Group Length (0002,0000), explicit VR "UL", length 4.
-_META_HEAD = 144
-_GROUP_LENGTH_HEADER = b"DICM\x02\x00\x00\x00UL\x04\x00"
-
-
-def dataset_offset(head: bytes) -> int | None:
-    """Where the data set starts in a DICOM file, from its first 144 bytes: after the preamble,
-    "DICM" and the file meta group, whose length (0002,0000) says how long it is. None when the
-    file does not start that way (the caller parses the file meta instead)."""
-    if len(head) < _META_HEAD or head[128:140] != _GROUP_LENGTH_HEADER:
-        return None
-    return _META_HEAD + int.from_bytes(head[140:144], "little")
-
-
 @dataclass(frozen=True)
 class OnTheWire:
     """How a file goes out: its transfer syntax and where its data set starts."""
@@ -193,7 +179,7 @@ def on_the_wire(row: ExportRow) -> OnTheWire:
     """The transfer syntax recorded when the file was written (read from the file only for rows
     that have none) and the data set's offset, from the file's first 144 bytes."""
     with row.path.open("rb") as handle:
-        offset = dataset_offset(handle.read(_META_HEAD))
+        offset = part10.dataset_offset(handle.read(part10.FILE_HEAD_BYTES))
     if offset is not None and row.transfer_syntax:
         return OnTheWire(row.transfer_syntax, offset)
     meta, offset = split_dataset(row.path)

@@ -1,8 +1,9 @@
 """The DICOM File Format's header (PS3.10 7.1): preamble, prefix and File Meta Information.
 
-A pure encoder, no I/O: the C-STORE handler writes `file_header(...)` and the received dataset
-buffer side by side (one `os.writev`), instead of pynetdicom's `Event.encoded_dataset()`, which
-runs pydicom's file-meta writer and copies the 526 KB dataset twice.
+A pure encoder (and `dataset_offset`, its reader for the exporter), no I/O: the C-STORE handler
+writes `file_header(...)` and the received dataset buffer side by side (one `os.writev`),
+instead of pynetdicom's `Event.encoded_dataset()`, which runs pydicom's file-meta writer and
+copies the 526 KB dataset twice.
 
 The File Meta Information is group 0002 in Explicit VR Little Endian (PS3.10 7.1, PS3.5 7.1.2),
 with its group length first, and holds what pynetdicom's `create_file_meta` puts there, in tag
@@ -85,3 +86,18 @@ def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: 
     """Preamble, "DICM" and the File Meta Information: what precedes the dataset in a file
     (the bytes `Event.encoded_dataset()` puts before it)."""
     return PREAMBLE + file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+
+
+#: Bytes of a file up to and with the File Meta Information Group Length's value: preamble,
+#: "DICM" and (0002,0000) explicit VR "UL", length 4.
+FILE_HEAD_BYTES = 144
+_GROUP_LENGTH_HEADER = b"DICM" + _SHORT.pack(0x0002, 0x0000, b"UL", 4)
+
+
+def dataset_offset(head: bytes) -> int | None:
+    """Where the data set starts in a DICOM file, from its first FILE_HEAD_BYTES: after the
+    preamble, "DICM" and the file meta group, whose length (0002,0000) says how long it is.
+    None when the file does not start that way (the caller parses the file meta instead)."""
+    if len(head) < FILE_HEAD_BYTES or head[128:140] != _GROUP_LENGTH_HEADER:
+        return None
+    return FILE_HEAD_BYTES + int.from_bytes(head[140:144], "little")

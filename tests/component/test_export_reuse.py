@@ -20,7 +20,8 @@ from tests_support import write_series as write_source_series
 
 from dicom_node import export, statuses
 from dicom_node.config import DestinationConfig
-from dicom_node.export import Exporter, dataset_offset
+from dicom_node.export import Exporter
+from dicom_node.part10 import dataset_offset
 from dicom_node.scp import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.store import ExportState, InstanceRecord, JobKind, JobStore
 
