@@ -54,6 +54,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def wait_until(
     predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition"
 ) -> None:

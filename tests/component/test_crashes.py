@@ -3,13 +3,20 @@ issue 8 defect 1, "the node dies again on every restart and every later job star
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 from pathlib import Path
 
 import pytest
-from tests_support import free_port, log_events, serve, wait_until, write_series, write_site_config
+from tests_support import (
+    free_port,
+    log_events,
+    process_gone,
+    serve,
+    wait_until,
+    write_series,
+    write_site_config,
+)
 
 from dicom_node.config import DestinationConfig
 from dicom_node.export import send_paths
@@ -29,17 +36,6 @@ def _engine_pid(log: Path) -> int:
     return int(
         next(e for e in reversed(log_events(log)) if e["event"] == "engine_process.started")["pid"]
     )  # type: ignore[arg-type]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:  # a zombie waiting for its parent to reap it is gone too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_a_job_that_keeps_killing_the_node_fails_at_start_up_and_later_jobs_run(tmp_path):
@@ -64,7 +60,9 @@ def test_a_job_that_keeps_killing_the_node_fails_at_start_up_and_later_jobs_run(
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             wait_until(
-                lambda pid=engine_pid: _gone(pid), 30, "the engine process to die with the node"
+                lambda pid=engine_pid: process_gone(pid),
+                30,
+                "the engine process to die with the node",
             )
             proc = serve(config, log)
         ((job_id, job_state, crashes),) = _job_states(state / "ltdiff-node.sqlite3")

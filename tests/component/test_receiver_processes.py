@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage
-from tests_support import free_port, log_events, serve, wait_until, write_site_config
+from tests_support import free_port, log_events, process_gone, serve, wait_until, write_site_config
 
 from dicom_node import statuses
 from dicom_node.receivers import DispatchingServer, ReceiverPool
@@ -53,17 +52,6 @@ def _count(node: Node, name: str, **labels: str) -> float:
     node.server.drain()
     value = node.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:  # a zombie waiting for its parent to reap it is gone too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_four_associations_are_served_by_more_than_one_receiver_process(start_node):
@@ -196,7 +184,7 @@ def test_node_stop_leaves_no_receiver_process(start_node):
     assoc = _associate(node)  # an association open while the node stops
     node.stop()
     for pid in pids:
-        assert _gone(pid), f"receiver process {pid} still runs after stop"
+        assert process_gone(pid), f"receiver process {pid} still runs after stop"
     wait_until(lambda: not assoc.is_alive(), 30, "the open association to end")
 
 
@@ -211,11 +199,13 @@ def test_no_receiver_outlives_the_node_process(tmp_path, how):
     try:
         (started,) = [e for e in log_events(log) if e["event"] == "receivers.started"]
         pids = [int(p) for p in started["pids"]]  # type: ignore[union-attr]
-        assert len(pids) == 2 and all(not _gone(p) for p in pids)
+        assert len(pids) == 2 and all(not process_gone(p) for p in pids)
         proc.send_signal(getattr(signal, how))
         proc.wait(timeout=60)
         for pid in pids:
-            wait_until(lambda pid=pid: _gone(pid), 30, f"receiver {pid} to die with the node")
+            wait_until(
+                lambda pid=pid: process_gone(pid), 30, f"receiver {pid} to die with the node"
+            )
     finally:
         if proc.poll() is None:
             proc.kill()
