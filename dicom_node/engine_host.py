@@ -369,13 +369,14 @@ _context_lock = threading.Lock()
 
 
 def _context(config: NodeConfig) -> multiprocessing.context.ForkServerContext:
-    """The fork-server context; the server preloads the engine modules (torch only when a learned
-    engine is configured). The preload list is fixed when the server first starts."""
+    """The fork-server context; the server preloads the engine modules, torch among them (the
+    learned engines run in it and the linear filter does its FFTs with it). The preload list is
+    fixed when the server first starts."""
     ctx = multiprocessing.get_context("forkserver")
     with _context_lock:
-        modules = ["dicom_node.engine_host"]
+        modules = ["dicom_node.engine_host", "torch"]
         if any(e.kind != LINEAR_FILTER_KIND for e in config.engines):
-            modules += ["torch", "engine.ltdiff.engine"]
+            modules += ["engine.ltdiff.engine"]
         ctx.set_forkserver_preload(modules)
     return ctx
 

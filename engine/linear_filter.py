@@ -24,6 +24,8 @@ Behaviour worth knowing:
 * Slices are filtered independently in 2-D, padded by mirror reflection so the FFT's periodic
   wrap-around does not bleed the opposite border into the image. Rows and columns may differ in
   number and spacing.
+* The FFTs run in torch when it can be imported (3x faster than numpy's on one thread, and
+  multithreaded), else in numpy; the two agree to float32 round-off (tests/unit/test_linear_filter.py).
 * The output is float32 HU and is not clipped: the storage step clips to the representable range
   (e.g. -1024 HU for Siemens-like unsigned storage) when the derived series is written.
 """
@@ -34,12 +36,13 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from types import ModuleType
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -149,11 +152,15 @@ def _check_curve(
 class LinearFilterEngine:
     """Kernel standardization by a fitted radial frequency-domain filter (see module docstring).
 
-    Stateless between calls and deterministic; `seed` is ignored.
+    Stateless between calls and deterministic; `seed` is ignored. `fft`: which library computes
+    the FFTs (`resolve_fft_backend`); both give the same result to float32 round-off.
     """
 
-    def __init__(self, linear_filter: LinearFilter, *, weights_sha256: str) -> None:
+    def __init__(
+        self, linear_filter: LinearFilter, *, weights_sha256: str, fft: FftBackend = "auto"
+    ) -> None:
         self._filter = linear_filter
+        self._fft = resolve_fft_backend(fft)
         self._identity = EngineIdentity(
             name=ENGINE_KIND,
             version=__version__,
@@ -163,11 +170,11 @@ class LinearFilterEngine:
         )
 
     @classmethod
-    def from_file(cls, path: Path) -> LinearFilterEngine:
+    def from_file(cls, path: Path, *, fft: FftBackend = "auto") -> LinearFilterEngine:
         """Load a weights file written by `save_linear_filter`, strictly (`parse_linear_filter`)."""
         data = Path(path).read_bytes()
         linear_filter = parse_linear_filter(data, source=str(path))
-        return cls(linear_filter, weights_sha256=hashlib.sha256(data).hexdigest())
+        return cls(linear_filter, weights_sha256=hashlib.sha256(data).hexdigest(), fft=fft)
 
     @property
     def identity(self) -> EngineIdentity:
@@ -219,6 +226,7 @@ class LinearFilterEngine:
         pad_c = (min(PAD_PX, cols - 1), _good_fft_size(cols + 2 * min(PAD_PX, cols - 1)))
         padded_shape = (pad_r[1], pad_c[1])
         gain = self.transfer_function(padded_shape, (row_mm, col_mm))
+        apply_gain = _gain_filter(gain, padded_shape, self._fft)
         out = np.empty(volume.shape, dtype=np.float32)
         for start in range(0, n_slices, CHUNK_SLICES):
             chunk = volume[start : start + CHUNK_SLICES].astype(np.float32, copy=False)
@@ -231,13 +239,98 @@ class LinearFilterEngine:
                 ),
                 mode="symmetric",
             )
-            spectrum = np.fft.rfft2(padded)
-            spectrum *= gain
-            filtered = np.fft.irfft2(spectrum, s=padded_shape)
+            filtered = apply_gain(padded)
             out[start : start + CHUNK_SLICES] = filtered[
                 :, pad_r[0] : pad_r[0] + rows, pad_c[0] : pad_c[0] + cols
             ]
         return out
+
+
+FftBackend = Literal["auto", "torch", "numpy"]
+FFT_BACKENDS: Final = ("auto", "torch", "numpy")
+
+
+def _torch_or_none() -> ModuleType | None:
+    try:
+        import torch  # noqa: PLC0415 (optional speed-up; numpy computes the same filter)
+    except ImportError:
+        return None
+    return torch
+
+
+def resolve_fft_backend(backend: FftBackend) -> Literal["torch", "numpy"]:
+    """The FFT library the filter will use: "auto" is torch when it can be imported (about
+    3x faster than numpy's pocketfft on one thread for 576 x 576 float32, and it uses the
+    process's torch threads), else numpy."""
+    if backend not in FFT_BACKENDS:
+        raise EngineError(f"FFT backend must be one of {FFT_BACKENDS}, got {backend!r}")
+    if backend == "numpy":
+        return "numpy"
+    if _torch_or_none() is None:
+        if backend == "torch":
+            raise EngineError("FFT backend 'torch' asked for, but torch cannot be imported")
+        return "numpy"
+    return "torch"
+
+
+def _torch_gain_filter(
+    gain: npt.NDArray[np.float32], padded_shape: tuple[int, int]
+) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+    """`_gain_filter` in torch, two slices per complex FFT.
+
+    G is real and even (it depends on |f| only, and the FFT grid's frequencies at k and n - k are
+    exact negatives), so for real slices a and b, ifft2(G fft2(a + ib)) = (G * a) + i (G * b):
+    one complex transform pair filters two slices. In torch that costs less than half of
+    rfft2 + irfft2 per slice (whose complex-to-real 2-D transform is the slow part).
+    """
+    torch = _torch_or_none()
+    assert torch is not None  # resolve_fft_backend checked
+    rows, cols = padded_shape
+    full = np.empty((rows, cols), dtype=np.float32)
+    half = gain.shape[1]
+    full[:, :half] = gain
+    # Columns above cols // 2 are the negative frequencies: G(fy, -fx) = G(-fy, fx) by evenness.
+    negative = np.arange(half, cols)
+    full[:, half:] = gain[(-np.arange(rows)) % rows][:, cols - negative]
+    gain_t = torch.from_numpy(full).to(torch.complex64)
+
+    def filter_pairs(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        n = stack.shape[0]
+        pairs = np.empty(((n + 1) // 2, rows, cols), dtype=np.complex64)
+        pairs.real[:] = stack[0::2]
+        pairs.imag[: n // 2] = stack[1::2]
+        pairs.imag[n // 2 :] = 0.0  # an odd slice out pairs with zeros
+        with torch.inference_mode():
+            spectrum = torch.fft.fft2(torch.from_numpy(pairs))
+            spectrum *= gain_t
+            filtered = torch.fft.ifft2(spectrum).numpy()
+        out = np.empty(stack.shape, dtype=np.float32)
+        out[0::2] = filtered.real
+        out[1::2] = filtered.imag[: n // 2]
+        return out
+
+    return filter_pairs
+
+
+def _gain_filter(
+    gain: npt.NDArray[np.float32],
+    padded_shape: tuple[int, int],
+    backend: Literal["torch", "numpy"],
+) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+    """A function that multiplies the 2-D spectrum of each slice of a float32 [n, rows, cols]
+    stack by `gain` (on the rfft2 grid) and returns the real result, float32."""
+    if backend == "torch":
+        return _torch_gain_filter(gain, padded_shape)
+
+    def with_numpy(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        spectrum = np.fft.rfft2(stack)
+        spectrum *= gain
+        result: npt.NDArray[np.float32] = np.fft.irfft2(spectrum, s=padded_shape).astype(
+            np.float32, copy=False
+        )
+        return result
+
+    return with_numpy
 
 
 def _good_fft_size(n: int) -> int:

@@ -119,6 +119,40 @@ def test_standardize_is_deterministic_float32_and_independent_of_chunking() -> N
     np.testing.assert_allclose(out[-1:], single, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("n_slices", "rows", "cols", "spacing"),
+    [
+        (CHUNK_SLICES + 3, 48, 40, (0.7, 0.7)),  # odd count in the last chunk: a slice pairs with 0
+        (1, 37, 51, (0.5, 0.9)),  # odd sizes, anisotropic spacing
+        (4, 2, 3, (1.0, 1.0)),  # the smallest slices the engine takes
+    ],
+)
+def test_torch_and_numpy_ffts_give_the_same_filter(
+    n_slices: int, rows: int, cols: int, spacing: tuple[float, float]
+) -> None:
+    """The torch path filters two slices per complex FFT (their gain is real and even); it must
+    give numpy's rfft2 result, slice by slice, to float32 round-off."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    volume = rng.normal(-200, 300, (n_slices, rows, cols)).astype(np.float32)
+    geo = geometry(spacing, n_slices)
+    with_numpy = LinearFilterEngine(ramp_filter(), weights_sha256="0" * 64, fft="numpy")
+    with_torch = LinearFilterEngine(ramp_filter(), weights_sha256="0" * 64, fft="torch")
+    expected = with_numpy.standardize(volume, geo)
+    got = with_torch.standardize(volume, geo)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=0.02, rtol=0)
+    # Each slice is its own: a slice filtered alone equals the same slice filtered in a stack.
+    np.testing.assert_allclose(
+        with_torch.standardize(volume[-1:], geometry(spacing, 1)), expected[-1:], atol=0.02
+    )
+
+
+def test_an_unknown_fft_backend_is_refused() -> None:
+    with pytest.raises(EngineError, match="FFT backend"):
+        LinearFilterEngine(ramp_filter(), weights_sha256="0" * 64, fft="fftw")  # type: ignore[arg-type]
+
+
 def test_standardize_rejects_bad_input() -> None:
     engine = engine_of(ramp_filter())
     with pytest.raises(EngineError, match="shape"):
