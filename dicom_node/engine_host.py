@@ -58,7 +58,7 @@ from engine.envelope_policy import (
     OutsideEnvelopeError,
 )
 from engine.interface import Engine, EngineError
-from engine.pipeline import standardize_series, write_series
+from engine.pipeline import prepare_series, write_series
 from engine.registry import LINEAR_FILTER_KIND, EngineOptions, load_engine
 
 log = get_logger("dicom_node.engine_host")
@@ -215,30 +215,36 @@ def run_job(
 ) -> EngineResult | EngineFailure:
     """Standardize one series into `job.out_dir`. Never raises for a job's own problems.
 
-    The output is written in chunks of WRITE_CHUNK files; `on_written` hears each chunk but the
-    last once it is durable (the last comes with the EngineResult)."""
+    The derived series is built and written in chunks of WRITE_CHUNK files; `on_written` hears
+    each chunk but the last once it is durable (the last comes with the EngineResult), so the
+    first chunks are exported while later ones are still built."""
     t0 = time.monotonic()
     out_dir = Path(job.out_dir)
-    written: list[Path] = []
+    outputs: list[OutputFile] = []
+    clipped = 0
+    build_s = 0.0
     try:
         if not job.paths:
             raise ValueError("the series has no stored instances")
         policy = EnvelopePolicy(
             job.outside_envelope, lambda: engines.fallback(job.fallback_engine, device)
         )
-        result = standardize_series(
+        prepared = prepare_series(
             job.paths, engines.get(job.engine, device), derived_options(config), envelope=policy
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        datasets = result.datasets
-        for start in range(0, len(datasets), WRITE_CHUNK):
-            chunk = datasets[start : start + WRITE_CHUNK]
-            paths = write_series(chunk, out_dir)
-            written.extend(paths)
-            if on_written is not None and start + WRITE_CHUNK < len(datasets):
-                on_written(_output_files(chunk, paths))
+        builder = prepared.builder
+        for start in range(0, builder.n_slices, WRITE_CHUNK):
+            building = time.perf_counter()
+            chunk, chunk_clipped = builder.build_range(start, start + WRITE_CHUNK)
+            build_s += time.perf_counter() - building
+            clipped += chunk_clipped
+            written = _output_files(chunk, write_series(chunk, out_dir))
+            outputs.extend(written)
+            if on_written is not None and start + WRITE_CHUNK < builder.n_slices:
+                on_written(written)
     except Exception as exc:
         if is_disk_full(exc):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -250,26 +256,25 @@ def run_job(
         if not isinstance(exc, ValueError | RuntimeError):
             log.error("job.engine_error", job=job.job_id, exc_info=True)
         return EngineFailure(FailureKind.INPUT, safe_error_text(exc))
-    outputs = _output_files(result.datasets, written)
-    ran = result.identity
+    ran = prepared.identity
     summary: dict[str, Any] = {
         "slices_in": len(job.paths),
         "slices_out": len(outputs),
         "engine": ran.short,
         "kernel_in": ran.source_kernel,
         "kernel_out": ran.target_kernel,
-        "clipped_pixels": int(result.clipped_pixels),
-        "decode_ms": round(result.timings.decode_ms, 1),
-        "engine_ms": round(result.timings.engine_ms, 1),
-        "encode_ms": round(result.timings.encode_ms, 1),
+        "clipped_pixels": int(clipped),
+        "decode_ms": round(prepared.timings.decode_ms, 1),
+        "engine_ms": round(prepared.timings.engine_ms, 1),
+        "encode_ms": round(build_s * 1000.0, 1),
         "processing_ms": round((time.monotonic() - t0) * 1000, 1),
         "device": device,
-        "notes": list(result.notes),
+        "notes": list(prepared.notes),
     }
-    if result.envelope is not None:
-        summary.update(result.envelope.as_log())
-        summary["envelope_ms"] = round(result.timings.envelope_ms, 1)
-    return EngineResult(outputs, result.series_instance_uid, summary)
+    if prepared.envelope is not None:
+        summary.update(prepared.envelope.as_log())
+        summary["envelope_ms"] = round(prepared.timings.envelope_ms, 1)
+    return EngineResult(tuple(outputs), prepared.series_instance_uid, summary)
 
 
 def _output_files(datasets: Sequence[Dataset], paths: Sequence[Path]) -> tuple[OutputFile, ...]:

@@ -427,32 +427,77 @@ def build_derived_series(
     derivation_note: str = "",
 ) -> DerivedSeries:
     """Build the validated derived CT series for `volume_hu` (the engine output, HU, same shape
-    as `loaded.volume_hu`).
+    as `loaded.volume_hu`): every instance of `DerivedSeriesBuilder`, in volume order. Raises
+    DerivedSeriesError."""
+    builder = DerivedSeriesBuilder(
+        loaded, volume_hu, identity, options, now=now, derivation_note=derivation_note
+    )
+    datasets, clipped = builder.build_range(0, builder.n_slices)
+    return DerivedSeries(
+        datasets=datasets,
+        series_instance_uid=builder.series_instance_uid,
+        clipped_pixels=clipped,
+    )
+
+
+class DerivedSeriesBuilder:
+    """Builds the derived series one instance at a time, so that a caller can write and send the
+    first instances while later ones are still being built (and never holds them all).
 
     Single-frame sources: one CT Image Storage instance per source instance. Enhanced CT
     sources: one single-frame CT Image Storage instance per frame, referencing the enhanced
     instance and its frame in the Source Image Sequence (Referenced Frame Number), because every
     PACS and viewer displays CT Image Storage while Enhanced CT support is still patchy.
     Source Pixel Padding pixels are kept as padding. `derivation_note`: appended to the
-    Derivation Description (why this engine ran, engine.envelope_policy). Raises
-    DerivedSeriesError.
+    Derivation Description (why this engine ran, engine.envelope_policy). Every instance is
+    validated before it is returned; a failure raises DerivedSeriesError.
     """
-    options = options or DerivedSeriesOptions()
-    if volume_hu.shape != loaded.volume_hu.shape:
-        raise DerivedSeriesError(
-            f"engine output shape {volume_hu.shape} differs from the source volume "
-            f"{loaded.volume_hu.shape}"
-        )
-    now = now or datetime.now().astimezone()
-    date, time, datetime_str = _now_parts(now)
-    source_series = loaded.series_instance_uid
-    series_uid = derived_series_uid(source_series, identity)
-    derivation = derivation_description(identity, derivation_note)
-    code = derivation_code(identity)
-    out_datasets: list[Dataset] = []
-    clipped_total = 0
 
-    for slot, source in enumerate(loaded.frame_sources):
+    def __init__(
+        self,
+        loaded: LoadedSeries,
+        volume_hu: FloatVolume,
+        identity: EngineIdentity,
+        options: DerivedSeriesOptions | None = None,
+        *,
+        now: datetime | None = None,
+        derivation_note: str = "",
+    ) -> None:
+        if volume_hu.shape != loaded.volume_hu.shape:
+            raise DerivedSeriesError(
+                f"engine output shape {volume_hu.shape} differs from the source volume "
+                f"{loaded.volume_hu.shape}"
+            )
+        self._loaded = loaded
+        self._volume_hu = volume_hu
+        self._identity = identity
+        self._options = options or DerivedSeriesOptions()
+        self._date, self._time, self._datetime = _now_parts(now or datetime.now().astimezone())
+        self._source_series = loaded.series_instance_uid
+        self.series_instance_uid = derived_series_uid(self._source_series, identity)
+        self._derivation = derivation_description(identity, derivation_note)
+        self._code = derivation_code(identity)
+
+    @property
+    def n_slices(self) -> int:
+        return len(self._loaded.frame_sources)
+
+    def build_range(self, start: int, stop: int) -> tuple[list[Dataset], int]:
+        """The instances of slots [start, stop) in volume order, and how many of their pixels
+        were clipped to the storable range."""
+        datasets, clipped = [], 0
+        for slot in range(start, min(stop, self.n_slices)):
+            ds, slot_clipped = self.build(slot)
+            datasets.append(ds)
+            clipped += slot_clipped
+        return datasets, clipped
+
+    def build(self, slot: int) -> tuple[Dataset, int]:
+        """The validated instance of one slot (0-based, volume order) and its clipped pixels."""
+        loaded, identity, options = self._loaded, self._identity, self._options
+        date, time = self._date, self._time
+        series_uid, source_series = self.series_instance_uid, self._source_series
+        source = loaded.frame_sources[slot]
         src = loaded.datasets[source.dataset_index]
         multi_frame = source.frame_number is not None
         ds = _copy_source(src, multi_frame=multi_frame)
@@ -483,8 +528,8 @@ def build_derived_series(
         if value3 not in ("AXIAL", "LOCALIZER"):
             value3 = "AXIAL"  # the only Value 3 terms of the CT Image Module (C.8.2.1.1.1)
         ds.ImageType = ["DERIVED", "SECONDARY", value3]
-        ds.DerivationDescription = derivation
-        codes = [_code_item(code)]
+        ds.DerivationDescription = self._derivation
+        codes = [_code_item(self._code)]
         if multi_frame:
             codes.append(_code_item(CODE_FRAMES_EXTRACTED))
         ds.DerivationCodeSequence = Sequence(codes)
@@ -506,7 +551,7 @@ def build_derived_series(
         ds.ReferencedSeriesSequence = Sequence([series_reference])
 
         # Equipment: this node made the instance; the scanner is kept as acquisition equipment.
-        ds.ContributingEquipmentSequence = _contributing_equipment(src, identity, datetime_str)
+        ds.ContributingEquipmentSequence = _contributing_equipment(src, identity, self._datetime)
         ds.Manufacturer = MANUFACTURER
         ds.ManufacturerModelName = identity.name[:64]
         ds.SoftwareVersions = identity.version[:64]
@@ -540,7 +585,7 @@ def build_derived_series(
                     f"source instance {source_sop} has no Rescale Slope / Intercept to store HU"
                 )
             slope, intercept = rescale
-            hu = volume_hu[slot]
+            hu = self._volume_hu[slot]
             mask = _padding_mask(loaded.volume_hu[slot], ds, slope, intercept)
             if mask is not None:
                 hu = np.where(mask, loaded.volume_hu[slot], hu)
@@ -548,15 +593,10 @@ def build_derived_series(
             _write_pixels(ds, stored)
         except PixelFormatError as exc:
             raise DerivedSeriesError(f"source instance {source_sop}: {exc}") from exc
-        clipped_total += clipped
 
         ds.file_meta = _file_meta(ds)
         validate_derived_instance(ds)
-        out_datasets.append(ds)
-
-    return DerivedSeries(
-        datasets=out_datasets, series_instance_uid=series_uid, clipped_pixels=clipped_total
-    )
+        return ds, clipped
 
 
 def _file_meta(ds: Dataset) -> FileMetaDataset:

@@ -4,11 +4,13 @@ Used by the node's worker and by the offline `ltdiff-node standardize IN_DIR OUT
 `standardize_series` reads and decodes the files, checks the engine's validated envelope when
 given a policy (engine/envelope_policy.py: which engine runs, or why none does), runs the engine,
 builds the validated derived series and returns datasets without writing anything;
-`write_series` writes them atomically.
+`write_series` writes them atomically. `prepare_series` does all but the build and hands back a
+builder, so that the node builds, writes and sends the derived series chunk by chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
@@ -22,7 +24,7 @@ import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from engine.derived import DerivedSeriesOptions, build_derived_series, is_ltdiff_output
+from engine.derived import DerivedSeriesBuilder, DerivedSeriesOptions, is_ltdiff_output
 from engine.durable import fsync_directory, write_replacing
 from engine.envelope_policy import EnvelopeCheck, EnvelopePolicy, choose_engine, measure_loaded
 from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
@@ -88,7 +90,29 @@ def _check_engine_output(output: object, expected_shape: tuple[int, ...]) -> Flo
     return volume
 
 
-def standardize_series(
+@dataclass(frozen=True)
+class PreparedSeries:
+    """A series read, checked and run through the engine, its derived instances not built yet.
+
+    builder: builds the derived instances one at a time (`DerivedSeriesBuilder`), so that the
+        node can write and send the first ones while later ones are still built.
+    The other fields are those of `StandardizationResult`; timings lack the build (encode_ms 0).
+    """
+
+    builder: DerivedSeriesBuilder
+    source_series_instance_uid: str
+    identity: EngineIdentity
+    seed: int
+    timings: StageTimings
+    notes: tuple[str, ...]
+    envelope: EnvelopeCheck | None = None
+
+    @property
+    def series_instance_uid(self) -> str:
+        return self.builder.series_instance_uid
+
+
+def prepare_series(
     paths: Iterable[str | PathLike[str]],
     engine: Engine,
     options: DerivedSeriesOptions | None = None,
@@ -96,18 +120,11 @@ def standardize_series(
     seed: int | None = None,
     now: datetime | None = None,
     envelope: EnvelopePolicy | None = None,
-) -> StandardizationResult:
-    """Read one CT series from `paths`, standardize it with `engine`, return the derived series.
+) -> PreparedSeries:
+    """Read one CT series from `paths` and standardize it with `engine`; the derived instances
+    are built on demand by the returned builder (`standardize_series` builds them all).
 
-    `seed`: given to the engine; None derives it from the source Series Instance UID
-    (`seed_for_series`) so re-runs are reproducible. `now`: timestamp for the new headers
-    (current time when None). `envelope`: the route's policy outside the engine's validated
-    envelope (`engine.envelope_policy.choose_engine`: the engine, its fallback, or
-    OutsideEnvelopeError); None does not check the envelope (evaluation and benchmarks measure
-    the engine itself). Refuses our own output (SeriesError), so a routing mistake cannot
-    standardize a series twice. Raises SeriesError / PixelFormatError for unusable input,
-    OutsideEnvelopeError (an EngineError) outside the envelope when the policy says fail,
-    EngineError for a misbehaving engine, DerivedSeriesError if the output cannot be built.
+    Arguments and exceptions as for `standardize_series`; the builder raises DerivedSeriesError.
     """
     started = time.perf_counter()
     loaded = load_series(paths)
@@ -134,7 +151,7 @@ def standardize_series(
     )
     volume = _check_engine_output(output, loaded.volume_hu.shape)
     ran = time.perf_counter()
-    derived = build_derived_series(
+    builder = DerivedSeriesBuilder(
         loaded,
         volume,
         engine.identity,
@@ -142,23 +159,59 @@ def standardize_series(
         now=now,
         derivation_note=check.derivation_note() if check is not None else "",
     )
-    built = time.perf_counter()
-    return StandardizationResult(
-        datasets=derived.datasets,
-        series_instance_uid=derived.series_instance_uid,
+    return PreparedSeries(
+        builder=builder,
         source_series_instance_uid=source_uid,
         identity=engine.identity,
-        n_slices=len(derived.datasets),
-        clipped_pixels=derived.clipped_pixels,
         seed=run_seed,
         timings=StageTimings(
             decode_ms=(decoded - started) * 1000.0,
             engine_ms=(ran - decoded) * 1000.0,
-            encode_ms=(built - ran) * 1000.0,
+            encode_ms=0.0,
             envelope_ms=(checked - decoded) * 1000.0,
         ),
         notes=loaded.notes,
         envelope=check,
+    )
+
+
+def standardize_series(
+    paths: Iterable[str | PathLike[str]],
+    engine: Engine,
+    options: DerivedSeriesOptions | None = None,
+    *,
+    seed: int | None = None,
+    now: datetime | None = None,
+    envelope: EnvelopePolicy | None = None,
+) -> StandardizationResult:
+    """Read one CT series from `paths`, standardize it with `engine`, return the derived series.
+
+    `seed`: given to the engine; None derives it from the source Series Instance UID
+    (`seed_for_series`) so re-runs are reproducible. `now`: timestamp for the new headers
+    (current time when None). `envelope`: the route's policy outside the engine's validated
+    envelope (`engine.envelope_policy.choose_engine`: the engine, its fallback, or
+    OutsideEnvelopeError); None does not check the envelope (evaluation and benchmarks measure
+    the engine itself). Refuses our own output (SeriesError), so a routing mistake cannot
+    standardize a series twice. Raises SeriesError / PixelFormatError for unusable input,
+    OutsideEnvelopeError (an EngineError) outside the envelope when the policy says fail,
+    EngineError for a misbehaving engine, DerivedSeriesError if the output cannot be built.
+    """
+    prepared = prepare_series(paths, engine, options, seed=seed, now=now, envelope=envelope)
+    started = time.perf_counter()
+    builder = prepared.builder
+    datasets, clipped = builder.build_range(0, builder.n_slices)
+    built = time.perf_counter()
+    return StandardizationResult(
+        datasets=datasets,
+        series_instance_uid=builder.series_instance_uid,
+        source_series_instance_uid=prepared.source_series_instance_uid,
+        identity=prepared.identity,
+        n_slices=len(datasets),
+        clipped_pixels=clipped,
+        seed=prepared.seed,
+        timings=dataclasses.replace(prepared.timings, encode_ms=(built - started) * 1000.0),
+        notes=prepared.notes,
+        envelope=prepared.envelope,
     )
 
 
