@@ -24,11 +24,13 @@ _TAG_LENGTH = struct.Struct("<HHL")
 _US = struct.Struct("<H")
 
 
-def _element(element: int, value: bytes) -> bytes:
+def encode_element(element: int, value: bytes) -> bytes:
+    """One command-group element (0000,xxxx), Implicit VR Little Endian."""
     return _TAG_LENGTH.pack(0x0000, element, len(value)) + value
 
 
-def _uid(value: object) -> bytes:
+def encode_uid(value: object) -> bytes:
+    """A UID value, NUL-padded to an even length."""
     raw = str(value).encode("ascii")
     return raw + b"\0" if len(raw) % 2 else raw
 
@@ -45,14 +47,14 @@ def encode_store_response(rsp: C_STORE) -> bytes | None:
         return None
     elements = []
     if rsp.AffectedSOPClassUID is not None:
-        elements.append(_element(0x0002, _uid(rsp.AffectedSOPClassUID)))
+        elements.append(encode_element(0x0002, encode_uid(rsp.AffectedSOPClassUID)))
     elements += [
-        _element(0x0100, _US.pack(C_STORE_RSP)),
-        _element(0x0120, _US.pack(int(rsp.MessageIDBeingRespondedTo))),
-        _element(0x0800, _US.pack(NO_DATA_SET)),
-        _element(0x0900, _US.pack(int(rsp.Status))),
+        encode_element(0x0100, _US.pack(C_STORE_RSP)),
+        encode_element(0x0120, _US.pack(int(rsp.MessageIDBeingRespondedTo))),
+        encode_element(0x0800, _US.pack(NO_DATA_SET)),
+        encode_element(0x0900, _US.pack(int(rsp.Status))),
     ]
     if rsp.AffectedSOPInstanceUID is not None:
-        elements.append(_element(0x1000, _uid(rsp.AffectedSOPInstanceUID)))
+        elements.append(encode_element(0x1000, encode_uid(rsp.AffectedSOPInstanceUID)))
     body = b"".join(elements)
-    return _element(0x0000, struct.pack("<L", len(body))) + body
+    return encode_element(0x0000, struct.pack("<L", len(body))) + body

@@ -17,6 +17,8 @@ counted. Only unsent instances are ever resent.
 from __future__ import annotations
 
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +40,7 @@ from dicom_node.config import DestinationConfig
 from dicom_node.logs import get_logger, safe_error_text
 from dicom_node.scp import set_tcp_nodelay
 from dicom_node.store import ExportRow, ExportTotals, JobStore
+from dicom_node.store_request import encode_store_request, frame_message, send_within
 from dicom_node.tls import make_ssl_context
 
 log = get_logger("dicom_node.export")
@@ -203,6 +206,10 @@ class Link:
             key = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
             self.exact.setdefault(key, int(cx.context_id or 0))
         self.next_message_id = 1
+        #: The connection, when requests can be written to it directly (`store_request`).
+        self.plain_socket = _plain_socket(assoc)
+        #: The peer's Maximum Length Received for P-DATA-TF PDUs (0: no limit).
+        self.max_pdu_length = int(assoc.acceptor.maximum_length or 0)
 
     @property
     def alive(self) -> bool:
@@ -226,6 +233,16 @@ class Link:
                 self.assoc.abort()
             else:
                 self.assoc.release()
+
+
+def _plain_socket(assoc: Association) -> socket.socket | None:
+    """The association's TCP socket when it is plain TCP; None over TLS (an SSL socket cannot be
+    written by one thread while the DUL thread reads it) or if pynetdicom's layout (3.0:
+    `assoc.dul.socket.socket`) is not there: those keep pynetdicom's send path."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return None
+    return sock
 
 
 def open_link(dest: DestinationConfig, calling_ae: str, needs: dict[str, list[str]]) -> Link | str:
@@ -313,22 +330,34 @@ class HeldAssociation:
             link.close()
 
 
-def _c_store(link: Link, context_id: int, row: ExportRow, offset: int) -> int | None:
+def _c_store(
+    link: Link, context_id: int, row: ExportRow, offset: int, send_timeout_s: float
+) -> int | None:
     """Send the file's data set as it is encoded (no decode, no re-encode) under an accepted
     context of exactly its transfer syntax; the answer's status, None when none came (DIMSE
     timeout: aborted; abort or closed connection).
 
+    Over plain TCP the request is written to the socket directly (`dicom_node.store_request`:
+    the same PDUs, without pynetdicom's hand-off per fragment); a peer that takes no data for
+    `send_timeout_s` raises SendTimeoutError (an OSError: the association must be aborted).
     pynetdicom's send_c_store would pause the association's reactor around the exchange; with
     the guarded queue (`_AnswersForTheWaiter`) the reactor cannot take the answer, so the pause,
     and the wait for the reactor to reach it, are not needed."""
     assoc = link.assoc
-    req = C_STORE()
-    req.MessageID = link.message_id()
-    req.AffectedSOPClassUID = row.sop_class_uid
-    req.AffectedSOPInstanceUID = row.sop_uid
-    req.Priority = _PRIORITY_LOW
-    req._dataset_path = (row.path, offset)  # pynetdicom 3.0: send these bytes
-    assoc.dimse.send_msg(req, context_id)
+    message_id = link.message_id()
+    if link.plain_socket is not None:
+        data = row.path.read_bytes()
+        command = encode_store_request(message_id, row.sop_class_uid, row.sop_uid, _PRIORITY_LOW)
+        pieces = frame_message(context_id, command, memoryview(data)[offset:], link.max_pdu_length)
+        send_within(link.plain_socket, pieces, send_timeout_s)
+    else:
+        req = C_STORE()
+        req.MessageID = message_id
+        req.AffectedSOPClassUID = row.sop_class_uid
+        req.AffectedSOPInstanceUID = row.sop_uid
+        req.Priority = _PRIORITY_LOW
+        req._dataset_path = (row.path, offset)  # pynetdicom 3.0: send these bytes
+        assoc.dimse.send_msg(req, context_id)
     _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()  # aborts after a DIMSE timeout
@@ -441,7 +470,7 @@ def _send_over(
         context_id = link.exact.get((r.sop_class_uid, wire.transfer_syntax))
         try:
             if context_id is not None:
-                code = _c_store(link, context_id, r, wire.offset)
+                code = _c_store(link, context_id, r, wire.offset, dest.dimse_timeout_s)
             else:  # no context for its own syntax: pynetdicom decodes and converts it
                 status = assoc.send_c_store(dcmread(r.path), msg_id=link.message_id())
                 raw = getattr(status, "Status", None)

@@ -31,13 +31,16 @@ class Destination:
     Instance UID, the transfer syntax of the context and the data set's bytes as received.
     `abort_on_request`: the n-th C-STORE request aborts the association instead of storing."""
 
-    def __init__(self, transfer_syntaxes: list[str] | None = None) -> None:
+    def __init__(
+        self, transfer_syntaxes: list[str] | None = None, maximum_pdu_size: int = 16382
+    ) -> None:
         self.lock = threading.Lock()
         self.associations = 0
         self.stored: list[tuple[str, str, bytes]] = []
         self.requests = 0
         self.abort_on_request: int | None = None
         ae = AE(ae_title="DEST")
+        ae.maximum_pdu_size = maximum_pdu_size
         ae.add_supported_context(CTImageStorage, transfer_syntaxes or ACCEPTED_TRANSFER_SYNTAXES)
         self.server: Any = ae.start_server(
             ("127.0.0.1", 0),
@@ -254,6 +257,44 @@ def test_the_file_goes_out_in_its_recorded_transfer_syntax_byte_for_byte(
         assert offset is not None
         assert ts == str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         assert data == raw[offset:], f"{sop}: the bytes sent are not the file's data set"
+
+
+@pytest.mark.parametrize("maximum_pdu_size", [4096, 0])
+def test_requests_are_written_to_the_socket_in_the_peers_pdu_size(
+    tmp_path, monkeypatch, maximum_pdu_size
+):
+    """Over plain TCP the exporter writes the C-STORE request itself (dicom_node.store_request),
+    not through pynetdicom's send_msg, in PDUs no larger than the peer takes (0: no limit); the
+    peer receives each file's data set byte for byte."""
+    dest = Destination(maximum_pdu_size=maximum_pdu_size)
+    files = write_source_series(tmp_path / "a", n_slices=3, size=64, uid_seed="pdu")
+
+    written: list[int] = []
+    real_send = export.send_within
+
+    def counting_send(sock: Any, pieces: list[Any], timeout_s: float) -> None:
+        written.append(len(pieces))
+        real_send(sock, pieces, timeout_s)
+
+    monkeypatch.setattr(export, "send_within", counting_send)
+    store = JobStore(tmp_path / "db.sqlite3")
+    ex = _exporter(store, dest.port, close_delay_s=0)
+    try:
+        _queue_job(store, files, "1")
+        assert ex.run_once(1e12)
+    finally:
+        rows = _exports(store)
+        store.close()
+        dest.stop()
+    assert rows == [(ExportState.SENT.value, 0)] * 3
+    assert len(written) == 3, "each request was written directly"
+    if maximum_pdu_size:  # 8 KB data sets: two or more PDUs each, header and data pieces
+        assert min(written) >= 2 * 3
+    for path, (_sop, _ts, data) in zip(files, dest.stored, strict=True):
+        raw = path.read_bytes()
+        offset = dataset_offset(raw[:144])
+        assert offset is not None
+        assert data == raw[offset:]
 
 
 def test_a_file_in_a_syntax_the_peer_refuses_is_converted(tmp_path):
