@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -295,19 +295,29 @@ def _torch_gain_filter(
     full[:, half:] = gain[(-np.arange(rows)) % rows][:, cols - negative]
     gain_t = torch.from_numpy(full).to(torch.complex64)
 
+    # One set of buffers for the whole volume (every chunk but the last has the same size):
+    # allocating them per chunk leaves the freed memory with the allocator, not the system.
+    buffers: dict[int, tuple[npt.NDArray[np.complex64], Any, Any]] = {}
+
     def filter_pairs(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         n = stack.shape[0]
-        pairs = np.empty(((n + 1) // 2, rows, cols), dtype=np.complex64)
+        m = (n + 1) // 2
+        if m not in buffers:
+            buffers.clear()
+            pairs = np.empty((m, rows, cols), dtype=np.complex64)
+            pairs_t = torch.from_numpy(pairs)
+            buffers[m] = (pairs, pairs_t, torch.empty_like(pairs_t))
+        pairs, pairs_t, spectrum = buffers[m]
         pairs.real[:] = stack[0::2]
         pairs.imag[: n // 2] = stack[1::2]
         pairs.imag[n // 2 :] = 0.0  # an odd slice out pairs with zeros
         with torch.inference_mode():
-            spectrum = torch.fft.fft2(torch.from_numpy(pairs))
+            torch.fft.fft2(pairs_t, out=spectrum)
             spectrum *= gain_t
-            filtered = torch.fft.ifft2(spectrum).numpy()
+            torch.fft.ifft2(spectrum, out=pairs_t)  # the filtered pairs, back in `pairs`
         out = np.empty(stack.shape, dtype=np.float32)
-        out[0::2] = filtered.real
-        out[1::2] = filtered.imag[: n // 2]
+        out[0::2] = pairs.real
+        out[1::2] = pairs.imag[: n // 2]
         return out
 
     return filter_pairs

@@ -28,7 +28,7 @@ from engine.derived import DerivedSeriesBuilder, DerivedSeriesOptions, is_ltdiff
 from engine.durable import fsync_directory, write_replacing
 from engine.envelope_policy import EnvelopeCheck, EnvelopePolicy, choose_engine, measure_loaded
 from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
-from engine.series_io import SeriesError, load_series
+from engine.series_io import LoadedSeries, SeriesError, load_series
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,7 @@ def prepare_series(
     )
     volume = _check_engine_output(output, loaded.volume_hu.shape)
     ran = time.perf_counter()
+    _drop_source_pixels(loaded)
     builder = DerivedSeriesBuilder(
         loaded,
         volume,
@@ -173,6 +174,15 @@ def prepare_series(
         notes=loaded.notes,
         envelope=check,
     )
+
+
+def _drop_source_pixels(loaded: LoadedSeries) -> None:
+    """The source pixels are in `loaded.volume_hu` now; their encoded bytes (a third of the
+    series' memory) are not needed to build the derived series, which never copies them."""
+    for ds in loaded.datasets:
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                del ds[keyword]
 
 
 def standardize_series(
