@@ -285,7 +285,8 @@ def _torch_gain_filter(
     rfft2 + irfft2 per slice (whose complex-to-real 2-D transform is the slow part).
     """
     torch = _torch_or_none()
-    assert torch is not None  # resolve_fft_backend checked
+    if torch is None:  # resolve_fft_backend chose torch, so it imported then
+        raise EngineError("torch cannot be imported")
     rows, cols = padded_shape
     full = np.empty((rows, cols), dtype=np.float32)
     half = gain.shape[1]
