@@ -1,10 +1,12 @@
 """Export benchmark: the exporter's send path against DCMTK storescu, to real peers, one run.
 
 N synthetic 512 x 512 CT files (dicom_node.phantom, ~526 KB each, Explicit VR Little Endian)
-are sent over one association to a peer, R times, interleaved:
+are sent to a peer (one association unless said), R times, interleaved:
 
 - node, direct:     `dicom_node.export.send_files` as the node runs it over plain TCP (the
                     C-STORE requests written to the socket by `dicom_node.store_request`);
+- node, direct x2:  the same over two associations at once, every other file on each (what the
+                    exporter does with `destinations.associations = 2`, its default);
 - node, pynetdicom: the same call with pynetdicom's send path (`DIMSEServiceProvider.send_msg`,
                     one DUL hand-off per PDU), as TLS destinations use;
 - storescu:         DCMTK's storescu (TCP_NODELAY=1) with the same files (the floor).
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in
 from peer_support import dcmtk_env, orthanc_executable, start_orthanc
 from tests_support import free_port, wait_until
 
-SENDERS = ("node, direct", "node, pynetdicom", "storescu")
+SENDERS = ("node, direct", "node, direct x2", "node, pynetdicom", "storescu")
 
 
 def _rows(files: list[Path]) -> list[ExportRow]:
@@ -61,19 +64,35 @@ def _rows(files: list[Path]) -> list[ExportRow]:
     return rows
 
 
-def _send_node(dest: DestinationConfig, rows: list[ExportRow], direct: bool) -> tuple[float, float]:
-    """(wall s, CPU s of this process) to send `rows` with the exporter's send path."""
+def _send_node(
+    dest: DestinationConfig, rows: list[ExportRow], *, direct: bool, associations: int = 1
+) -> tuple[float, float]:
+    """(wall s, CPU s of this process) to send `rows` with the exporter's send path, over
+    `associations` associations at once (every n-th row on each)."""
     plain_socket = export._plain_socket
     if not direct:
         export._plain_socket = lambda _assoc: None  # type: ignore[assignment]
+    results: list[export.SendResult] = []
+
+    def send(part: list[ExportRow]) -> None:
+        results.append(export.send_files(dest, "LTDIFF", part))
+
     try:
         cpu, wall = time.process_time(), time.perf_counter()
-        result = export.send_files(dest, "LTDIFF", rows)
+        lanes = [
+            threading.Thread(target=send, args=(rows[k::associations],))
+            for k in range(associations)
+        ]
+        for lane in lanes:
+            lane.start()
+        for lane in lanes:
+            lane.join()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         export._plain_socket = plain_socket  # type: ignore[assignment]
-    if len(result.sent) != len(rows):
-        raise RuntimeError(f"sent {len(result.sent)} of {len(rows)}: {result.failed[:2]}")
+    sent = sum(len(r.sent) for r in results)
+    if sent != len(rows):
+        raise RuntimeError(f"sent {sent} of {len(rows)}: {[r.failed[:2] for r in results]}")
     return wall, cpu
 
 
@@ -152,20 +171,25 @@ def main(argv: list[str] | None = None) -> int:
                 association_close_delay_s=0,
             )
             wall: dict[str, list[float]] = {s: [] for s in SENDERS}
-            cpu: dict[str, list[float]] = {s: [] for s in SENDERS[:2]}
+            cpu: dict[str, list[float]] = {s: [] for s in SENDERS[:3]}
             try:
                 for _ in range(args.repeats):
                     for sender in SENDERS:
                         if sender == "storescu":
                             wall[sender].append(_send_storescu(port, ae_title, folder))
                             continue
-                        w, c = _send_node(dest, rows, direct=sender == "node, direct")
+                        w, c = _send_node(
+                            dest,
+                            rows,
+                            direct=sender != "node, pynetdicom",
+                            associations=2 if sender == "node, direct x2" else 1,
+                        )
                         wall[sender].append(w)
                         cpu[sender].append(c)
             finally:
                 stop()
             n = args.instances
-            print(f"\n{n} instances to {peer}, 1 association, {args.repeats} repeats:")
+            print(f"\n{n} instances to {peer}, {args.repeats} repeats:")
             print("| sender | wall s, median (min-max) | instances/s | node CPU ms/instance |")
             print("| --- | --: | --: | --: |")
             for sender in SENDERS:

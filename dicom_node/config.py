@@ -172,6 +172,10 @@ class DestinationConfig:
     # An association kept open this long after its last C-STORE, for the next job's instances
     # (association reuse); 0 releases it after every batch. Below network_timeout_s.
     association_close_delay_s: float = 5.0
+    # Associations the exporter may open to this destination at once: a batch of due instances
+    # is split between them (a PACS stores several associations' instances in parallel). One
+    # the destination refuses beyond the first leaves the exporter with fewer for a while.
+    associations: int = 2
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -742,6 +746,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
                 0.0,
                 3600.0,
             ),
+            associations=t.integer("associations", DestinationConfig.associations, 1, 16),
             tls=_tls(t.table("tls"), base_dir, server_side=False),
         )
         if not t.has("association_close_delay_s"):  # the default stays below the timeout

@@ -1,11 +1,12 @@
 """Export: C-STORE SCU to the configured destinations, with retries that survive restarts.
 
 One exporter thread per destination. It takes the due exports from the database (oldest job
-first), opens one association for them (association reuse) and sends each file. Each instance
-the destination confirms is recorded as it is confirmed, in small groups (`ConfirmationGroup`:
-at most 16 instances, written at the latest 0.25 s after the first of them when the next
-outcome is known), so a node stopped mid-export resends only the instances whose confirmation
-was not yet recorded: at most 16, the one in flight included. An instance that fails
+first), splits them between up to the destination's `associations` (lanes, each with its kept
+association: association reuse) and sends each file. Each instance the destination confirms is
+recorded as it is confirmed, in small groups per lane (`ConfirmationGroup`: at most 16
+instances, written at the latest 0.25 s after the first of them when the next outcome is
+known), so a node stopped mid-export resends only the instances whose confirmation was not yet
+recorded: at most 16 per lane, the one in flight included. An instance that fails
 (association refused, peer down, failure status, no answer within the destination's
 `dimse_timeout_s`) gets its attempt counted and a next attempt time with exponential backoff;
 after the destination's max_attempts it becomes a dead letter, visible in `ltdiff-node status`
@@ -22,6 +23,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,11 @@ CONFIRM_GROUP_MAX = 16
 #: instance's outcome is known, so before the next instance is sent).
 CONFIRM_GROUP_AGE_S = 0.25
 _MAX_MESSAGE_ID = 0xFFFF
+
+#: A batch is split between associations only where each gets at least this many instances.
+LANE_MIN_INSTANCES = 8
+#: After a destination refused an extra association, the exporter uses fewer for this long.
+LANES_REDUCED_S = 600.0
 
 #: Called with each instance's outcome as soon as it is known: None when the destination
 #: confirmed it, else why it failed.
@@ -113,6 +120,9 @@ class SendResult:
     #: Rows never offered to the peer: the association broke before their turn, or the
     #: caller asked to stop. Not a failed attempt.
     not_attempted: list[ExportRow] = field(default_factory=list)
+    #: Why no association could be opened, when the caller asked that this not count as an
+    #: attempt (`send_files(..., refusal_counts=False)`); the rows are then all not_attempted.
+    refused: str | None = None
 
 
 def _is_request(msg: object) -> bool:
@@ -375,6 +385,7 @@ def send_files(
     on_result: ResultCallback | None = None,
     keep_going: Callable[[], bool] | None = None,
     held: HeldAssociation | None = None,
+    refusal_counts: bool = True,
 ) -> SendResult:
     """Send the rows' files over one association; never raises for network trouble.
 
@@ -390,6 +401,8 @@ def send_files(
     the rows, and the association is handed back to it afterwards instead of released. If the
     peer closed a reused association before answering its first instance here, that instance
     is not counted as an attempt: everything goes out at once on a fresh association.
+    `refusal_counts=False`: an association that cannot be opened fails no row; they all come
+    back not_attempted, with `refused` saying why (an exporter's extra association).
     """
     sent: list[int] = []
     failed: list[tuple[ExportRow, str]] = []
@@ -421,6 +434,8 @@ def send_files(
     while True:
         if link is None:
             opened = open_link(dest, calling_ae, needs)
+            if isinstance(opened, str) and not refusal_counts:
+                return SendResult(sent, failed, [r for r, _ in sendable], refused=opened)
             if isinstance(opened, str):
                 for r, _ in sendable:
                     outcome(r, opened)
@@ -582,7 +597,20 @@ class Exporter(threading.Thread):
         self.on_settled = on_settled
         self.batch_size = batch_size
         self.idle_poll_s = idle_poll_s
-        self.held = HeldAssociation(dest.association_close_delay_s, dest.name)
+        #: One kept association per lane (`destinations.associations`); lane 0 sends from this
+        #: thread, the others from a pool of their own.
+        self.lanes = [
+            HeldAssociation(dest.association_close_delay_s, dest.name)
+            for _ in range(dest.associations)
+        ]
+        self.held = self.lanes[0]
+        self._lane_pool = (
+            ThreadPoolExecutor(dest.associations - 1, thread_name_prefix=f"export-{dest.name}")
+            if dest.associations > 1
+            else None
+        )
+        self._lane_limit = dest.associations
+        self._lanes_reduced_until = 0.0
         # A job's output queued for this destination wakes the exporter at once.
         store.on_exports_queued(self._on_exports_queued)
 
@@ -600,26 +628,35 @@ class Exporter(threading.Thread):
                     log.exception("export.loop_error", destination=self.dest.name)
                     worked = False
                 if not worked:
-                    self.held.close_if_idle()
+                    for lane in self.lanes:
+                        lane.close_if_idle()
                     self.wake.wait(self._idle_wait())
         finally:
-            self.held.close()
+            for lane in self.lanes:
+                lane.close()
+            if self._lane_pool is not None:
+                self._lane_pool.shutdown(wait=True)
 
     def _idle_wait(self) -> float:
         """Until the next due export, the held association's close or the idle poll."""
         nxt = self.store.next_export_time(self.dest.name)
         wait = self.idle_poll_s if nxt is None else min(self.idle_poll_s, nxt - time.time())
-        close_in = self.held.seconds_left()
-        if close_in is not None:
-            wait = min(wait, close_in)
+        for lane in self.lanes:
+            close_in = lane.seconds_left()
+            if close_in is not None:
+                wait = min(wait, close_in)
         return max(0.05, wait)
 
-    def run_once(self, now: float) -> bool:
-        """Send the due exports over one association; True if there is more to do at once."""
-        rows = self.store.due_exports(self.dest.name, now, self.batch_size)
-        if not rows:
-            return False
-        t0 = time.monotonic()
+    def lanes_for(self, n_rows: int, now: float) -> int:
+        """How many associations a batch of `n_rows` goes out on: up to the configured number,
+        fewer after a refusal (for LANES_REDUCED_S), and none with fewer than
+        LANE_MIN_INSTANCES instances."""
+        if self._lane_limit < len(self.lanes) and now >= self._lanes_reduced_until:
+            self._lane_limit = len(self.lanes)
+        return max(1, min(self._lane_limit, n_rows // LANE_MIN_INSTANCES))
+
+    def _send_lane(self, lane: int, rows: Sequence[ExportRow]) -> SendResult:
+        """Send `rows` over lane `lane`'s association, recording confirmations as they come."""
         group = ConfirmationGroup()
 
         def record(row: ExportRow, error: str | None) -> None:
@@ -629,17 +666,53 @@ class Exporter(threading.Thread):
                 self.store.mark_sent(ids)
 
         try:
-            result = send_files(
+            return send_files(
                 self.dest,
                 self.calling_ae,
                 rows,
                 on_result=record,
                 keep_going=lambda: not self.stop_event.is_set(),
-                held=self.held,
+                held=self.lanes[lane],
+                refusal_counts=lane == 0,
             )
         finally:
             if len(group):
                 self.store.mark_sent(group.take())
+
+    def _send_in_lanes(self, rows: Sequence[ExportRow], now: float) -> tuple[SendResult, int]:
+        """Split `rows` between the lanes and send them; the merged result and the lane count."""
+        n = self.lanes_for(len(rows), now)
+        if n == 1 or self._lane_pool is None:
+            return self._send_lane(0, rows), 1
+        parts = [rows[k::n] for k in range(n)]
+        extra = [self._lane_pool.submit(self._send_lane, k, parts[k]) for k in range(1, n)]
+        results = [self._send_lane(0, parts[0])] + [f.result() for f in extra]
+        refused = [k for k, r in enumerate(results) if r.refused is not None]
+        if refused:
+            self._lane_limit = max(1, min(refused))
+            self._lanes_reduced_until = now + LANES_REDUCED_S
+            log.warning(
+                "export.associations_reduced",
+                destination=self.dest.name,
+                associations=self._lane_limit,
+                for_s=LANES_REDUCED_S,
+                reason=results[refused[0]].refused,
+            )
+        merged = SendResult(
+            [i for r in results for i in r.sent],
+            [f for r in results for f in r.failed],
+            [x for r in results for x in r.not_attempted],
+        )
+        return merged, n
+
+    def run_once(self, now: float) -> bool:
+        """Send the due exports (over up to `associations` associations); True if there is more
+        to do at once."""
+        rows = self.store.due_exports(self.dest.name, now, self.batch_size)
+        if not rows:
+            return False
+        t0 = time.monotonic()
+        result, associations = self._send_in_lanes(rows, now)
         by_error: dict[str, list[ExportRow]] = {}
         for row, err in result.failed:
             by_error.setdefault(err, []).append(row)
@@ -662,6 +735,7 @@ class Exporter(threading.Thread):
             failed=len(result.failed),
             not_attempted=len(result.not_attempted),
             dead_letters=dead,
+            associations=associations,
             seconds=round(elapsed, 3),
             instances_per_s=round(len(result.sent) / elapsed, 1) if elapsed > 0 else None,
             error=next(iter(by_error), None),

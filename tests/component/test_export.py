@@ -219,6 +219,7 @@ ae_title = "COUNTER"
 host = "127.0.0.1"
 port = {dest.port}
 backoff_initial_s = 0.2
+associations = 1  # the bound is per association: one, so the held request is the 20th
 """,
     )
     log = tmp_path / "node.log"

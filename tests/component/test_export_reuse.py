@@ -128,7 +128,9 @@ def _queue_job(store: JobStore, files: list[Path], name: str, *, record_ts: bool
     return job_id
 
 
-def _exporter(store: JobStore, port: int, close_delay_s: float = 20.0) -> Exporter:
+def _exporter(
+    store: JobStore, port: int, close_delay_s: float = 20.0, associations: int = 2
+) -> Exporter:
     dest = DestinationConfig(
         name="d",
         ae_title="DEST",
@@ -137,6 +139,7 @@ def _exporter(store: JobStore, port: int, close_delay_s: float = 20.0) -> Export
         dimse_timeout_s=10.0,
         network_timeout_s=30.0,
         association_close_delay_s=close_delay_s,
+        associations=associations,
     )
     return Exporter(
         dest,
@@ -295,6 +298,38 @@ def test_requests_are_written_to_the_socket_in_the_peers_pdu_size(
         offset = dataset_offset(raw[:144])
         assert offset is not None
         assert data == raw[offset:]
+
+
+def test_a_large_batch_goes_out_over_two_associations_and_both_are_kept(tmp_path, destination):
+    """`associations = 2`: a 40-instance job is split over two associations, every instance
+    arrives once and byte for byte, and both associations are kept for the next job."""
+    files = write_source_series(tmp_path / "a", n_slices=40, size=16, uid_seed="lanes")
+    more = write_source_series(tmp_path / "b", n_slices=40, size=16, uid_seed="lanes-2")
+    store = JobStore(tmp_path / "db.sqlite3")
+    ex = _exporter(store, destination.port, associations=2)
+    try:
+        _queue_job(store, files, "1")
+        assert ex.run_once(1e12)
+        assert destination.associations == 2
+        assert all(lane.link is not None for lane in ex.lanes), "both kept"
+        _queue_job(store, more, "2")
+        assert ex.run_once(1e12)
+        assert destination.associations == 2, "the next job reused both"
+    finally:
+        rows = _exports(store)
+        for lane in ex.lanes:
+            lane.close()
+        assert ex._lane_pool is not None
+        ex._lane_pool.shutdown()
+        store.close()
+    assert rows == [(ExportState.SENT.value, 0)] * 80
+    stored = {sop: data for sop, _ts, data in destination.stored}
+    assert len(destination.stored) == len(stored) == 80, "each instance once"
+    for path in files + more:
+        raw = path.read_bytes()
+        offset = dataset_offset(raw[:144])
+        assert offset is not None
+        assert stored[_sops([path])[0]] == raw[offset:]
 
 
 def test_a_file_in_a_syntax_the_peer_refuses_is_converted(tmp_path):

@@ -38,7 +38,7 @@ def test_benchmark_sends_with_both_paths_and_storescu_to_both_peers(tmp_path: Pa
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-3000:]}"
     for peer in ("storescp", "orthanc"):
         assert f"3 instances to {peer}" in out, out
-    for sender in ("node, direct", "node, pynetdicom"):
+    for sender in ("node, direct", "node, direct x2", "node, pynetdicom"):
         assert len(re.findall(rf"^\| {sender} \| [\d.]+ \(.*\| [\d.]+ \|$", out, re.M)) == 2, out
     assert len(re.findall(r"^\| storescu \| [\d.]+ ", out, re.M)) == 2, out
     assert list(tmp_path.iterdir()) == [], "work folder left behind"

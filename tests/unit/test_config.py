@@ -104,6 +104,8 @@ def test_shipped_config_file_is_valid_and_documents_the_defaults():
             {"destinations": [_dest(association_close_delay_s=30)]},
             "destinations[0].association_close_delay_s = 30: must be below network_timeout_s",
         ),
+        ({"destinations": [_dest(associations=0)]}, "destinations[0].associations = 0"),
+        ({"destinations": [_dest(associations=17)]}, "destinations[0].associations = 17"),
         ({"unmatched": {"action": "forward"}}, "required when unmatched.action = 'forward'"),
         ({"node": {"workers": ["gpu0"]}}, "'gpu0' is not 'cpu', 'cuda' or 'cuda:N'"),
         ({"node": {"log_format": "xml"}}, "node.log_format"),
@@ -293,6 +295,7 @@ def test_association_close_delay_defaults_to_5_s_and_stays_below_the_network_tim
     assert dest.association_close_delay_s == 5.0
     (shipped,) = load_config(REPO / "config" / "ltdiff-node.toml").destinations
     assert shipped.association_close_delay_s == 5.0, "config/ltdiff-node.toml documents it"
+    assert dest.associations == shipped.associations == 2
     (short,) = parse_config({"destinations": [_dest(network_timeout_s=4)]}).destinations
     assert short.association_close_delay_s == 2.0, "the default never reaches the timeout"
     (off,) = parse_config({"destinations": [_dest(association_close_delay_s=0)]}).destinations

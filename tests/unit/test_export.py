@@ -104,9 +104,14 @@ def test_guarded_queue_still_hands_requests_to_the_reactor():
 # ---- Exporter.run_once with a scripted send -------------------------------------------------
 
 
-def _dest() -> DestinationConfig:
+def _dest(associations: int = 1) -> DestinationConfig:
     return DestinationConfig(
-        name="pacs", ae_title="PACS", host="127.0.0.1", port=1, backoff_initial_s=5.0
+        name="pacs",
+        ae_title="PACS",
+        host="127.0.0.1",
+        port=1,
+        backoff_initial_s=5.0,
+        associations=associations,
     )
 
 
@@ -146,9 +151,9 @@ def _states(store: JobStore) -> dict[str, list[tuple[int, int]]]:
     return by
 
 
-def _exporter(store: JobStore) -> Exporter:
+def _exporter(store: JobStore, associations: int = 1) -> Exporter:
     return Exporter(
-        _dest(),
+        _dest(associations),
         store,
         calling_ae="LTDIFF",
         stop=threading.Event(),
@@ -163,7 +168,7 @@ def test_confirmations_are_recorded_while_sending_not_after_the_batch(
     store = store_with_exports
     unrecorded_before_each_send: list[int] = []
 
-    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None):
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None, **_kw):
         for i, r in enumerate(rows):
             # what a kill -9 right now would resend: confirmed but not recorded
             n_sent = len(_states(store).get(ExportState.SENT.value, []))
@@ -177,12 +182,84 @@ def test_confirmations_are_recorded_while_sending_not_after_the_batch(
     assert len(_states(store)[ExportState.SENT.value]) == N_OUT, "the last group at the end"
 
 
+def test_a_batch_is_split_between_the_destinations_associations(store_with_exports, monkeypatch):
+    """With `associations = 2` the due instances go out over two kept associations at once,
+    each instance over exactly one, and every confirmation is recorded."""
+    store = store_with_exports
+    ex = _exporter(store, associations=2)
+    lanes: dict[int, list[int]] = {}
+    both_running = threading.Barrier(2, timeout=30)
+
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None, **_kw):
+        lane = ex.lanes.index(held)
+        both_running.wait()  # fails unless the two lanes send at the same time
+        lanes[lane] = [r.id for r in rows]
+        for r in rows:
+            on_result(r, None)
+        return SendResult([r.id for r in rows], [])
+
+    monkeypatch.setattr(export, "send_files", fake_send)
+    try:
+        assert ex.run_once(1e12)
+    finally:
+        ex.stop_event.set()
+        assert ex._lane_pool is not None
+        ex._lane_pool.shutdown()
+    assert sorted(lanes) == [0, 1]
+    assert len(lanes[0]) == len(lanes[1]) == N_OUT // 2
+    assert sorted(lanes[0] + lanes[1]) == [i for i, _ in _states(store)[ExportState.SENT.value]]
+    assert len(_states(store)[ExportState.SENT.value]) == N_OUT
+
+
+def test_a_small_batch_goes_out_on_one_association(store_with_exports):
+    ex = _exporter(store_with_exports, associations=4)
+    assert ex.lanes_for(export.LANE_MIN_INSTANCES * 2 - 1, now=0.0) == 1
+    assert ex.lanes_for(export.LANE_MIN_INSTANCES * 2, now=0.0) == 2
+    assert ex.lanes_for(1000, now=0.0) == 4
+
+
+def test_an_extra_association_the_destination_refuses_counts_no_attempt(
+    store_with_exports, monkeypatch
+):
+    """A PACS that takes one association from us refuses the second: its share goes out at
+    once over the first, no attempt counted, and the exporter uses one association for
+    LANES_REDUCED_S."""
+    store = store_with_exports
+    ex = _exporter(store, associations=2)
+    batches: list[tuple[int, int]] = []
+
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None, **kw):
+        lane = ex.lanes.index(held)
+        batches.append((lane, len(rows)))
+        if lane == 1:
+            assert kw["refusal_counts"] is False
+            return SendResult([], [], list(rows), refused="association rejected")
+        for r in rows:
+            on_result(r, None)
+        return SendResult([r.id for r in rows], [])
+
+    monkeypatch.setattr(export, "send_files", fake_send)
+    try:
+        assert ex.run_once(1e12), "the refused share goes out again at once"
+        assert ex.run_once(1e12)
+    finally:
+        ex.stop_event.set()
+        assert ex._lane_pool is not None
+        ex._lane_pool.shutdown()
+    assert sorted(batches) == [(0, N_OUT // 2), (0, N_OUT // 2), (1, N_OUT // 2)], batches
+    states = _states(store)
+    assert len(states[ExportState.SENT.value]) == N_OUT
+    assert all(a == 0 for _, a in states[ExportState.SENT.value]), "no attempt counted"
+    assert ex.lanes_for(N_OUT, now=1e12) == 1
+    assert ex.lanes_for(N_OUT, now=1e12 + export.LANES_REDUCED_S) == 2
+
+
 def test_broken_association_counts_one_attempt_and_leaves_the_rest_untouched(
     store_with_exports, monkeypatch
 ):
     store = store_with_exports
 
-    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None):
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None, **_kw):
         for r in rows[:5]:
             on_result(r, None)
         on_result(rows[5], "no answer within dimse_timeout_s = 30 s; association aborted")
@@ -203,7 +280,7 @@ def test_stop_request_ends_the_batch_before_the_next_instance(store_with_exports
     ex = _exporter(store)
     offered: list[int] = []
 
-    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None):
+    def fake_send(dest, calling_ae, rows, *, on_result=None, keep_going=None, held=None, **_kw):
         for i, r in enumerate(rows):
             if not keep_going():
                 return SendResult(offered[:], [], list(rows[i:]))
