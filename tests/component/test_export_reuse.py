@@ -158,6 +158,14 @@ def _exports(store: JobStore) -> list[tuple[str, int]]:
     ]
 
 
+def _data_set(path: Path) -> bytes:
+    """The file's data set bytes, as written (after the Part 10 header)."""
+    raw = path.read_bytes()
+    offset = dataset_offset(raw[:144])
+    assert offset is not None
+    return raw[offset:]
+
+
 def _sops(files: list[Path]) -> list[str]:
     return [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
 
@@ -255,11 +263,8 @@ def test_the_file_goes_out_in_its_recorded_transfer_syntax_byte_for_byte(
         store.close()
     assert rows == [(ExportState.SENT.value, 0)] * 2
     for path, (sop, ts, data) in zip(files, destination.stored, strict=True):
-        raw = path.read_bytes()
-        offset = dataset_offset(raw[:144])
-        assert offset is not None
         assert ts == str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        assert data == raw[offset:], f"{sop}: the bytes sent are not the file's data set"
+        assert data == _data_set(path), f"{sop}: the bytes sent are not the file's data set"
 
 
 @pytest.mark.parametrize("maximum_pdu_size", [4096, 0])
@@ -294,10 +299,7 @@ def test_requests_are_written_to_the_socket_in_the_peers_pdu_size(
     if maximum_pdu_size:  # 8 KB data sets: two or more PDUs each, header and data pieces
         assert min(written) >= 2 * 3
     for path, (_sop, _ts, data) in zip(files, dest.stored, strict=True):
-        raw = path.read_bytes()
-        offset = dataset_offset(raw[:144])
-        assert offset is not None
-        assert data == raw[offset:]
+        assert data == _data_set(path)
 
 
 def test_a_large_batch_goes_out_over_two_associations_and_both_are_kept(tmp_path, destination):
@@ -326,10 +328,7 @@ def test_a_large_batch_goes_out_over_two_associations_and_both_are_kept(tmp_path
     stored = {sop: data for sop, _ts, data in destination.stored}
     assert len(destination.stored) == len(stored) == 80, "each instance once"
     for path in files + more:
-        raw = path.read_bytes()
-        offset = dataset_offset(raw[:144])
-        assert offset is not None
-        assert stored[_sops([path])[0]] == raw[offset:]
+        assert stored[_sops([path])[0]] == _data_set(path)
 
 
 def test_a_file_in_a_syntax_the_peer_refuses_is_converted(tmp_path):
