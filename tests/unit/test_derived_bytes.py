@@ -110,20 +110,20 @@ def _testdata(name: str) -> Callable[[Path], list[Path]]:
 SOURCES: dict[str, tuple[Callable[[Path], list[Path]], DerivedSeriesOptions | None]] = {
     "explicit-latin1": (_explicit_latin1, None),
     "implicit-signed-padding": (_implicit_signed_padding, None),
-    "rle-equipment-source-window": (
+    "rle-equipment-window": (
         _rle_with_equipment,
         DerivedSeriesOptions(window_center_width=None),
     ),
     "enhanced-ct": (_testdata("eCT_Supplemental.dcm"), None),
-    "lossy-j2k-without-frame-of-reference": (_testdata("693_J2KI.dcm"), None),
+    "lossy-j2k-no-frame-of-ref": (_testdata("693_J2KI.dcm"), None),
 }
 
 GOLDEN: dict[str, str] = {
     "explicit-latin1": "f91a05f1f0dc770e2af56e8d2ff092ee976f6d36f5499df0f1559444d09d3d87",
     "implicit-signed-padding": "b2dc64e737337117ecd02876dfb99b234bfe275303c00b3801a190a3dfa55e62",
-    "rle-equipment-source-window": "cb70604144f0d846a42980951607155d0db171216d9777793f8c485beacad311",
+    "rle-equipment-window": "cb70604144f0d846a42980951607155d0db171216d9777793f8c485beacad311",
     "enhanced-ct": "a9a5dc1741678e277fbb1e98013a4db5572f3ac899739a6a29adff20f7db3a10",
-    "lossy-j2k-without-frame-of-reference": "988eb6508bb8a644f3f99c2ae918a8f434c3e3f4da8445e3c1f6bbc832766d56",
+    "lossy-j2k-no-frame-of-ref": "988eb6508bb8a644f3f99c2ae918a8f434c3e3f4da8445e3c1f6bbc832766d56",
 }
 
 
