@@ -261,21 +261,50 @@ def hu_to_stored(hu: npt.NDArray[np.floating], ref_ds: Dataset) -> tuple[StoredA
     slope, intercept = rescale if rescale is not None else (1.0, 0.0)
     if slope == 0.0:
         raise PixelFormatError(f"{_label(ref_ds)}: Rescale Slope is 0")
-    # One float64 working copy, transformed in place (a slice of 512 x 512 is 2 MB per temporary);
-    # subtracting 0 and dividing by 1 are exact, so they are skipped.
-    scaled = np.array(hu, dtype=np.float64, copy=True)
-    if not np.isfinite(scaled).all():
+    source = np.asarray(hu)
+    low, high = stored_value_range(ref_ds)
+    dtype = storage_dtype(ref_ds)
+    if not source.size:
+        return np.zeros(source.shape, dtype=dtype), 0
+    with np.errstate(invalid="ignore"):
+        extremes = (source.min(), source.max())
+    if not (np.isfinite(extremes[0]) and np.isfinite(extremes[1])):  # NaN propagates into them
         raise PixelFormatError("HU array contains NaN or infinite values; nothing can store them")
+    # The transform is monotonic (each IEEE operation is), so the extremes of the result are
+    # those of the input transformed: when they fit, nothing is clipped and the slice is
+    # transformed block by block, in cache; otherwise as a whole, counting and clipping.
+    ends = [_hu_to_stored_values(np.asarray(e), slope, intercept) for e in extremes]
+    if low <= min(ends) and max(ends) <= high:
+        stored = np.empty(source.shape, dtype=dtype)
+        flat_in, flat_out = source.reshape(-1), stored.reshape(-1)
+        for start in range(0, flat_in.size, _BLOCK):
+            block = slice(start, start + _BLOCK)
+            flat_out[block] = _hu_to_stored_values(flat_in[block], slope, intercept)
+        return stored, 0
+    scaled = _hu_to_stored_values(source, slope, intercept)
+    clipped = int(np.count_nonzero(scaled < low) + np.count_nonzero(scaled > high))
+    np.clip(scaled, low, high, out=scaled)
+    return scaled.astype(dtype), clipped
+
+
+_BLOCK = 16384
+"""Pixels per block of `hu_to_stored` (128 KiB of float64: stays in a core's cache)."""
+
+
+def _hu_to_stored_values(
+    hu: npt.NDArray[np.generic], slope: float, intercept: float
+) -> npt.NDArray[np.float64]:
+    """round((hu - intercept) / slope), half to even, in float64, in a new array. Subtracting 0
+    and dividing by 1 are exact, so they are skipped."""
+    scaled = np.empty(hu.shape, dtype=np.float64)
     if intercept != 0.0:
-        np.subtract(scaled, intercept, out=scaled)
+        np.subtract(hu, intercept, out=scaled, dtype=np.float64)
+    else:
+        scaled[...] = hu
     if slope != 1.0:
         np.divide(scaled, slope, out=scaled)
     np.rint(scaled, out=scaled)
-    low, high = stored_value_range(ref_ds)
-    clipped = int(np.count_nonzero(scaled < low) + np.count_nonzero(scaled > high))
-    np.clip(scaled, low, high, out=scaled)
-    stored = scaled.astype(storage_dtype(ref_ds))
-    return stored, clipped
+    return scaled
 
 
 def write_pixels(ds: Dataset, stored: StoredArray) -> None:
@@ -304,7 +333,8 @@ def write_pixels(ds: Dataset, stored: StoredArray) -> None:
             f"{ds.BitsAllocated} / Pixel Representation {ds.PixelRepresentation} ({expected})"
         )
     low, high = stored_value_range(ds)
-    if stored.size and (int(stored.min()) < low or int(stored.max()) > high):
+    smallest, largest = int(stored.min()), int(stored.max())
+    if stored.size and (smallest < low or largest > high):
         raise PixelFormatError(
             f"{_label(ds)}: stored values exceed the range of Bits Stored {ds.BitsStored}"
         )
@@ -321,8 +351,8 @@ def write_pixels(ds: Dataset, stored: StoredArray) -> None:
             del ds[keyword]
     value_vr = "SS" if int(ds.PixelRepresentation) == 1 else "US"
     for keyword, tag, value in (
-        ("SmallestImagePixelValue", 0x00280106, int(stored.min())),
-        ("LargestImagePixelValue", 0x00280107, int(stored.max())),
+        ("SmallestImagePixelValue", 0x00280106, smallest),
+        ("LargestImagePixelValue", 0x00280107, largest),
     ):
         if keyword in ds:
             del ds[keyword]

@@ -14,6 +14,7 @@ from engine.pixels import (
     dataset_frames_to_hu,
     dataset_to_hu,
     hu_to_stored,
+    storage_dtype,
     stored_value_range,
     write_pixels,
 )
@@ -175,3 +176,42 @@ def test_write_pixels_rejects_wrong_shape_and_dtype():
         write_pixels(ds, np.zeros((4, 4), dtype=np.uint16))
     with pytest.raises(PixelFormatError, match="dtype"):
         write_pixels(ds, np.zeros((8, 8), dtype=np.int32))
+
+
+def _reference_hu_to_stored(hu: np.ndarray, ds: Dataset) -> tuple[np.ndarray, int]:
+    """hu_to_stored as it was before the block-wise version: one float64 array, whole."""
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    scaled = np.rint((np.array(hu, dtype=np.float64) - intercept) / slope)
+    low, high = (
+        (-(2 ** (int(ds.BitsStored) - 1)), 2 ** (int(ds.BitsStored) - 1) - 1)
+        if int(ds.PixelRepresentation)
+        else (0, 2 ** int(ds.BitsStored) - 1)
+    )
+    clipped = int(np.count_nonzero(scaled < low) + np.count_nonzero(scaled > high))
+    return np.clip(scaled, low, high).astype(storage_dtype(ds)), clipped
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "intercept", "slope", "dtype", "spread"),
+    [
+        (12, 0, -1024.0, 1.0, np.float32, 400.0),  # no clipping: block-wise path
+        (12, 0, -1024.0, 1.0, np.float32, 3000.0),  # clipping below and above
+        (16, 1, 0.0, 1.0, np.float64, 400.0),
+        (16, 1, -1000.5, 0.25, np.float32, 2000.0),
+        (16, 0, 10.0, -0.5, np.float64, 2000.0),  # negative slope: extremes swap
+    ],
+)
+def test_hu_to_stored_matches_the_whole_array_reference(
+    bits: int, signed: int, intercept: float, slope: float, dtype: type, spread: float
+):
+    """The monotonic-extremes shortcut and the block-wise transform change no stored value and
+    no clip count, ties (x.5) included."""
+    ds = _storage(bits, signed, intercept, slope)
+    rng = np.random.default_rng(bits + signed)
+    hu = rng.normal(0.0, spread, (300, 97)).astype(dtype)
+    hu[0, :8] = np.arange(8) + 0.5  # ties, half to even
+    expected, expected_clipped = _reference_hu_to_stored(hu, ds)
+    stored, clipped = hu_to_stored(hu, ds)
+    assert stored.dtype == expected.dtype
+    np.testing.assert_array_equal(stored, expected)
+    assert clipped == expected_clipped
