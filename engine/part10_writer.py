@@ -18,11 +18,13 @@ Standard: PS3.10 7.1 (file meta), PS3.5 7.1 (data elements), 7.5 (sequences).
 
 from __future__ import annotations
 
+import struct
 from decimal import Decimal
 from typing import Any
 
 from pydicom import __version_info__ as _pydicom_version
 from pydicom import config
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -39,6 +41,10 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from pydicom.valuerep import AMBIGUOUS_VR
 
 _PREAMBLE = b"\x00" * 128
+_UNDEFINED = b"\xff\xff\xff\xff"
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000)
+_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"  # (FFFE,E00D), length 0
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
 _MAX_KEYED_BYTES = 16384
 """Bytes values longer than this are encoded every time (hashing them would not pay)."""
 
@@ -112,6 +118,25 @@ def element_key(element: DataElement | RawDataElement) -> tuple[Any, ...] | None
     return None if value is None else ("value", element.VR, value)
 
 
+def _hashable(charset: object) -> object:
+    return tuple(charset) if isinstance(charset, MultiValue | list) else charset
+
+
+def _is_plain_sequence(element: DataElement) -> bool:
+    """A sequence whose items were built in memory of decoded elements only: encoded here item
+    by item. Items read from a file keep their original encoding and raw elements, which
+    `write_dataset` treats otherwise; pydicom encodes those sequences."""
+    return (
+        element.VR == "SQ"
+        and not element.is_buffered
+        and all(
+            item.original_encoding == (None, None)
+            and not any(isinstance(e, RawDataElement) for e in item.elements())
+            for item in element.value
+        )
+    )
+
+
 def _is_ambiguous_tag(tag: int, cache: dict[int, bool]) -> bool:
     known = cache.get(tag)
     if known is None:
@@ -163,12 +188,16 @@ class SeriesEncoder:
         )
 
     def _dataset_bytes(self, ds: Dataset) -> bytes:
-        charset = ds.get("SpecificCharacterSet", "iso8859")
-        context = (
-            tuple(charset) if isinstance(charset, MultiValue | list) else charset,
-            ds.get("PixelRepresentation"),
-            ds.get("BitsAllocated"),
-        )
+        charset = ds.get("SpecificCharacterSet", default_encoding)
+        context = (_hashable(charset), ds.get("PixelRepresentation"), ds.get("BitsAllocated"))
+        return self._elements_bytes(ds, charset, context, top_level=True)
+
+    def _elements_bytes(
+        self, ds: Dataset, charset: object, context: _Key, *, top_level: bool
+    ) -> bytes:
+        """The elements of `ds` (the dataset, or an item built in memory) in tag order, each
+        from the memo or encoded as `write_dataset` would; `charset`: the encodings its text
+        is written with; `context`: what else their encoding may depend on."""
         parts = []
         for tag in sorted(ds.keys()):
             if tag.element == 0 and tag.group > 6:
@@ -176,7 +205,7 @@ class SeriesEncoder:
             key = self._key(ds.get_item(tag), context)
             encoded = self._encoded.get(key) if key is not None else None
             if encoded is None:
-                encoded = self._encode_element(ds, tag, charset)
+                encoded = self._encode_element(ds, tag, charset, context, top_level=top_level)
                 self.misses += 1
                 if key is not None:
                     self._encoded[key] = encoded
@@ -195,21 +224,47 @@ class SeriesEncoder:
         key = element_key(element)
         return None if key is None else (tag, key, context)
 
-    @staticmethod
-    def _encode_element(ds: Dataset, tag: BaseTag, charset: object) -> bytes:
-        """One top-level element as `write_dataset` encodes it for a dataset built in memory:
-        ambiguous VRs corrected (also in sequence items), raw elements decoded, then written
-        in Explicit VR Little Endian."""
+    def _encode_element(
+        self, ds: Dataset, tag: BaseTag, charset: object, context: _Key, *, top_level: bool
+    ) -> bytes:
+        """One element as `write_dataset` encodes it for a dataset built in memory: ambiguous
+        VRs corrected (at the top level, in sequence items too, as its first pass does; in an
+        item that pass already did it), raw elements decoded, then written in Explicit VR
+        Little Endian. A sequence of items built in memory is encoded item by item here, so
+        that what its items share comes from the memo."""
         current = ds.get_item(tag)
-        if current.VR == "SQ":
+        if top_level and current.VR == "SQ":
             for item in ds[tag].value:
                 correct_ambiguous_vr(item, True, [item, ds])
-        elif current.VR in AMBIGUOUS_VR:
+        elif top_level and current.VR in AMBIGUOUS_VR:
             correct_ambiguous_vr_element(current, ds, True, [ds])
+        element = ds[tag]
+        if isinstance(current, DataElement) and _is_plain_sequence(element):
+            return self._sequence_bytes(element, charset, context)
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, False
-        write_data_element(buffer, ds[tag], charset)  # type: ignore[arg-type]
+        write_data_element(buffer, element, charset)  # type: ignore[arg-type]
         return buffer.getvalue()
+
+    def _sequence_bytes(self, element: DataElement, charset: object, context: _Key) -> bytes:
+        """A sequence as `write_data_element` / `write_sequence_item` encode it (PS3.5 7.5):
+        explicit length unless the element or item says undefined, items' text in their own
+        Specific Character Set, else the parent's."""
+        parent = convert_encodings(charset or [default_encoding])  # type: ignore[arg-type]
+        parts = []
+        for item in element.value:
+            item_charset = item.get("SpecificCharacterSet", parent)
+            item_context = ("item", _hashable(item_charset), context)
+            body = self._elements_bytes(item, item_charset, item_context, top_level=False)
+            if item.is_undefined_length_sequence_item:
+                parts += [_ITEM + _UNDEFINED, body, _ITEM_END]
+            else:
+                parts += [_ITEM + len(body).to_bytes(4, "little"), body]
+        value = b"".join(parts)
+        header = struct.pack("<HH", element.tag.group, element.tag.element) + b"SQ\0\0"
+        if element.is_undefined_length:
+            return header + _UNDEFINED + value + _SEQUENCE_END
+        return header + len(value).to_bytes(4, "little") + value
 
     def _meta_bytes(self, ds: Dataset) -> bytes | None:
         """File Meta Information as dcmwrite(enforce_file_format=True) completes and writes it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
@@ -73,3 +74,30 @@ def test_instances_share_no_element_a_caller_could_change_for_all(tmp_path: Path
     assert second.SeriesInstanceUID != "1.2.3"
     assert second.WindowCenter != 12
     assert second.ImagePositionPatient[2] != 999
+
+
+def _item(**attributes: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def test_sequences_built_in_memory_encode_as_dcmwrite_does(tmp_path: Path):
+    """Items encoded element by element: undefined lengths (sequence, item), nested and empty
+    sequences, an item with its own character set, a sequence shared between instances."""
+    datasets = _derived("explicit-latin1", tmp_path)[:3]
+    shared = pydicom.Sequence([_item(CodeValue="1", CodingSchemeDesignator="L", CodeMeaning="Ä")])
+    for number, ds in enumerate(datasets):
+        inner = _item(CodeValue=str(number), CodingSchemeDesignator="L", CodeMeaning="Süd")
+        inner.is_undefined_length_sequence_item = number == 1
+        own = _item(SpecificCharacterSet="ISO_IR 192", CodeMeaning="Ω", CodeValue="Z")
+        ds.AnatomicRegionSequence = pydicom.Sequence(
+            [_item(CodeValue="C", ConceptCodeSequence=pydicom.Sequence([inner])), own]
+        )
+        ds["AnatomicRegionSequence"].is_undefined_length = number == 2
+        ds.RequestAttributesSequence = pydicom.Sequence([])
+        ds.ReasonForPerformedProcedureCodeSequence = shared
+    expected = [_dcmwrite(copy.deepcopy(ds)) for ds in datasets]
+    encoder = SeriesEncoder()
+    assert [encoder.encode(ds) for ds in datasets] == expected
