@@ -137,6 +137,22 @@ def _is_plain_sequence(element: DataElement) -> bool:
     )
 
 
+def _pixel_data_pieces(element: DataElement | RawDataElement) -> list[bytes] | None:
+    """Header and value of native Pixel Data as `write_data_element` writes them (OB / OW of
+    even length: tag, VR, reserved, 32-bit length, the bytes as they are); None for any other
+    kind, which pydicom encodes."""
+    if not isinstance(element, DataElement) or element.VR not in ("OB", "OW"):
+        return None
+    value = element.value
+    if element.is_buffered or element.is_undefined_length or type(value) is not bytes:
+        return None
+    if len(value) % 2 or len(value) > 0xFFFFFFFE:
+        return None
+    tag = element.tag
+    header = struct.pack("<HH2s2xL", tag.group, tag.element, element.VR.encode(), len(value))
+    return [header, value]
+
+
 def _is_ambiguous_tag(tag: int, cache: dict[int, bool]) -> bool:
     known = cache.get(tag)
     if known is None:
@@ -165,13 +181,18 @@ class SeriesEncoder:
 
     def encode(self, ds: Dataset) -> bytes:
         """The bytes `dcmwrite(fp, ds, enforce_file_format=True)` writes for `ds`."""
+        return b"".join(self.encode_pieces(ds))
+
+    def encode_pieces(self, ds: Dataset) -> tuple[bytes, ...]:
+        """`encode(ds)` in pieces to be written one after the other (writev), so that the
+        Pixel Data value is never copied."""
         meta = self._meta_bytes(ds) if self._takes_fast_path(ds) else None
         if meta is None:
-            return _dcmwrite_bytes(ds)
+            return (_dcmwrite_bytes(ds),)
         preamble = getattr(ds, "preamble", None) or _PREAMBLE
         if "PixelData" in ds:
             ds["PixelData"].is_undefined_length = False  # as dcmwrite does for native data
-        return b"".join((preamble, b"DICM", meta, self._dataset_bytes(ds)))
+        return (preamble + b"DICM" + meta, *self._dataset_pieces(ds))
 
     @staticmethod
     def _takes_fast_path(ds: Dataset) -> bool:
@@ -187,22 +208,37 @@ class SeriesEncoder:
             and not any(tag >> 16 in (0, 2) for tag in ds.keys())  # noqa: SIM118
         )
 
-    def _dataset_bytes(self, ds: Dataset) -> bytes:
+    def _dataset_pieces(self, ds: Dataset) -> list[bytes]:
+        """The dataset's elements: those before Pixel Data joined, Pixel Data's header and its
+        value (not copied), then any after it joined."""
         charset = ds.get("SpecificCharacterSet", default_encoding)
         context = (_hashable(charset), ds.get("PixelRepresentation"), ds.get("BitsAllocated"))
-        return self._elements_bytes(ds, charset, context, top_level=True)
+        return self._element_pieces(ds, charset, context, top_level=True)
 
     def _elements_bytes(
         self, ds: Dataset, charset: object, context: _Key, *, top_level: bool
     ) -> bytes:
+        return b"".join(self._element_pieces(ds, charset, context, top_level=top_level))
+
+    def _element_pieces(
+        self, ds: Dataset, charset: object, context: _Key, *, top_level: bool
+    ) -> list[bytes]:
         """The elements of `ds` (the dataset, or an item built in memory) in tag order, each
         from the memo or encoded as `write_dataset` would; `charset`: the encodings its text
-        is written with; `context`: what else their encoding may depend on."""
-        parts = []
+        is written with; `context`: what else their encoding may depend on. Runs of elements
+        come joined; native Pixel Data as its header and its value."""
+        pieces: list[bytes] = []
+        run: list[bytes] = []
         for tag in sorted(ds.keys()):
             if tag.element == 0 and tag.group > 6:
                 continue  # retired group lengths are not written (PS3.5 7.2)
-            key = self._key(ds.get_item(tag), context)
+            element = ds.get_item(tag)
+            pixels = _pixel_data_pieces(element) if tag == _PIXEL_DATA and top_level else None
+            if pixels is not None:
+                pieces += [b"".join(run), *pixels]
+                run = []
+                continue
+            key = self._key(element, context)
             encoded = self._encoded.get(key) if key is not None else None
             if encoded is None:
                 encoded = self._encode_element(ds, tag, charset, context, top_level=top_level)
@@ -211,8 +247,8 @@ class SeriesEncoder:
                     self._encoded[key] = encoded
             else:
                 self.hits += 1
-            parts.append(encoded)
-        return b"".join(parts)
+            run.append(encoded)
+        return [*pieces, b"".join(run)]
 
     def _key(self, element: DataElement | RawDataElement, context: _Key) -> _Key | None:
         tag = element.tag

@@ -228,7 +228,7 @@ def write_series(datasets: Sequence[Dataset], out_dir: str | PathLike[str]) -> l
     written = []
     for ds in datasets:
         final = directory / f"{ds.SOPInstanceUID}.dcm"
-        write_replacing(final, encoder.encode(ds), mode=0o666, sync_directory=False)
+        write_replacing(final, encoder.encode_pieces(ds), mode=0o666, sync_directory=False)
         written.append(final)
     fsync_directory(directory)
     return written
