@@ -27,6 +27,7 @@ import numpy as np
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
@@ -231,7 +232,10 @@ class DerivedSeries:
     """The validated derived series.
 
     datasets: CT Image Storage instances, each with file meta (Explicit VR Little Endian),
-        ready for dcmwrite(enforce_file_format=True) or C-STORE.
+        ready for dcmwrite(enforce_file_format=True) or C-STORE. The series-level sequences
+        (Derivation Code, Contributing Equipment, the code items of the references) are one
+        object shared by the instances: replace such a sequence on an instance rather than
+        change its items in place.
     series_instance_uid: the new Series Instance UID (deterministic, see `derived_series_uid`).
     clipped_pixels: how many output pixels fell outside the storable range and were clipped.
     """
@@ -361,10 +365,15 @@ _IMMUTABLE_VALUES = (str, int, float, bytes, PersonName, type(None))
 
 def _copy_element(element: DataElement) -> DataElement:
     """A copy of a decoded element that shares nothing mutable with it: a shallow copy when
-    its value is immutable (a string, number or bytes), else a deep copy."""
-    if element.VR != "SQ" and isinstance(element.value, _IMMUTABLE_VALUES):
+    its value is immutable (a string, number or bytes), else a deep copy, in which the
+    immutable values of a multi-valued element are shared rather than copied."""
+    value = element.value
+    if element.VR != "SQ" and isinstance(value, _IMMUTABLE_VALUES):
         return copy.copy(element)
-    return copy.deepcopy(element)
+    memo: dict[int, object] = {}
+    if isinstance(value, MultiValue):
+        memo = {id(item): item for item in value if isinstance(item, _IMMUTABLE_VALUES)}
+    return copy.deepcopy(element, memo)
 
 
 def _copy_source(
@@ -476,7 +485,9 @@ class DerivedSeriesBuilder:
     PACS and viewer displays CT Image Storage while Enhanced CT support is still patchy.
     Source Pixel Padding pixels are kept as padding. `derivation_note`: appended to the
     Derivation Description (why this engine ran, engine.envelope_policy). Every instance is
-    validated before it is returned; a failure raises DerivedSeriesError.
+    validated before it is returned; a failure raises DerivedSeriesError. What does not depend
+    on the slot is computed once per source series and its sequences are shared by the
+    instances (see `DerivedSeries.datasets`).
     """
 
     def __init__(
@@ -542,7 +553,10 @@ class DerivedSeriesBuilder:
         # a source series (`_constants`); the SOP Instance UID and the references are not.
         for keyword, value, element in self._constants(src, multi_frame=multi_frame):
             if _reusable(ds, element):
-                ds[element.tag] = copy.copy(element)
+                # Sequences are shared (the encoder then encodes them once), other values not.
+                ds[element.tag] = (
+                    copy.copy(element) if element.VR == "SQ" else _copy_element(element)
+                )
             else:
                 setattr(ds, keyword, value)  # keeps the VR of the copied source element
         ds.SOPInstanceUID = derived_instance_uid(

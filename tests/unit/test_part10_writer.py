@@ -65,15 +65,25 @@ def test_datasets_read_from_files_are_written_by_dcmwrite(tmp_path: Path):
 
 
 def test_instances_share_no_element_a_caller_could_change_for_all(tmp_path: Path):
-    """Series constants are shared between the instances as values; assigning an attribute of
-    one instance must not change another."""
-    first, second = _derived("explicit-latin1", tmp_path)[:2]
+    """Series constants are shared between the instances as values, decoded source elements
+    are copied sharing only immutable values: assigning an attribute or a value of one
+    instance must change neither another instance nor the source."""
+    make_source, _ = SOURCES["explicit-latin1"]
+    loaded = load_series(make_source(tmp_path))
+    first, second = build_derived_series(loaded, loaded.volume_hu, IDENTITY, now=NOW).datasets[:2]
+    source = loaded.datasets[0]
+    assert source.get_item("ImagePositionPatient").__class__.__name__ == "DataElement", (
+        "decoded while loading, so copied rather than shared"
+    )
+    position = list(source.ImagePositionPatient)
     first.SeriesInstanceUID = "1.2.3"
     first.WindowCenter = "12"
     first.ImagePositionPatient[2] = "999"
+    first.ImageType[0] = "ORIGINAL"
     assert second.SeriesInstanceUID != "1.2.3"
     assert second.WindowCenter != 12
-    assert second.ImagePositionPatient[2] != 999
+    assert second.ImageType[0] == "DERIVED"
+    assert list(source.ImagePositionPatient) == position
 
 
 def _item(**attributes: object) -> Dataset:
