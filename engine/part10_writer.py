@@ -60,7 +60,8 @@ _Key = tuple[Any, ...]
 def _value_key(value: object) -> tuple[Any, ...] | None:
     """A hashable stand-in for `value` that differs whenever its encoding may differ: exact
     types only (a DS "1.0" and "1.00" compare equal as numbers but encode differently, so
-    number strings, floats and person names are not keyed); None for values not keyed."""
+    number values, floats and person names are not keyed here; `element_key` keys DS and IS
+    by their text); None for values not keyed."""
     kind = type(value)
     if kind in _SIMPLE_TYPES:
         if kind is bytes and len(value) > _MAX_KEYED_BYTES:  # type: ignore[arg-type]
