@@ -3,9 +3,11 @@
 Writes a synthetic series (default 300 slices, Explicit VR Little Endian, 12-bit storage like the
 scanners') to a temporary folder, then times each stage alone, per slice: read + decode
 (`load_series`), the envelope measurement (`measure_loaded`, the noise level on up to 16
-slices), build + encode of the derived series (`build_derived_series`), and writing it
-(`write_series`, not part of `standardize_series`). With `--profile STAGE` it prints the
-cProfile of that stage instead.
+slices), build + encode of the derived series (`build_derived_series`), the encoding alone
+(`SeriesEncoder`, in memory) and writing the files (`write_series`: encoding, writing, fsync;
+not part of `standardize_series`): wall time and this process's CPU time (on
+a busy machine the CPU time is the steadier figure; writing also waits for fsync). With
+`--profile STAGE` it prints the cProfile of that stage instead.
 
 Run: `.venv/bin/python benchmarks/profile_pipeline.py [--slices 300] [--profile build]`.
 """
@@ -27,6 +29,7 @@ from pydicom import dcmwrite
 from engine.derived import build_derived_series
 from engine.envelope_policy import measure_loaded
 from engine.interface import EngineIdentity
+from engine.part10_writer import SeriesEncoder
 from engine.pipeline import write_series
 from engine.series_io import load_series
 from engine.synthetic import make_ct_series, phantom_slice
@@ -53,18 +56,28 @@ def _timed(label: str, n: int, fn: Callable[[], Any], profile: bool) -> Any:
         result = profiler.runcall(fn)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
         return result
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn()
-    seconds = time.perf_counter() - start
-    print(f"{label:28} {seconds:7.2f} s  {1000.0 * seconds / n:7.2f} ms/slice")
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    print(
+        f"{label:28} {seconds:7.2f} s  {1000.0 * seconds / n:7.2f} ms/slice  "
+        f"CPU {1000.0 * cpu / n:7.2f} ms/slice"
+    )
     return result
+
+
+def _encode_all(datasets: list[Any]) -> None:
+    """What `write_series` does but the files: the encoding, as one encoder per series."""
+    encoder = SeriesEncoder()
+    for ds in datasets:
+        encoder.encode_pieces(ds)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--profile", choices=("load", "envelope", "build", "write"))
+    parser.add_argument("--profile", choices=("load", "envelope", "build", "encode", "write"))
     args = parser.parse_args(argv)
     n = args.slices
     with tempfile.TemporaryDirectory(prefix="ltdiff-profile-") as tmp:
@@ -81,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             n,
             lambda: build_derived_series(loaded, output, IDENTITY),
             args.profile == "build",
+        )
+        fresh = build_derived_series(loaded, output, IDENTITY)  # encoding decodes elements
+        _timed(
+            "encode only (no files)",
+            n,
+            lambda: _encode_all(fresh.datasets),
+            args.profile == "encode",
         )
         _timed(
             "write (not in the pipeline)",

@@ -25,14 +25,17 @@ from datetime import datetime
 
 import numpy as np
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 
 from engine.dicom_facts import is_valid_uid
 from engine.interface import EngineIdentity, FloatVolume
+from engine.part10_writer import element_key
 from engine.pixels import PixelFormatError, hu_to_stored, modality_rescale, transfer_syntax_of
 from engine.pixels import write_pixels as _write_pixels
 from engine.series_io import LoadedSeries, frame_header
@@ -229,7 +232,10 @@ class DerivedSeries:
     """The validated derived series.
 
     datasets: CT Image Storage instances, each with file meta (Explicit VR Little Endian),
-        ready for dcmwrite(enforce_file_format=True) or C-STORE.
+        ready for dcmwrite(enforce_file_format=True) or C-STORE. The series-level sequences
+        (Derivation Code, Contributing Equipment, the code items of the references) are one
+        object shared by the instances: replace such a sequence on an instance rather than
+        change its items in place.
     series_instance_uid: the new Series Instance UID (deterministic, see `derived_series_uid`).
     clipped_pixels: how many output pixels fell outside the storable range and were clipped.
     """
@@ -345,22 +351,51 @@ def _now_parts(now: datetime) -> tuple[str, str, str]:
     )
 
 
-def _copy_source(src: Dataset, *, multi_frame: bool) -> Dataset:
+def _is_copied(tag: BaseTag, *, multi_frame: bool) -> bool:
+    """Whether a top-level source attribute stays true for a derived image: public, not pixel
+    data, not one `_DROP_ALWAYS` names (nor, for Enhanced CT, `_ENHANCED_ONLY`)."""
+    if tag.is_private or tag.group in (0x7FE0, 0xFFFA, 0xFFFC):
+        return False
+    keyword = keyword_for_tag(tag)
+    return not (keyword in _DROP_ALWAYS or (multi_frame and keyword in _ENHANCED_ONLY))
+
+
+_IMMUTABLE_VALUES = (str, int, float, bytes, PersonName, type(None))
+
+
+def _copy_element(element: DataElement) -> DataElement:
+    """A copy of a decoded element that shares nothing mutable with it: a shallow copy when
+    its value is immutable (a string, number or bytes), else a deep copy, in which the
+    immutable values of a multi-valued element are shared rather than copied."""
+    value = element.value
+    if element.VR != "SQ" and isinstance(value, _IMMUTABLE_VALUES):
+        return copy.copy(element)
+    memo: dict[int, object] = {}
+    if isinstance(value, MultiValue):
+        memo = {id(item): item for item in value if isinstance(item, _IMMUTABLE_VALUES)}
+    return copy.deepcopy(element, memo)
+
+
+def _copy_source(
+    src: Dataset, *, multi_frame: bool, copied: dict[BaseTag, bool] | None = None
+) -> dict[BaseTag, DataElement | RawDataElement]:
     """Public top-level attributes of `src` that stay true for a derived image (private tags
-    and pixel data dropped; for Enhanced CT, multi-frame-only attributes dropped too)."""
-    out = Dataset()
+    and pixel data dropped; for Enhanced CT, multi-frame-only attributes dropped too), as the
+    elements of a Dataset to be. `copied`: the decision per tag, remembered across calls.
+
+    An element not decoded yet (most of a file read from disk) is an immutable tuple of its
+    bytes: shared, it is decoded in the copy as it would be in the source, with the same
+    Specific Character Set and Pixel Representation (both copied). Decoded elements are
+    copied (`_copy_element`), so the source is never changed through them."""
+    decisions: dict[BaseTag, bool] = {} if copied is None else copied
+    out: dict[BaseTag, DataElement | RawDataElement] = {}
     for element in src.elements():
-        tag = Tag(element.tag)
-        if tag.is_private or tag.group in (0x7FE0, 0xFFFA, 0xFFFC):
-            continue
-        keyword = keyword_for_tag(tag)
-        if keyword in _DROP_ALWAYS or (multi_frame and keyword in _ENHANCED_ONLY):
-            continue
-        # An element not decoded yet (most of a file read from disk) is an immutable tuple of
-        # its bytes: shared, it is decoded in the copy as it would be in the source, with the
-        # same Specific Character Set and Pixel Representation (both copied). Decoded elements
-        # (sequences among them) are deep-copied, so the source is never changed through them.
-        out[tag] = element if isinstance(element, RawDataElement) else copy.deepcopy(element)
+        tag = element.tag
+        keep = decisions.get(tag)
+        if keep is None:
+            keep = decisions[tag] = _is_copied(Tag(tag), multi_frame=multi_frame)
+        if keep:
+            out[tag] = element if isinstance(element, RawDataElement) else _copy_element(element)
     return out
 
 
@@ -450,7 +485,9 @@ class DerivedSeriesBuilder:
     PACS and viewer displays CT Image Storage while Enhanced CT support is still patchy.
     Source Pixel Padding pixels are kept as padding. `derivation_note`: appended to the
     Derivation Description (why this engine ran, engine.envelope_policy). Every instance is
-    validated before it is returned; a failure raises DerivedSeriesError.
+    validated before it is returned; a failure raises DerivedSeriesError. What does not depend
+    on the slot is computed once per source series and its sequences are shared by the
+    instances (see `DerivedSeries.datasets`).
     """
 
     def __init__(
@@ -477,6 +514,9 @@ class DerivedSeriesBuilder:
         self.series_instance_uid = derived_series_uid(self._source_series, identity)
         self._derivation = derivation_description(identity, derivation_note)
         self._code = derivation_code(identity)
+        self._copied: dict[bool, dict[BaseTag, bool]] = {False: {}, True: {}}
+        self._constants_by_source: dict[object, list[tuple[str, object, DataElement]]] = {}
+        self._source_purpose = Sequence([_code_item(CODE_SOURCE_FOR_PROCESSING)])
 
     @property
     def n_slices(self) -> int:
@@ -494,13 +534,14 @@ class DerivedSeriesBuilder:
 
     def build(self, slot: int) -> tuple[Dataset, int]:
         """The validated instance of one slot (0-based, volume order) and its clipped pixels."""
-        loaded, identity, options = self._loaded, self._identity, self._options
-        date, time = self._date, self._time
-        series_uid, source_series = self.series_instance_uid, self._source_series
+        loaded = self._loaded
         source = loaded.frame_sources[slot]
         src = loaded.datasets[source.dataset_index]
         multi_frame = source.frame_number is not None
-        ds = _copy_source(src, multi_frame=multi_frame)
+        ds = Dataset(_copy_source(src, multi_frame=multi_frame, copied=self._copied[multi_frame]))
+        for element in ds.elements():
+            if element.VR == "SQ" and isinstance(element, DataElement):
+                ds[element.tag] = element  # as Dataset.__setitem__ files a sequence
         if multi_frame:
             for element in frame_header(src, source.frame_number):
                 ds.add(copy.deepcopy(element))
@@ -508,53 +549,20 @@ class DerivedSeriesBuilder:
             ds.SliceLocation = f"{loaded.geometry.slice_positions_mm[slot]:.6g}"
         source_sop = str(src.SOPInstanceUID)
 
-        # SOP Common, General Series, General Image.
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = derived_instance_uid(series_uid, source_sop, source.frame_number)
-        ds.SeriesInstanceUID = series_uid
-        ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-        ds.SeriesDate, ds.SeriesTime = date, time
-        ds.ContentDate, ds.ContentTime = date, time
-        source_number = src.get("SeriesNumber")
-        number = (int(source_number) if source_number not in (None, "") else 0) + (
-            options.series_number_offset
+        # SOP Common, General Series, General Image, Equipment: the same on every instance of
+        # a source series (`_constants`); the SOP Instance UID and the references are not.
+        for keyword, value, element in self._constants(src, multi_frame=multi_frame):
+            if _reusable(ds, element):
+                # Sequences are shared (the encoder then encodes them once), other values not.
+                ds[element.tag] = (
+                    copy.copy(element) if element.VR == "SQ" else _copy_element(element)
+                )
+            else:
+                setattr(ds, keyword, value)  # keeps the VR of the copied source element
+        ds.SOPInstanceUID = derived_instance_uid(
+            self.series_instance_uid, source_sop, source.frame_number
         )
-        ds.SeriesNumber = min(max(number, 0), 2**31 - 1)
-        ds.SeriesDescription = series_description(
-            str(src.get("SeriesDescription", "") or ""), identity, options.series_description_prefix
-        )
-        source_type = [str(v) for v in (src.get("ImageType") or [])]
-        value3 = source_type[2] if len(source_type) > 2 else "AXIAL"
-        if value3 not in ("AXIAL", "LOCALIZER"):
-            value3 = "AXIAL"  # the only Value 3 terms of the CT Image Module (C.8.2.1.1.1)
-        ds.ImageType = ["DERIVED", "SECONDARY", value3]
-        ds.DerivationDescription = self._derivation
-        codes = [_code_item(self._code)]
-        if multi_frame:
-            codes.append(_code_item(CODE_FRAMES_EXTRACTED))
-        ds.DerivationCodeSequence = Sequence(codes)
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = src.SOPClassUID
-        reference.ReferencedSOPInstanceUID = source_sop
-        if multi_frame:
-            reference.ReferencedFrameNumber = source.frame_number
-        reference.PurposeOfReferenceCodeSequence = Sequence(
-            [_code_item(CODE_SOURCE_FOR_PROCESSING)]
-        )
-        ds.SourceImageSequence = Sequence([reference])
-        series_reference = Dataset()
-        series_reference.SeriesInstanceUID = source_series
-        instance_reference = Dataset()
-        instance_reference.ReferencedSOPClassUID = src.SOPClassUID
-        instance_reference.ReferencedSOPInstanceUID = source_sop
-        series_reference.ReferencedInstanceSequence = Sequence([instance_reference])
-        ds.ReferencedSeriesSequence = Sequence([series_reference])
-
-        # Equipment: this node made the instance; the scanner is kept as acquisition equipment.
-        ds.ContributingEquipmentSequence = _contributing_equipment(src, identity, self._datetime)
-        ds.Manufacturer = MANUFACTURER
-        ds.ManufacturerModelName = identity.name[:64]
-        ds.SoftwareVersions = identity.version[:64]
+        self._add_references(ds, src, source_sop, source.frame_number)
 
         # Lossy history must survive decompression (PS3.3 C.7.6.1.1.5).
         lossy_method = _LOSSY_METHODS.get(str(transfer_syntax_of(src)))
@@ -562,22 +570,119 @@ class DerivedSeriesBuilder:
             ds.LossyImageCompression = "01"
             ds.LossyImageCompressionMethod = lossy_method
 
-        if options.window_center_width is not None:
+        if self._options.window_center_width is not None:
             for keyword in ("VOILUTSequence", "VOILUTFunction"):
                 if keyword in ds:
                     del ds[keyword]
-            ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in options.window_center_width)
-            ds.WindowCenterWidthExplanation = options.window_explanation
 
         if not ds.get("FrameOfReferenceUID"):
             # Type 1 for CT, yet absent in some real files. Invent one per source series, so
             # the derived images at least share a frame of reference among themselves.
-            ds.FrameOfReferenceUID = name_based_uid("frame of reference", source_series)
+            ds.FrameOfReferenceUID = name_based_uid("frame of reference", self._source_series)
         for keyword in _REQUIRED_TYPE2:
             if keyword not in ds:
                 setattr(ds, keyword, None)
 
-        # Pixels, in the source's storage representation.
+        clipped = self._store_pixels(ds, slot, source_sop)
+        ds.file_meta = _file_meta(ds)
+        validate_derived_instance(ds)
+        return ds, clipped
+
+    def _constants(
+        self, src: Dataset, *, multi_frame: bool
+    ) -> list[tuple[str, object, DataElement]]:
+        """(keyword, value, element) of the attributes every instance from `src` gets that do
+        not depend on the slot, in the order they are set. Remembered per distinct value of
+        the source attributes they are made of (`_source_key`), so a series computes them once
+        and its instances share the sequence values (an encoder then encodes them once)."""
+        key = _source_key(src, multi_frame=multi_frame)
+        known = self._constants_by_source.get(key) if key is not None else None
+        if known is None:
+            known = self._make_constants(src, multi_frame=multi_frame)
+            if key is not None:
+                self._constants_by_source[key] = known
+        return known
+
+    def _make_constants(
+        self, src: Dataset, *, multi_frame: bool
+    ) -> list[tuple[str, object, DataElement]]:
+        identity, options = self._identity, self._options
+        date, time = self._date, self._time
+        source_number = src.get("SeriesNumber")
+        number = (int(source_number) if source_number not in (None, "") else 0) + (
+            options.series_number_offset
+        )
+        source_type = [str(v) for v in (src.get("ImageType") or [])]
+        value3 = source_type[2] if len(source_type) > 2 else "AXIAL"
+        if value3 not in ("AXIAL", "LOCALIZER"):
+            value3 = "AXIAL"  # the only Value 3 terms of the CT Image Module (C.8.2.1.1.1)
+        codes = [_code_item(self._code)]
+        if multi_frame:
+            codes.append(_code_item(CODE_FRAMES_EXTRACTED))
+        values: list[tuple[str, object]] = [
+            ("SOPClassUID", CTImageStorage),
+            ("SeriesInstanceUID", self.series_instance_uid),
+            ("InstanceCreationDate", date),
+            ("InstanceCreationTime", time),
+            ("SeriesDate", date),
+            ("SeriesTime", time),
+            ("ContentDate", date),
+            ("ContentTime", time),
+            ("SeriesNumber", min(max(number, 0), 2**31 - 1)),
+            (
+                "SeriesDescription",
+                series_description(
+                    str(src.get("SeriesDescription", "") or ""),
+                    identity,
+                    options.series_description_prefix,
+                ),
+            ),
+            ("ImageType", ["DERIVED", "SECONDARY", value3]),
+            ("DerivationDescription", self._derivation),
+            ("DerivationCodeSequence", Sequence(codes)),
+            # This node made the instance; the scanner is kept as acquisition equipment.
+            (
+                "ContributingEquipmentSequence",
+                _contributing_equipment(src, identity, self._datetime),
+            ),
+            ("Manufacturer", MANUFACTURER),
+            ("ManufacturerModelName", identity.name[:64]),
+            ("SoftwareVersions", identity.version[:64]),
+        ]
+        if options.window_center_width is not None:
+            center, width = (f"{v:g}" for v in options.window_center_width)
+            values += [
+                ("WindowCenter", center),
+                ("WindowWidth", width),
+                ("WindowCenterWidthExplanation", options.window_explanation),
+            ]
+        scratch = Dataset()
+        for keyword, value in values:
+            setattr(scratch, keyword, value)
+        return [(keyword, value, scratch[keyword]) for keyword, value in values]
+
+    def _add_references(
+        self, ds: Dataset, src: Dataset, source_sop: str, frame_number: int | None
+    ) -> None:
+        """Source Image Sequence (PS3.3 C.7.6.1) and Referenced Series Sequence (C.12.2)."""
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = src.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source_sop
+        if frame_number is not None:
+            reference.ReferencedFrameNumber = frame_number
+        reference.PurposeOfReferenceCodeSequence = self._source_purpose
+        ds.SourceImageSequence = Sequence([reference])
+        series_reference = Dataset()
+        series_reference.SeriesInstanceUID = self._source_series
+        instance_reference = Dataset()
+        instance_reference.ReferencedSOPClassUID = src.SOPClassUID
+        instance_reference.ReferencedSOPInstanceUID = source_sop
+        series_reference.ReferencedInstanceSequence = Sequence([instance_reference])
+        ds.ReferencedSeriesSequence = Sequence([series_reference])
+
+    def _store_pixels(self, ds: Dataset, slot: int, source_sop: str) -> int:
+        """Write the slot's output pixels into `ds` in the source's storage representation
+        (source Pixel Padding kept); return how many were clipped."""
         try:
             rescale = modality_rescale(ds)
             if rescale is None:
@@ -586,17 +691,63 @@ class DerivedSeriesBuilder:
                 )
             slope, intercept = rescale
             hu = self._volume_hu[slot]
-            mask = _padding_mask(loaded.volume_hu[slot], ds, slope, intercept)
+            source_hu = self._loaded.volume_hu[slot]
+            mask = _padding_mask(source_hu, ds, slope, intercept)
             if mask is not None:
-                hu = np.where(mask, loaded.volume_hu[slot], hu)
+                hu = np.where(mask, source_hu, hu)
             stored, clipped = hu_to_stored(hu, ds)
             _write_pixels(ds, stored)
         except PixelFormatError as exc:
             raise DerivedSeriesError(f"source instance {source_sop}: {exc}") from exc
+        return clipped
 
-        ds.file_meta = _file_meta(ds)
-        validate_derived_instance(ds)
-        return ds, clipped
+
+_CONSTANTS_SOURCE_TAGS = tuple(
+    Tag(keyword)
+    for keyword in (
+        "SpecificCharacterSet",
+        "ImageType",
+        "Manufacturer",
+        "InstitutionName",
+        "InstitutionAddress",
+        "StationName",
+        "SeriesDescription",
+        "InstitutionalDepartmentName",
+        "ManufacturerModelName",
+        "DeviceSerialNumber",
+        "SeriesNumber",
+        "SoftwareVersions",
+        "ContributingEquipmentSequence",
+    )
+)
+"""The source attributes `DerivedSeriesBuilder._make_constants` reads."""
+
+
+def _source_key(src: Dataset, *, multi_frame: bool) -> tuple[object, ...] | None:
+    """A key equal for two sources exactly when their `_CONSTANTS_SOURCE_TAGS` are (same raw
+    bytes read the same way, or the same exactly-typed value); None when one cannot be keyed."""
+    parts: list[object] = [multi_frame]
+    for tag in _CONSTANTS_SOURCE_TAGS:
+        if tag not in src:
+            parts.append(None)
+            continue
+        key = element_key(src.get_item(tag))
+        if key is None:
+            return None
+        parts.append(key)
+    return tuple(parts)
+
+
+def _reusable(ds: Dataset, constant: DataElement) -> bool:
+    """Whether a copy of `constant` may replace what `ds` holds under its tag: yes when
+    nothing or an element of the same VR (not a sequence) is there. Otherwise the value is set
+    on the element there (as an attribute assignment does), which keeps its VR and, for a
+    sequence, its undefined length."""
+    if constant.tag not in ds:
+        return True
+    existing = ds.get_item(constant.tag)
+    vr = existing.VR if existing.VR is not None else constant.VR  # implicit VR: dictionary VR
+    return vr == constant.VR and vr != "SQ"
 
 
 def _file_meta(ds: Dataset) -> FileMetaDataset:

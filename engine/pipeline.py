@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from engine.derived import DerivedSeriesBuilder, DerivedSeriesOptions, is_ltdiff_output
 from engine.durable import fsync_directory, write_replacing
 from engine.envelope_policy import EnvelopeCheck, EnvelopePolicy, choose_engine, measure_loaded
 from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
+from engine.part10_writer import SeriesEncoder
 from engine.series_io import LoadedSeries, SeriesError, load_series
 
 
@@ -230,17 +229,16 @@ def write_series(datasets: Sequence[Dataset], out_dir: str | PathLike[str]) -> l
 
     Each file is written under a temporary name, flushed and fsynced, then renamed, so a reader
     never sees a partial file; the directory is fsynced at the end. Returns the paths in order.
+    The bytes are those of `dcmwrite(enforce_file_format=True)`; the elements the datasets
+    share are encoded once (`engine.part10_writer.SeriesEncoder`).
     """
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    encoder = SeriesEncoder()
     written = []
     for ds in datasets:
         final = directory / f"{ds.SOPInstanceUID}.dcm"
-
-        def encode(handle: BinaryIO, ds: Dataset = ds) -> None:
-            dcmwrite(handle, ds, enforce_file_format=True)
-
-        write_replacing(final, encode, mode=0o666, sync_directory=False)
+        write_replacing(final, encoder.encode_pieces(ds), mode=0o666, sync_directory=False)
         written.append(final)
     fsync_directory(directory)
     return written

@@ -136,7 +136,16 @@ def decode_stored(ds: Dataset) -> StoredArray:
     dtype: the integer type given by Bits Allocated and Pixel Representation, native byte order.
     Units: stored values (before the Modality LUT, PS3.3 C.11.1). Raises PixelFormatError.
     """
+    stored = _decode_stored(ds)
+    return stored if stored.flags.writeable else stored.copy()
+
+
+def _decode_stored(ds: Dataset) -> StoredArray:
+    """`decode_stored`, possibly a read-only view on the Pixel Data bytes."""
     check_pixel_format(ds)
+    native = _native_stored(ds)
+    if native is not None:
+        return native
     try:
         # as_rgb=False: keep YBR/MONO values as stored; we only accept MONOCHROME anyway.
         stored = pixel_array(ds, as_rgb=False)
@@ -152,6 +161,43 @@ def decode_stored(ds: Dataset) -> StoredArray:
             f"{frame_count(ds)}"
         )
     return stored.astype(stored.dtype.newbyteorder("="), copy=False)
+
+
+_NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+
+
+def _native_stored(ds: Dataset) -> StoredArray | None:
+    """Uncompressed little-endian Pixel Data as a view on its bytes, shape (frames, rows,
+    columns), exactly what pydicom's native decoder returns: unused high bits removed (shifted
+    out, sign-extended when signed, as pydicom's `correct_unused_bits`). None when the data are
+    not of the plain kind handled here (compressed, big endian, a length other than the
+    expected one, attribute values pydicom would reject or warn about): pydicom decodes those
+    and says what is wrong. Call after `check_pixel_format`."""
+    if str(transfer_syntax_of(ds)) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    data = ds.PixelData
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames_value = ds.get("NumberOfFrames")
+    frames = 1 if frames_value in (None, "") else int(frames_value)
+    representation = int(ds.PixelRepresentation)
+    if (
+        not isinstance(data, bytes)
+        or not (0 < rows < 2**16 and 0 < cols < 2**16 and frames >= 1)
+        or representation not in (0, 1)
+    ):
+        return None
+    dtype = storage_dtype(ds).newbyteorder("<")
+    expected = rows * cols * frames * dtype.itemsize
+    if len(data) not in (expected, expected + expected % 2):
+        return None
+    stored = np.frombuffer(data, dtype=dtype, count=rows * cols * frames)
+    stored = stored.reshape(frames, rows, cols).astype(dtype.newbyteorder("="), copy=False)
+    unused = int(ds.BitsAllocated) - int(ds.BitsStored)
+    if unused:
+        stored = stored.copy()
+        np.left_shift(stored, unused, out=stored)
+        np.right_shift(stored, unused, out=stored)
+    return stored
 
 
 def _float(value: object, default: float) -> float:
@@ -178,7 +224,7 @@ def modality_rescale(ds: Dataset, frame_index: int | None = None) -> tuple[float
     return None
 
 
-def dataset_frames_to_hu(ds: Dataset) -> FloatArray:
+def dataset_frames_to_hu(ds: Dataset, out: FloatArray | None = None) -> FloatArray:
     """Decode all frames of `ds` and apply the Modality LUT (PS3.3 C.11.1).
 
     Supports every transfer syntax pydicom has a decoder for in this environment (uncompressed,
@@ -187,22 +233,40 @@ def dataset_frames_to_hu(ds: Dataset) -> FloatArray:
     Returns float32 (frames, rows, columns) in the output units of the modality transform,
     which for CT is HU (PS3.3 C.8.2.1.1.6 / Rescale Type). Per-frame rescale of Enhanced CT
     comes from the Pixel Value Transformation functional group. A Modality LUT Sequence is
-    applied through pydicom's `apply_modality_lut`. Raises PixelFormatError.
+    applied through pydicom's `apply_modality_lut`. `out`: a float32 array of that shape to
+    write into (and return) instead of a new one. Raises PixelFormatError.
     """
-    stored = decode_stored(ds)
-    out = np.empty(stored.shape, dtype=np.float32)
+    stored = _decode_stored(ds)
+    if out is None:
+        out = np.empty(stored.shape, dtype=np.float32)
+    elif out.shape != stored.shape or out.dtype != np.float32:
+        raise ValueError(f"out is {out.dtype} {out.shape}, expected float32 {stored.shape}")
     multi_frame = is_multi_frame_functional(ds)
     for index in range(stored.shape[0]):
         rescale = modality_rescale(ds, index if multi_frame else None)
         if rescale is not None:
-            slope, intercept = rescale
-            # float64 arithmetic, then float32: exact for 16-bit integers and usual slopes.
-            out[index] = stored[index].astype(np.float64) * slope + intercept
+            _rescale_into(stored[index], *rescale, out[index])
         elif "ModalityLUTSequence" in ds:
             out[index] = apply_modality_lut(stored[index], ds).astype(np.float32)
         else:
             out[index] = stored[index]
     return out
+
+
+def _rescale_into(stored: StoredArray, slope: float, intercept: float, out: FloatArray) -> None:
+    """out = float32(stored * slope + intercept), computed in float64 (exact for 16-bit
+    integers and usual slopes). With slope 1, an integral intercept within 2**23 and at most
+    16-bit values, every operand and result is an integer below 2**24, which float32 holds
+    exactly: then the sum is taken in float32 directly, with the same result."""
+    if (
+        slope == 1.0
+        and float(intercept).is_integer()
+        and abs(intercept) <= 2**23
+        and stored.dtype.itemsize <= 2
+    ):
+        np.add(stored, np.float32(intercept), out=out, dtype=np.float32)
+    else:
+        out[...] = stored.astype(np.float64) * slope + intercept
 
 
 def dataset_to_hu(ds: Dataset) -> FloatArray:
@@ -261,21 +325,50 @@ def hu_to_stored(hu: npt.NDArray[np.floating], ref_ds: Dataset) -> tuple[StoredA
     slope, intercept = rescale if rescale is not None else (1.0, 0.0)
     if slope == 0.0:
         raise PixelFormatError(f"{_label(ref_ds)}: Rescale Slope is 0")
-    # One float64 working copy, transformed in place (a slice of 512 x 512 is 2 MB per temporary);
-    # subtracting 0 and dividing by 1 are exact, so they are skipped.
-    scaled = np.array(hu, dtype=np.float64, copy=True)
-    if not np.isfinite(scaled).all():
+    source = np.asarray(hu)
+    low, high = stored_value_range(ref_ds)
+    dtype = storage_dtype(ref_ds)
+    if not source.size:
+        return np.zeros(source.shape, dtype=dtype), 0
+    with np.errstate(invalid="ignore"):
+        extremes = (source.min(), source.max())
+    if not (np.isfinite(extremes[0]) and np.isfinite(extremes[1])):  # NaN propagates into them
         raise PixelFormatError("HU array contains NaN or infinite values; nothing can store them")
+    # The transform is monotonic (each IEEE operation is), so the extremes of the result are
+    # those of the input transformed: when they fit, nothing is clipped and the slice is
+    # transformed block by block, in cache; otherwise as a whole, counting and clipping.
+    ends = [_hu_to_stored_values(np.asarray(e), slope, intercept) for e in extremes]
+    if low <= min(ends) and max(ends) <= high:
+        stored = np.empty(source.shape, dtype=dtype)
+        flat_in, flat_out = source.reshape(-1), stored.reshape(-1)
+        for start in range(0, flat_in.size, _BLOCK):
+            block = slice(start, start + _BLOCK)
+            flat_out[block] = _hu_to_stored_values(flat_in[block], slope, intercept)
+        return stored, 0
+    scaled = _hu_to_stored_values(source, slope, intercept)
+    clipped = int(np.count_nonzero(scaled < low) + np.count_nonzero(scaled > high))
+    np.clip(scaled, low, high, out=scaled)
+    return scaled.astype(dtype), clipped
+
+
+_BLOCK = 16384
+"""Pixels per block of `hu_to_stored` (128 KiB of float64: stays in a core's cache)."""
+
+
+def _hu_to_stored_values(
+    hu: npt.NDArray[np.generic], slope: float, intercept: float
+) -> npt.NDArray[np.float64]:
+    """round((hu - intercept) / slope), half to even, in float64, in a new array. Subtracting 0
+    and dividing by 1 are exact, so they are skipped."""
+    scaled = np.empty(hu.shape, dtype=np.float64)
     if intercept != 0.0:
-        np.subtract(scaled, intercept, out=scaled)
+        np.subtract(hu, intercept, out=scaled, dtype=np.float64)
+    else:
+        scaled[...] = hu
     if slope != 1.0:
         np.divide(scaled, slope, out=scaled)
     np.rint(scaled, out=scaled)
-    low, high = stored_value_range(ref_ds)
-    clipped = int(np.count_nonzero(scaled < low) + np.count_nonzero(scaled > high))
-    np.clip(scaled, low, high, out=scaled)
-    stored = scaled.astype(storage_dtype(ref_ds))
-    return stored, clipped
+    return scaled
 
 
 def write_pixels(ds: Dataset, stored: StoredArray) -> None:
@@ -304,7 +397,8 @@ def write_pixels(ds: Dataset, stored: StoredArray) -> None:
             f"{ds.BitsAllocated} / Pixel Representation {ds.PixelRepresentation} ({expected})"
         )
     low, high = stored_value_range(ds)
-    if stored.size and (int(stored.min()) < low or int(stored.max()) > high):
+    smallest, largest = int(stored.min()), int(stored.max())
+    if stored.size and (smallest < low or largest > high):
         raise PixelFormatError(
             f"{_label(ds)}: stored values exceed the range of Bits Stored {ds.BitsStored}"
         )
@@ -321,8 +415,8 @@ def write_pixels(ds: Dataset, stored: StoredArray) -> None:
             del ds[keyword]
     value_vr = "SS" if int(ds.PixelRepresentation) == 1 else "US"
     for keyword, tag, value in (
-        ("SmallestImagePixelValue", 0x00280106, int(stored.min())),
-        ("LargestImagePixelValue", 0x00280107, int(stored.max())),
+        ("SmallestImagePixelValue", 0x00280106, smallest),
+        ("LargestImagePixelValue", 0x00280107, largest),
     ):
         if keyword in ds:
             del ds[keyword]

@@ -332,11 +332,15 @@ def load_series(paths: Iterable[str | PathLike[str]]) -> LoadedSeries:
             order_of_dataset.append(s.dataset_index)
     new_index = {old: new for new, old in enumerate(order_of_dataset)}
     for slot, s in enumerate(ordered):
-        if s.dataset_index not in decoded:
-            try:
-                decoded[s.dataset_index] = dataset_frames_to_hu(datasets[s.dataset_index])
-            except PixelFormatError as exc:
-                raise PixelFormatError(f"file {s.name}: {exc}") from exc
+        ds = datasets[s.dataset_index]
+        try:
+            if frame_count(ds) == 1:  # one slice: decoded straight into the volume
+                dataset_frames_to_hu(ds, out=volume[slot : slot + 1])
+                continue
+            if s.dataset_index not in decoded:
+                decoded[s.dataset_index] = dataset_frames_to_hu(ds)
+        except PixelFormatError as exc:
+            raise PixelFormatError(f"file {s.name}: {exc}") from exc
         volume[slot] = decoded[s.dataset_index][(s.frame_number or 1) - 1]
     decoded.clear()
 

@@ -13,7 +13,9 @@ from engine.pixels import (
     PixelFormatError,
     dataset_frames_to_hu,
     dataset_to_hu,
+    decode_stored,
     hu_to_stored,
+    storage_dtype,
     stored_value_range,
     write_pixels,
 )
@@ -175,3 +177,96 @@ def test_write_pixels_rejects_wrong_shape_and_dtype():
         write_pixels(ds, np.zeros((4, 4), dtype=np.uint16))
     with pytest.raises(PixelFormatError, match="dtype"):
         write_pixels(ds, np.zeros((8, 8), dtype=np.int32))
+
+
+def _reference_hu_to_stored(hu: np.ndarray, ds: Dataset) -> tuple[np.ndarray, int]:
+    """hu_to_stored as it was before the block-wise version: one float64 array, whole."""
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    scaled = np.rint((np.array(hu, dtype=np.float64) - intercept) / slope)
+    low, high = (
+        (-(2 ** (int(ds.BitsStored) - 1)), 2 ** (int(ds.BitsStored) - 1) - 1)
+        if int(ds.PixelRepresentation)
+        else (0, 2 ** int(ds.BitsStored) - 1)
+    )
+    clipped = int(np.count_nonzero(scaled < low) + np.count_nonzero(scaled > high))
+    return np.clip(scaled, low, high).astype(storage_dtype(ds)), clipped
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "intercept", "slope", "dtype", "spread"),
+    [
+        (12, 0, -1024.0, 1.0, np.float32, 400.0),  # no clipping: block-wise path
+        (12, 0, -1024.0, 1.0, np.float32, 3000.0),  # clipping below and above
+        (16, 1, 0.0, 1.0, np.float64, 400.0),
+        (16, 1, -1000.5, 0.25, np.float32, 2000.0),
+        (16, 0, 10.0, -0.5, np.float64, 2000.0),  # negative slope: extremes swap
+    ],
+)
+def test_hu_to_stored_matches_the_whole_array_reference(
+    bits: int, signed: int, intercept: float, slope: float, dtype: type, spread: float
+):
+    """The monotonic-extremes shortcut and the block-wise transform change no stored value and
+    no clip count, ties (x.5) included."""
+    ds = _storage(bits, signed, intercept, slope)
+    rng = np.random.default_rng(bits + signed)
+    hu = rng.normal(0.0, spread, (300, 97)).astype(dtype)
+    hu[0, :8] = np.arange(8) + 0.5  # ties, half to even
+    expected, expected_clipped = _reference_hu_to_stored(hu, ds)
+    stored, clipped = hu_to_stored(hu, ds)
+    assert stored.dtype == expected.dtype
+    np.testing.assert_array_equal(stored, expected)
+    assert clipped == expected_clipped
+
+
+def _native(bits_allocated: int, bits_stored: int, signed: int, shape: tuple[int, int, int]):
+    """A native (uncompressed) dataset whose unused high bits hold garbage."""
+    frames, rows, cols = shape
+    ds = _storage(bits_stored, signed, -1024.0)
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = bits_allocated
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
+    raw = np.random.default_rng(bits_stored).integers(
+        np.iinfo(dtype).min, np.iinfo(dtype).max, size=shape, dtype=dtype, endpoint=True
+    )
+    data = raw.tobytes()
+    ds.PixelData = data + b"\0" * (len(data) % 2)
+    ds["PixelData"].VR = "OB" if bits_allocated == 8 else "OW"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("bits_allocated", "bits_stored", "signed", "shape"),
+    [
+        (16, 12, 0, (1, 5, 7)),  # unused bits masked
+        (16, 12, 1, (1, 5, 7)),  # sign-extended from bit 11
+        (16, 16, 1, (3, 4, 4)),  # multi-frame
+        (8, 8, 0, (1, 3, 3)),  # odd length, padded
+        (32, 20, 1, (1, 4, 4)),
+    ],
+)
+def test_native_pixel_data_decode_as_pydicom_does(bits_allocated, bits_stored, signed, shape):
+    """The frombuffer path for uncompressed data gives pydicom's pixel_array, unused bits and
+    all, and the HU conversion equals the float64 one."""
+    from pydicom.pixels.utils import pixel_array
+
+    ds = _native(bits_allocated, bits_stored, signed, shape)
+    expected = pixel_array(ds, as_rgb=False).reshape(shape)
+    stored = decode_stored(ds)
+    assert stored.dtype == expected.dtype
+    np.testing.assert_array_equal(stored, expected)
+    assert stored.flags.writeable
+    for slope, intercept in ((1.0, -1024.0), (0.5, -1000.25), (1.0, 0.0)):
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        reference = (expected.astype(np.float64) * slope + intercept).astype(np.float32)
+        np.testing.assert_array_equal(dataset_frames_to_hu(ds), reference)
+
+
+def test_native_pixel_data_of_the_wrong_length_still_fails_as_before():
+    ds = _native(16, 12, 0, (1, 5, 7))
+    ds.PixelData = ds.PixelData[:-4]
+    with pytest.raises(PixelFormatError, match="less than expected"):
+        decode_stored(ds)
