@@ -119,6 +119,36 @@ def test_a_write_transaction_waits_for_the_writers_lock_and_commits_once_it_is_f
     store.close()
 
 
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+def test_the_duplicate_check_does_not_wait_for_a_write_transaction_in_progress(tmp_path):
+    """has_instance reads on its own connection: an association thread checks for a duplicate
+    while another thread of its process is inside its write transaction (here: waiting for the
+    writers lock), and sees what is committed."""
+    lock = tmp_path / "database-writers.lock"
+    store = JobStore(tmp_path / "node.db", writers_lock=lock)
+    assert store.record_instance(_record("1.0")) is ReceiveOutcome.NEW
+    other = os.open(lock, os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    before = _flock_waiters()
+    writer = threading.Thread(target=store.record_instance, args=(_record("1.1"),))
+    writer.start()
+    try:
+        wait_until(lambda: _flock_waiters() > before, what="the writer queued on the lock")
+        answers: list[tuple[bool, bool]] = []
+        checker = threading.Thread(
+            target=lambda: answers.append((store.has_instance("1.0"), store.has_instance("1.1")))
+        )
+        checker.start()
+        checker.join(timeout=30)
+        assert answers == [(True, False)], "the check waited for the write transaction"
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+        writer.join(timeout=30)
+    assert store.has_instance("1.1"), "committed, and seen by the next check"
+    store.close()
+
+
 def test_the_writers_lock_of_a_killed_process_does_not_block_the_others(tmp_path):
     lock = tmp_path / "database-writers.lock"
     holder = subprocess.Popen(
