@@ -254,7 +254,7 @@ def serve(chan: socket.socket, spec: ReceiverSpec) -> int:
     install_process_hooks()
     quiet_dicom_libraries()
     cfg = spec.listener
-    store = JobStore(spec.database_path, writers_lock=spec.writers_lock_path)
+    store = JobStore(spec.database_path)
     spool = Spool(spec.spool_dir, spec.min_free_bytes)
     counts = SharedCounts(spec.counts_path, spec.slots)
     counts.set(spec.slot, 0)

@@ -133,7 +133,6 @@ class ReceiverSpec:
     min_free_bytes: int
     database_path: Path
     lock_path: Path
-    writers_lock_path: Path
     counts_path: Path
     audit: bool
     log_level: str
@@ -184,7 +183,6 @@ class ReceiverPool:
         self.slots = [_Slot(i) for i in range(n)]
         self.history: deque[tuple[int, int | None]] = deque(maxlen=HISTORY)
         self.lock_path = config.state_dir / "receive.lock"
-        self.writers_lock_path = config.state_dir / "database-writers.lock"
         self.counts = SharedCounts(config.state_dir / "receivers.counts", n, create=True)
         self._lock = threading.Lock()  # slots' connections and loads
         self._apply_lock = threading.Lock()  # messages are read and applied under it
@@ -373,7 +371,6 @@ class ReceiverPool:
             min_free_bytes=cfg.listener.min_free_disk_mb * 1024 * 1024,
             database_path=cfg.database_path,
             lock_path=self.lock_path,
-            writers_lock_path=self.writers_lock_path,
             counts_path=self.counts.path,
             audit=self.audit is not None,
             log_level=cfg.log_level,

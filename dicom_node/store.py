@@ -24,10 +24,8 @@ there).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -252,34 +250,15 @@ class JobStore:
 
     SQLite serializes writers anyway; one connection with a lock keeps transactions simple and
     avoids a connection per short-lived association thread.
-
-    `writers_lock`: a file whose `flock` every write transaction holds, for processes that write
-    the same database at once (the receiver processes). Without it, a writer that finds the
-    database locked polls: SQLite's busy handler sleeps 1, 2, 5, 10 ... ms between tries, so
-    with two receivers committing in turn each commit waited several milliseconds for one that
-    took one. A blocked `flock` is woken by the kernel as soon as the holder is done. It only
-    queues writers: SQLite's own locking still decides, so a writer without it (the main
-    process) stays correct, and the lock goes with a process that dies.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        on_job_finished: JobFinishedListener | None = None,
-        *,
-        writers_lock: Path | None = None,
-    ) -> None:
+    def __init__(self, path: Path, on_job_finished: JobFinishedListener | None = None) -> None:
         self.path = path
         self.on_job_finished = on_job_finished
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None  # has_instance's, opened on first use
-        self._writers_fd = (
-            None
-            if writers_lock is None
-            else os.open(writers_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        )
         self._finished_in_tx: list[JobFinished] = []
         self._exports_queued: list[ExportsQueuedListener] = []
         self._conn = sqlite3.connect(
@@ -334,27 +313,11 @@ class JobStore:
                 self._reader = None
         with self._lock:
             self._conn.close()
-            if self._writers_fd is not None:
-                os.close(self._writers_fd)
-                self._writers_fd = None
-
-    @contextmanager
-    def _writers_turn(self) -> Iterator[None]:
-        """This process's turn among the writers sharing `writers_lock` (class doc)."""
-        fd = self._writers_fd
-        if fd is None:
-            yield
-            return
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; finished jobs are announced after it commits."""
-        with self._lock, self._writers_turn():
+        with self._lock:
             self._finished_in_tx = []
             self._conn.execute("BEGIN IMMEDIATE")
             try:

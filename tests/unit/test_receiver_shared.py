@@ -1,20 +1,15 @@
-"""What receiver processes share: the association counts (SharedCounts), the byte-range locks
-that serialize copies of one SOP Instance across processes (scp.InstanceLocks), and the queue of
-database writers (JobStore's writers_lock)."""
+"""What receiver processes share: the association counts (SharedCounts) and the byte-range locks
+that serialize copies of one SOP Instance across processes (scp.InstanceLocks)."""
 
-import fcntl
-import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from tests_support import wait_until
 
 from dicom_node.receivers import SharedCounts
 from dicom_node.scp import InstanceLocks
-from dicom_node.store import InstanceRecord, JobStore, ReceiveOutcome
 
 
 def test_counts_written_by_one_process_are_seen_by_another_mapping(tmp_path):
@@ -69,124 +64,3 @@ def test_an_instance_lock_is_released_when_the_block_raises(tmp_path):
         raise RuntimeError
     assert not _held_by_other_process(path, 7)
     locks.close()
-
-
-# ---- the database writers' queue (JobStore writers_lock) -----------------------------------------
-
-
-def _record(sop: str) -> InstanceRecord:
-    return InstanceRecord(
-        sop_uid=sop,
-        series_uid="1.2.3",
-        study_uid="1.2",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        path=Path(f"/spool/1.2.3/{sop}.dcm"),
-        size_bytes=10,
-        calling_ae="PACS",
-        header={"Modality": "CT"},
-        own_output=False,
-        expected_count=None,
-    )
-
-
-def _flock_waiters() -> int:
-    """Blocked flock requests in the whole system (/proc/locks marks them '->')."""
-    lines = Path("/proc/locks").read_text().splitlines()
-    return sum(1 for line in lines if "->" in line and "FLOCK" in line)
-
-
-@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
-def test_a_write_transaction_waits_for_the_writers_lock_and_commits_once_it_is_free(tmp_path):
-    lock = tmp_path / "database-writers.lock"
-    store = JobStore(tmp_path / "node.db", writers_lock=lock)
-    other = os.open(lock, os.O_RDWR)  # another receiver's turn (its own open file description)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    before = _flock_waiters()
-    done: list[ReceiveOutcome] = []
-    writer = threading.Thread(target=lambda: done.append(store.record_instance(_record("1.1"))))
-    writer.start()
-    try:
-        wait_until(lambda: _flock_waiters() > before, what="the writer queued on the lock")
-        assert not done, "the writer committed while another process held the writers lock"
-        assert not JobStore(tmp_path / "node.db").has_instance("1.1")
-    finally:
-        fcntl.flock(other, fcntl.LOCK_UN)
-        os.close(other)
-        writer.join(timeout=30)
-    assert done == [ReceiveOutcome.NEW]
-    assert store.has_instance("1.1")
-    store.close()
-
-
-@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
-def test_the_duplicate_check_does_not_wait_for_a_write_transaction_in_progress(tmp_path):
-    """has_instance reads on its own connection: an association thread checks for a duplicate
-    while another thread of its process is inside its write transaction (here: waiting for the
-    writers lock), and sees what is committed."""
-    lock = tmp_path / "database-writers.lock"
-    store = JobStore(tmp_path / "node.db", writers_lock=lock)
-    assert store.record_instance(_record("1.0")) is ReceiveOutcome.NEW
-    other = os.open(lock, os.O_RDWR)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    before = _flock_waiters()
-    writer = threading.Thread(target=store.record_instance, args=(_record("1.1"),))
-    writer.start()
-    try:
-        wait_until(lambda: _flock_waiters() > before, what="the writer queued on the lock")
-        answers: list[tuple[bool, bool]] = []
-        checker = threading.Thread(
-            target=lambda: answers.append((store.has_instance("1.0"), store.has_instance("1.1")))
-        )
-        checker.start()
-        checker.join(timeout=30)
-        assert answers == [(True, False)], "the check waited for the write transaction"
-    finally:
-        fcntl.flock(other, fcntl.LOCK_UN)
-        os.close(other)
-        writer.join(timeout=30)
-    assert store.has_instance("1.1"), "committed, and seen by the next check"
-    store.close()
-
-
-def test_the_writers_lock_of_a_killed_process_does_not_block_the_others(tmp_path):
-    lock = tmp_path / "database-writers.lock"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('held', flush=True)\n"
-            "time.sleep(600)\n",
-            str(lock),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == b"held"
-        holder.kill()  # a receiver killed -9 inside its transaction
-        holder.wait(timeout=30)
-        store = JobStore(tmp_path / "node.db", writers_lock=lock)
-        assert store.record_instance(_record("1.1")) is ReceiveOutcome.NEW
-        store.close()
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-
-
-def test_a_store_without_the_writers_lock_still_commits_beside_one_with_it(tmp_path):
-    """The main process writes without the lock: SQLite's own locking keeps both correct."""
-    db = tmp_path / "node.db"
-    queued = JobStore(db, writers_lock=tmp_path / "database-writers.lock")
-    plain = JobStore(db)
-    assert queued.record_instance(_record("1.1")) is ReceiveOutcome.NEW
-    assert plain.record_instance(_record("1.1")) is ReceiveOutcome.DUPLICATE
-    assert plain.record_instance(_record("1.2")) is ReceiveOutcome.NEW
-    assert queued.has_instance("1.2")
-    queued.close()
-    queued.close()  # closing twice is harmless
-    plain.close()
