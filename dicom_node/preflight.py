@@ -10,15 +10,18 @@ down, so an encoded dataset is bounded *before* it is decoded:
   declared lengths that run past the end of their container (PS3.5 7.1 data elements, 7.5
   nesting of data sets, A.4 encapsulated pixel data).
 
-`read_header` applies both and decodes the header (everything before Pixel Data). Only a dataset
-that passes both is handed to pydicom, so pydicom's recursive reader, and
-everything downstream that walks the dataset (the derived-series builder), sees a bounded tree.
+`read_header` applies both and decodes the header (everything before Pixel Data), or only the
+top-level elements its caller reads (`tags`: the C-STORE handler reads about 25 of a CT header's
+55 or more, and pydicom's reader costs per element). Only a dataset that passes both is handed to
+pydicom, so pydicom's recursive reader, and everything downstream that walks the dataset (the
+derived-series builder), sees a bounded tree.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 from io import BytesIO
@@ -67,6 +70,8 @@ class Structure:
     elements: int
     max_depth: int
     pixel_data_at: int | None = None  # offset of the top-level Pixel Data element, if any
+    #: offset of every top-level element, in order (each runs to the next, the last to the end)
+    top_level: tuple[int, ...] = ()
 
 
 def inflate_capped(data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
@@ -148,10 +153,12 @@ def scan_structure(
     tag_fmt = struct.Struct(f"{endian}HH")
     u16 = struct.Struct(f"{endian}H")
     u32 = struct.Struct(f"{endian}L")
+    vr_at = struct.Struct("2s").unpack_from
     stack = [_Container(_Kind.DATASET, total)]
     depth = max_depth = elements = 0
     pos = 0
     pixel_data_at: int | None = None
+    top_level: list[int] = []
 
     def need(n: int, what: str) -> None:
         limit_end = stack[-1].end if stack[-1].end is not None else total
@@ -214,13 +221,15 @@ def scan_structure(
                 stack.pop()
                 continue
             vr: bytes | None = None
-            if tag == PIXEL_DATA and len(stack) == 1 and pixel_data_at is None:
-                pixel_data_at = pos
+            if len(stack) == 1:
+                top_level.append(pos)
+                if tag == PIXEL_DATA and pixel_data_at is None:
+                    pixel_data_at = pos
             if implicit_vr or group == 0xFFFE:
                 length = u32.unpack_from(buf, pos + 4)[0]
                 pos += 8
             else:
-                vr = bytes(buf[pos + 4 : pos + 6])
+                vr = vr_at(buf, pos + 4)[0]
                 if vr in _LONG_VRS:
                     need(12, "element header")
                     length = u32.unpack_from(buf, pos + 8)[0]
@@ -229,7 +238,12 @@ def scan_structure(
                     length = u16.unpack_from(buf, pos + 6)[0]
                     pos += 8
             elements += 1
-            if _is_sequence(tag, vr, length, implicit_vr):
+            # explicit VR (the common case) without the call: what _is_sequence answers
+            if (
+                (vr == b"SQ" or (vr == b"UN" and length == UNDEFINED_LENGTH))
+                if vr is not None and not implicit_vr
+                else _is_sequence(tag, vr, length, implicit_vr)
+            ):
                 depth += 1
                 max_depth = max(max_depth, depth)
                 if depth > limits.max_sequence_depth:
@@ -251,18 +265,53 @@ def scan_structure(
                     )
                 stack.append(_Container(_Kind.FRAGMENTS, None))
             else:
-                need(length, f"value of ({group:04X},{elem:04X})")
+                if pos + length > (total if top.end is None else top.end):  # need(), unformatted
+                    need(length, f"value of ({group:04X},{elem:04X})")
                 pos += length
         if elements > limits.max_elements:
             raise DatasetRejectedError(f"more than {limits.max_elements} data elements", limit=True)
-    return Structure(elements=elements, max_depth=max_depth, pixel_data_at=pixel_data_at)
+    return Structure(
+        elements=elements,
+        max_depth=max_depth,
+        pixel_data_at=pixel_data_at,
+        top_level=tuple(top_level),
+    )
+
+
+#: Specific Character Set: always decoded with a subset (the text values depend on it).
+SPECIFIC_CHARACTER_SET = 0x00080005
+
+
+def top_level_subset(
+    data: memoryview, structure: Structure, tags: Collection[int], *, little_endian: bool
+) -> bytes:
+    """The encoded top-level elements before Pixel Data whose tag is in `tags`, byte for byte
+    and in their order, plus the first element (pydicom guesses implicit or explicit VR from it,
+    so the guess is the one it makes on the whole dataset) and Specific Character Set."""
+    end = len(data) if structure.pixel_data_at is None else structure.pixel_data_at
+    starts = [s for s in structure.top_level if s < end]
+    tag_at = struct.Struct("<HH" if little_endian else ">HH").unpack_from
+    pieces: list[memoryview] = []
+    for i, start in enumerate(starts):
+        group, elem = tag_at(data, start)
+        tag = (group << 16) | elem
+        if i == 0 or tag in tags or tag == SPECIFIC_CHARACTER_SET:
+            stop = starts[i + 1] if i + 1 < len(starts) else end
+            pieces.append(data[start:stop])
+    return b"".join(pieces)
 
 
 def read_header(
-    dataset: bytes | bytearray | memoryview, transfer_syntax: str, limits: ReceptionLimits
+    dataset: bytes | bytearray | memoryview,
+    transfer_syntax: str,
+    limits: ReceptionLimits,
+    *,
+    tags: Collection[int] | None = None,
 ) -> Dataset:
-    """Bound, then decode an encoded dataset (no file meta) up to its Pixel Data.
+    """Bound, then decode an encoded dataset (no file meta) up to its Pixel Data; with `tags`,
+    only those top-level elements (`top_level_subset`; nested ones come with their sequence).
 
+    The whole dataset is bounded either way: limits and malformed structure are refused alike.
     Raises DatasetRejectedError for a limit or for malformed structure; pydicom's own exceptions for
     what it cannot decode. Values are decoded lazily, on access, by pydicom.
     """
@@ -280,11 +329,12 @@ def read_header(
     )
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     structure = scan_structure(data, implicit_vr=implicit, little_endian=little, limits=limits)
-    # pydicom reads from a BytesIO, which copies what it is given: only the header
-    header = memoryview(data)[: structure.pixel_data_at]
-    return read_dataset(
-        BytesIO(header),
-        implicit,
-        little,
-        stop_when=lambda tag, _vr, _length: tag == PIXEL_DATA,
+    # pydicom reads from a BytesIO, which copies what it is given: only the header. It ends
+    # before Pixel Data, so pydicom needs no stop_when (a call per element).
+    view = memoryview(data)
+    header = (
+        view[: structure.pixel_data_at]
+        if tags is None
+        else top_level_subset(view, structure, tags, little_endian=little)
     )
+    return read_dataset(BytesIO(header), implicit, little)

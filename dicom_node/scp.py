@@ -22,6 +22,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -45,7 +46,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import dimse_guard, part10, statuses
 from dicom_node.admission import AdmissionPolicy, AdmissionServer, start_admission_server
-from dicom_node.audit.reception import Subject, read_subject
+from dicom_node.audit.reception import SUBJECT_KEYWORDS, Subject, read_subject
 from dicom_node.audit.trail import AuditTrail
 from dicom_node.config import ROUTABLE_ATTRIBUTES, ListenerConfig, OtherStorage
 from dicom_node.logs import get_logger, safe_error_text
@@ -137,6 +138,25 @@ def _expected_count(ds: Dataset) -> int | None:
     except (TypeError, ValueError):
         return None
     return n if n and n > 0 else None
+
+
+#: The top-level attributes the handler reads from a received header (the identifiers, routing,
+#: `_describe`, the audit subject): `read_header` decodes only these. Reading another one in the
+#: handler means adding it here (tests/unit/test_reception_header.py checks the list).
+HEADER_KEYWORDS = (
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "SOPClassUID",
+    *ROUTABLE_ATTRIBUTES,
+    "PerFrameFunctionalGroupsSequence",  # Enhanced CT: routing attributes of frame 1
+    "SharedFunctionalGroupsSequence",
+    "ImagesInAcquisition",  # expected count
+    "ContributingEquipmentSequence",  # is_ltdiff_output
+    "DerivationDescription",
+    *SUBJECT_KEYWORDS,
+)
+HEADER_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in HEADER_KEYWORDS)
 
 
 @dataclass(frozen=True)
@@ -247,7 +267,7 @@ class StoreHandler:
 
         try:
             encoded = cast(BytesIO, request.DataSet).getbuffer()
-            ds = read_header(encoded, transfer_syntax, self.limits)
+            ds = read_header(encoded, transfer_syntax, self.limits, tags=HEADER_TAGS)
             sop_uid = ds.get("SOPInstanceUID")
             series_uid = ds.get("SeriesInstanceUID")
             study_uid = ds.get("StudyInstanceUID")

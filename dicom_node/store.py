@@ -257,6 +257,8 @@ class JobStore:
         self.on_job_finished = on_job_finished
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None  # has_instance's, opened on first use
         self._finished_in_tx: list[JobFinished] = []
         self._exports_queued: list[ExportsQueuedListener] = []
         self._conn = sqlite3.connect(
@@ -305,6 +307,10 @@ class JobStore:
                 )
 
     def close(self) -> None:
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._lock:
             self._conn.close()
 
@@ -350,7 +356,18 @@ class JobStore:
     # ---- reception -------------------------------------------------------------------------
 
     def has_instance(self, sop_uid: str) -> bool:
-        return bool(self._query("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)))
+        """Whether the instance is recorded (committed). Read on a connection of its own, so an
+        association thread does not wait for another's write transaction (its fsync) to check;
+        record_instance checks again inside its transaction, which decides."""
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(
+                    str(self.path), timeout=30.0, check_same_thread=False, isolation_level=None
+                )
+            rows = self._reader.execute(
+                "SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)
+            ).fetchall()  # to the end: no read transaction stays open (WAL checkpoints)
+        return bool(rows)
 
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> ReceiveOutcome:
         """Record a spooled instance; committed durably before the caller answers Success."""

@@ -19,6 +19,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from dicom_node.audit.reception import read_subject
 from dicom_node.preflight import (
     DatasetRejectedError,
     ReceptionLimits,
@@ -26,6 +27,7 @@ from dicom_node.preflight import (
     read_header,
     scan_structure,
 )
+from dicom_node.scp import HEADER_KEYWORDS, HEADER_TAGS, routing_header
 from engine.synthetic import make_ct_series
 
 LIMITS = ReceptionLimits()
@@ -198,3 +200,110 @@ def test_an_uncompressed_dataset_over_the_size_limit_is_refused():
         read_header(
             bytes(2 << 20), ExplicitVRLittleEndian, ReceptionLimits(max_dataset_bytes=1 << 20)
         )
+
+
+# ---- read_header(tags=...): the handler's subset of the top-level elements ----------------------
+
+_SUBSET_FILES = [
+    "CT_small.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_implicit.dcm",
+    "image_dfl.dcm",
+    "JPEG2000.dcm",
+    "rtplan.dcm",
+    "eCT_Supplemental.dcm",
+]
+
+
+def _syntax_flags(syntax: str) -> tuple[bool, bool]:
+    uid = UID(syntax)
+    return uid.is_implicit_VR, uid.is_little_endian
+
+
+@pytest.mark.parametrize("name", _SUBSET_FILES)
+def test_a_tag_subset_decodes_the_same_values_as_the_whole_header(name):
+    """The handler decodes only HEADER_TAGS: each of them has the value (and the character set
+    decoding) the whole header gives it, and nothing else but the first element and Specific
+    Character Set is decoded."""
+    data, syntax = _dataset_bytes(get_testdata_file(name))
+    whole = read_header(data, syntax, LIMITS)
+    subset = read_header(data, syntax, LIMITS, tags=HEADER_TAGS)
+    first = next(iter(whole)).tag
+    assert {e.tag for e in subset} == {
+        t for t in (e.tag for e in whole) if t in HEADER_TAGS or t in (first, 0x00080005)
+    }
+    for keyword in HEADER_KEYWORDS:
+        assert subset.get(keyword) == whole.get(keyword), keyword
+    assert read_subject(subset) == read_subject(whole)
+    assert routing_header(subset) == routing_header(whole)
+
+
+def test_a_tag_subset_keeps_the_character_set_of_non_ascii_text():
+    (ds,) = make_ct_series(1, 16, 16, "Br40d", uid_seed="charset")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SeriesDescription = "Thorax nativ Übersicht"
+    ds.PatientName = "Müller^Jürgen"
+    data = encode(ds)
+    subset = read_header(data, ExplicitVRLittleEndian, LIMITS, tags=HEADER_TAGS)
+    assert subset.SeriesDescription == "Thorax nativ Übersicht"
+    assert str(subset.PatientName) == "Müller^Jürgen"
+
+
+def test_the_scan_lists_every_top_level_element_in_order():
+    data, syntax = _dataset_bytes(get_testdata_file("CT_small.dcm"))
+    implicit, little = _syntax_flags(syntax)
+    structure = scan_structure(data, implicit_vr=implicit, little_endian=little, limits=LIMITS)
+    tags = [
+        struct.unpack_from("<HH", data, start)[0] << 16 | struct.unpack_from("<HH", data, start)[1]
+        for start in structure.top_level
+    ]
+    assert tags == [e.tag for e in dcmread(get_testdata_file("CT_small.dcm"))]
+    assert structure.top_level[0] == 0
+    assert structure.pixel_data_at in structure.top_level
+
+
+def test_a_subset_without_pixel_data_ends_at_the_end_of_the_dataset():
+    data = element(0x0008, 0x0060, b"CS", b"CT") + element(0x0020, 0x000E, b"UI", b"1.2.3\x00")
+    subset = read_header(data, ExplicitVRLittleEndian, LIMITS, tags=HEADER_TAGS)
+    assert subset.SeriesInstanceUID == "1.2.3"
+    assert subset.Modality == "CT"
+
+
+_REFUSED = [
+    (element(0x0008, 0x0060, b"CS", b"CT") + nested_sequence(300), "nested deeper than 16"),
+    (struct.pack("<HH2sH", 0x0008, 0x0016, b"UI", 720) + b"1.2.3\x00", "truncated value"),
+    (
+        struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+        + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF),
+        "without its delimiter",
+    ),
+    (struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, 0xFFFFFFFF), "undefined length"),
+    (struct.pack("<HHL", 0xFFFE, 0xE00D, 0), "item delimiter outside"),
+    (
+        element(0x0020, 0x000E, b"UI", b"1.2.3\x00")
+        + struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 40),
+        "truncated value of \\(0009,1010\\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "why"), _REFUSED)
+def test_a_tag_subset_refuses_exactly_what_the_whole_header_refuses(data, why):
+    """Limits and malformed structure are checked on the whole dataset, also on elements the
+    handler does not decode."""
+    for tags in (None, HEADER_TAGS):
+        with pytest.raises(DatasetRejectedError, match=why):
+            read_header(data, ExplicitVRLittleEndian, LIMITS, tags=tags)
+
+
+def test_a_tag_subset_refuses_too_many_elements_and_bombs_as_limits():
+    many = b"".join(element(0x0009, 0x1000 + i % 0xFF, b"LO", b"ab") for i in range(500))
+    (ds,) = make_ct_series(1, 16, 16, "Br40d", uid_seed="bomb")
+    bomb = deflate_bomb(encode(ds), 64)
+    for data, syntax, limits in (
+        (many, ExplicitVRLittleEndian, ReceptionLimits(max_elements=100)),
+        (bomb, DeflatedExplicitVRLittleEndian, ReceptionLimits(max_dataset_bytes=8 << 20)),
+    ):
+        with pytest.raises(DatasetRejectedError) as info:
+            read_header(data, syntax, limits, tags=HEADER_TAGS)
+        assert info.value.limit

@@ -392,3 +392,43 @@ def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path):
     con.close()
     with pytest.raises(RuntimeError, match=r"schema 99 .* cannot be migrated"):
         JobStore(path)
+
+
+def test_the_duplicate_check_does_not_wait_for_a_write_transaction_in_progress(tmp_path):
+    """has_instance reads on its own connection: an association thread checks for a duplicate
+    while another thread of its process is inside a write transaction (here: waiting for the
+    database, which another process holds), and sees what is committed."""
+    import sqlite3
+    import threading
+
+    from tests_support import wait_until
+
+    db = tmp_path / "node.db"
+    store = JobStore(db)
+    assert store.record_instance(_rec("1.0")) is ReceiveOutcome.NEW
+    other = sqlite3.connect(str(db), isolation_level=None)  # another receiver, mid-commit
+    other.execute("BEGIN IMMEDIATE")
+    writer = threading.Thread(target=store.record_instance, args=(_rec("1.1"),))
+    writer.start()
+
+    def writer_inside() -> bool:  # the writer holds the store's lock, in its transaction
+        if store._lock.acquire(blocking=False):
+            store._lock.release()
+            return False
+        return True
+
+    try:
+        wait_until(writer_inside, what="the writer in its transaction")
+        answers: list[tuple[bool, bool]] = []
+        checker = threading.Thread(
+            target=lambda: answers.append((store.has_instance("1.0"), store.has_instance("1.1")))
+        )
+        checker.start()
+        checker.join(timeout=30)
+        assert answers == [(True, False)], "the check waited for the write transaction"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        writer.join(timeout=60)
+    assert store.has_instance("1.1"), "committed, and seen by the next check"
+    store.close()
