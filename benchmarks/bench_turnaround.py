@@ -27,8 +27,13 @@ as a ratio to the first series' (idle) rate in the same trial.
 `--baseline DIR` runs every trial also with the node of another checkout (DIR on PYTHONPATH,
 e.g. `git archive COMMIT | tar -x -C DIR`), interleaved, so before/after is one run.
 
+`--warm` sends another series through each node first and measures the second one: the steady
+state of a node that has run a while. Without it the measured series is a fresh node's first,
+whose engine process touches its memory for the first time (on this VM that alone costs about
+1-2 s of a 300-slice job: page faults on first use).
+
 Usage: python benchmarks/bench_turnaround.py [--slices 300] [--repeats 3] [--stable-age 1.0]
-       [--poll-interval S] [--engine-nice N] [--no-during-processing] [--baseline DIR]
+       [--poll-interval S] [--engine-nice N] [--no-during-processing] [--warm] [--baseline DIR]
        [--keep DIR]
 """
 
@@ -221,6 +226,7 @@ class Marks:
     stable_age_s: float
     #: seconds the exporter spent sending (its `export.batch` lines), waits for chunks excluded
     export_busy_s: float = 0.0
+    job_id: int = 0
 
     def span(self, start: str, end: str) -> float | None:
         if start not in self.at or end not in self.at:
@@ -269,14 +275,18 @@ def read_marks(
         t += float(summary.get(ms, 0.0)) / 1000
         at[key] = t
     at["written_in_engine"] = at["claimed"] + float(summary.get("processing_ms", 0.0)) / 1000
-    batches = [e for e in log_events(child.log, "export.batch") if e.get("sent")]
+    batches = [  # this series' batches: a warm-up series' went out before it was received
+        e
+        for e in log_events(child.log, "export.batch")
+        if e.get("sent") and _epoch(e["timestamp"]) > at["received"]
+    ]
     if batches:  # the first batch that sent anything: its log time less its duration
         first = batches[0]
         at["export_started"] = _epoch(first["timestamp"]) - float(first["seconds"])
     if at.get("export_started", 0) < at["queued"]:
         at["export_started"] = at["queued"]
     busy = sum(float(e["seconds"]) for e in batches)
-    return Marks(at, int(exp["sent"] or 0), stable_age_s, busy)
+    return Marks(at, int(exp["sent"] or 0), stable_age_s, busy, int(job["id"]))
 
 
 # ---- trials ------------------------------------------------------------------------------------
@@ -310,14 +320,22 @@ def turnaround_trial(
     work: Path,
     args: argparse.Namespace,
     pythonpath: Path | None,
+    *,
+    warm_up: Sequence[Path] = (),
 ) -> TurnaroundTrial:
+    """One series through a fresh node into a fresh Orthanc. `warm_up`: another series sent
+    through the same node first, waited for until Orthanc holds it, so that the measured one
+    meets a warm engine process (its memory and the FFT's plans already in use)."""
     series_uid = _series_uid(files[0])
     orthanc = start_orthanc_receiver(work / "pacs")
     try:
         child = start_node(work / "node", orthanc.port, args, pythonpath)
         try:
+            if warm_up:
+                send(storescu, _to(child), warm_up, 1)
+                _wait_for_orthanc(orthanc, len(warm_up))
             send(storescu, _to(child), files, 1)
-            orthanc_complete = _wait_for_orthanc(orthanc, len(files))
+            orthanc_complete = _wait_for_orthanc(orthanc, len(warm_up) + len(files))
             _wait(
                 lambda: job_state(child.database, series_uid) in ("done", "failed"),
                 TRIAL_TIMEOUT_S,
@@ -330,7 +348,7 @@ def turnaround_trial(
         orthanc.stop()
     if marks.derived != len(files):
         raise TrialError(f"the node confirmed {marks.derived} of {len(files)} derived instances")
-    derived = sorted((child.folder / "state" / "outbox").rglob("*.dcm"))
+    derived = sorted((child.folder / "state" / "outbox" / str(marks.job_id)).glob("*.dcm"))
     reference = start_orthanc_receiver(work / "pacs-storescu")
     try:
         storescu_s = send(storescu, reference, derived, 1)
@@ -485,6 +503,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="skip the reception-while-processing trials",
     )
     parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="send another series through each node first and measure the second: a node that "
+        "has run a while (default: a fresh node's first series)",
+    )
+    parser.add_argument(
         "--baseline", type=Path, metavar="DIR", help="also run the node of this checkout"
     )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it")
@@ -522,13 +546,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.during
             else []
         )
+        warm_up = (
+            generate_phantom_series(work / "input-warm", n_slices=args.slices, seed=9)
+            if args.warm
+            else []
+        )
         trial = 0
         for repeat in range(args.repeats):
             for label, pythonpath in nodes.items():
                 trial += 1
                 folder = work / f"trial-{trial}"
                 try:
-                    result = turnaround_trial(storescu, files, folder, args, pythonpath)
+                    result = turnaround_trial(
+                        storescu, files, folder, args, pythonpath, warm_up=warm_up
+                    )
                 except (TrialError, RuntimeError) as exc:
                     print(f"{label} run {repeat + 1}: FAILED: {exc}", file=sys.stderr)
                     failures += 1
@@ -573,7 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(
         f"\n{args.slices}-slice series, linear engine, Orthanc as the PACS, {args.repeats} run(s), "
-        f"stable age {args.stable_age:g} s excluded, {os.cpu_count()} CPUs:\n"
+        f"stable age {args.stable_age:g} s excluded, {os.cpu_count()} CPUs, "
+        f"{'a warm node (its second series)' if args.warm else 'a fresh node (its first)'}:\n"
     )
     print(report(trials, during, args.slices))
     return 1 if failures else 0

@@ -44,3 +44,37 @@ def test_benchmark_prints_the_stages_the_floor_and_reception_while_processing(
     assert re.search(r"^\| node export / storescu \| [\d.]+ ", out, re.M), out
     assert re.search(r"busy / idle [\d.]+ ", out), out
     assert list(tmp_path.iterdir()) == [], "work folder left behind"
+
+
+def test_benchmark_measures_a_warm_nodes_second_series(tmp_path: Path) -> None:
+    """--warm: a first series goes through the node and into Orthanc before the measured one;
+    the table is this series' (its stages, its derived files for storescu's floor)."""
+    require_tool("storescu")
+    if orthanc_executable() is None:
+        if REQUIRE_PEERS:
+            pytest.fail("Orthanc is not installed")
+        pytest.skip("Orthanc is not installed")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--slices",
+            "4",
+            "--repeats",
+            "1",
+            "--engine-nice",
+            "0",
+            "--no-during-processing",
+            "--warm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "a warm node (its second series)" in out, out
+    assert re.search(r"^\| \*\*turnaround, stable age excluded\*\* \| [\d.]+ ", out, re.M), out
+    assert re.search(r"^\| node export / storescu \| [\d.]+ ", out, re.M), out
