@@ -44,7 +44,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.config import BUILTIN_FALLBACK, EngineConfig, NodeConfig
@@ -337,17 +336,6 @@ def _release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def _no_transparent_huge_pages() -> None:
-    """Let numpy's large arrays use normal pages in this process: numpy asks the kernel for
-    transparent huge pages (madvise), and where the kernel must first compact memory to make
-    them (a node whose page cache is full of DICOM files) the first touch of a 300-slice volume
-    took 1.5 s instead of 0.17 s here, varying from job to job. numpy's own switch for its
-    NUMPY_MADVISE_HUGEPAGE setting; absent in other numpy versions, where nothing changes."""
-    switch = getattr(getattr(np, "_core", None), "multiarray", None)
-    with contextlib.suppress(AttributeError, TypeError):
-        switch._set_madvise_hugepage(False)  # type: ignore[union-attr]
-
-
 def _yield_cpu_to_reception(increment: int) -> None:
     """Lower this process's CPU priority by `increment` (jobs.engine_nice): when reception and an
     engine both want the cores, the kernel serves the associations first, and the engine still
@@ -361,7 +349,6 @@ def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
     """The engine process: load the engines, then run jobs until told to stop."""
     _die_with_parent()
     _prefer_as_oom_victim()
-    _no_transparent_huge_pages()
     _yield_cpu_to_reception(config.jobs.engine_nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
