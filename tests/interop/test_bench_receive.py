@@ -4,18 +4,14 @@ test of benchmarks/bench_receive.py, not a measurement)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_support import run_benchmark
 from tests_support import require_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_receive.py"
 
 
 def test_benchmark_prints_rates_ratio_and_profile_for_storescp_and_the_node(
@@ -24,21 +20,15 @@ def test_benchmark_prints_rates_ratio_and_profile_for_storescp_and_the_node(
     require_tool("storescu")
     require_tool("storescp")
     profile = tmp_path / "profile"
-    proc = subprocess.run(
+    out = run_benchmark(
+        "bench_receive.py",
         [
-            sys.executable,
-            str(BENCH),
             *("--instances", "6", "--repeats", "1", "--associations", "1,2"),
             *("--receivers", "storescp,node", "--profile", str(profile)),
         ],
-        capture_output=True,
-        text=True,
+        tmp_path,
         timeout=600,
-        env={**os.environ, "TMPDIR": str(tmp_path)},  # its work folder, removed at the end
-        check=False,
     )
-    out = proc.stdout
-    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-3000:]}"
     assert re.search(r"^\| DCMTK storescp \(no fsync\) \| \d+ \| \d+ \|$", out, re.M), out
     assert re.search(r"^\| ltdiff-node \| \d+ \| \d+ \|$", out, re.M), out
     assert re.search(r"^\| node / storescp \| [\d.]+x \| [\d.]+x \|$", out, re.M), out

@@ -5,39 +5,26 @@ benchmarks/bench_turnaround.py, not a measurement)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from peer_support import orthanc_executable
-from tests_support import REQUIRE_PEERS, require_tool
+from bench_support import require_orthanc, run_benchmark
+from tests_support import require_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_turnaround.py"
 
 
 def test_benchmark_prints_the_stages_the_floor_and_reception_while_processing(
     tmp_path: Path,
 ) -> None:
     require_tool("storescu")
-    if orthanc_executable() is None:
-        if REQUIRE_PEERS:
-            pytest.fail("Orthanc is not installed")
-        pytest.skip("Orthanc is not installed")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--slices", "4", "--repeats", "1", "--engine-nice", "0"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "TMPDIR": str(tmp_path)},  # its work folder, removed at the end
-        check=False,
+    require_orthanc()
+    out = run_benchmark(
+        "bench_turnaround.py",
+        ["--slices", "4", "--repeats", "1", "--engine-nice", "0"],
+        tmp_path,
     )
-    out = proc.stdout
-    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-3000:]}"
     for stage in ("series closed", "engine process: engine", "export: exporter starts"):
         assert re.search(rf"^\| {re.escape(stage)}.* \| -?[\d.]+ \(", out, re.M), out
     assert re.search(r"^\| \*\*turnaround, stable age excluded\*\* \| [\d.]+ ", out, re.M), out
@@ -50,31 +37,15 @@ def test_benchmark_measures_a_warm_nodes_second_series(tmp_path: Path) -> None:
     """--warm: a first series goes through the node and into Orthanc before the measured one;
     the table is this series' (its stages, its derived files for storescu's floor)."""
     require_tool("storescu")
-    if orthanc_executable() is None:
-        if REQUIRE_PEERS:
-            pytest.fail("Orthanc is not installed")
-        pytest.skip("Orthanc is not installed")
-    proc = subprocess.run(
+    require_orthanc()
+    out = run_benchmark(
+        "bench_turnaround.py",
         [
-            sys.executable,
-            str(BENCH),
-            "--slices",
-            "4",
-            "--repeats",
-            "1",
-            "--engine-nice",
-            "0",
-            "--no-during-processing",
-            "--warm",
+            *("--slices", "4", "--repeats", "1", "--engine-nice", "0"),
+            *("--no-during-processing", "--warm"),
         ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-        check=False,
+        tmp_path,
     )
-    out = proc.stdout
-    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-3000:]}"
     assert "a warm node (its second series)" in out, out
     assert re.search(r"^\| \*\*turnaround, stable age excluded\*\* \| [\d.]+ ", out, re.M), out
     assert re.search(r"^\| node export / storescu \| [\d.]+ ", out, re.M), out

@@ -1,0 +1,38 @@
+"""Running a benchmark script as the interop smoke tests do: in a subprocess, its work folder
+under the test's tmp_path, its stdout returned once it exited 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peer_support import orthanc_executable
+from tests_support import REQUIRE_PEERS
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def require_orthanc() -> None:
+    """Skip without Orthanc; under CI, where `make test` installs it, fail instead."""
+    if orthanc_executable() is None:
+        if REQUIRE_PEERS:
+            pytest.fail("Orthanc is not installed")
+        pytest.skip("Orthanc is not installed")
+
+
+def run_benchmark(script: str, args: list[str], work: Path, timeout: float = 900) -> str:
+    """Run benchmarks/`script` with `args`, TMPDIR = `work` (its work folder, which the script
+    removes at the end); assert it exited 0 and return its stdout."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TMPDIR": str(work)},
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc.stdout
