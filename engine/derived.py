@@ -438,6 +438,12 @@ def _contributing_equipment(
     return Sequence(items)
 
 
+def declares_pixel_padding(loaded: LoadedSeries) -> bool:
+    """Whether a source instance declares Pixel Padding: the builder then needs the source HU
+    (`loaded.volume_hu`) to keep those pixels, so the engine must not write over them."""
+    return any(ds.get("PixelPaddingValue") not in (None, "") for ds in loaded.datasets)
+
+
 def _padding_mask(
     source_hu: np.ndarray, ds: Dataset, slope: float, intercept: float
 ) -> np.ndarray | None:
@@ -504,6 +510,11 @@ class DerivedSeriesBuilder:
             raise DerivedSeriesError(
                 f"engine output shape {volume_hu.shape} differs from the source volume "
                 f"{loaded.volume_hu.shape}"
+            )
+        if np.may_share_memory(volume_hu, loaded.volume_hu) and declares_pixel_padding(loaded):
+            raise DerivedSeriesError(
+                "the engine output is in the source volume, but the source's Pixel Padding "
+                "pixels are needed to build the derived series"
             )
         self._loaded = loaded
         self._volume_hu = volume_hu

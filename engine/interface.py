@@ -76,6 +76,7 @@ class Engine(Protocol):
         *,
         seed: int = 0,
         noise_hu: float | None = None,
+        out: FloatVolume | None = None,
     ) -> FloatVolume:
         """Map a source-kernel volume [slices, rows, cols] in HU to a target-kernel-like volume.
 
@@ -85,9 +86,41 @@ class Engine(Protocol):
         this volume and its mean pixel spacing) when the caller has measured it already (the
         envelope check does), so an engine conditioned on it need not measure it again; None:
         the engine measures it if it needs it. Engines that do not use it ignore it.
+        `out`: a float32 array of the input's shape that receives the output and is returned
+        (`deliver`); it may be `volume_hu` itself when the caller no longer needs the input
+        (the node's pipeline does that: a second volume would cost as much memory again, and
+        its first touch time). None: the engine allocates the output.
         """
         ...
 
 
 class EngineError(RuntimeError):
     """An engine cannot process this input (wrong geometry, incompatible weights, ...)."""
+
+
+def check_output_buffer(volume: npt.NDArray[np.generic], out: FloatVolume | None) -> None:
+    """Raise EngineError unless `out` is None or a writeable float32 array of `volume`'s shape
+    that is either `volume` itself or does not overlap it (an engine writes chunk k of the
+    output only after reading chunk k of the input, which a partial overlap would break)."""
+    if out is None:
+        return
+    if out.shape != volume.shape or out.dtype != np.float32 or not out.flags.writeable:
+        raise EngineError(
+            f"output buffer must be writeable float32 of shape {volume.shape}, got "
+            f"{out.dtype} {out.shape}"
+        )
+    same = (
+        out.__array_interface__["data"][0] == volume.__array_interface__["data"][0]
+        and out.strides == volume.strides
+        and out.dtype == volume.dtype
+    )
+    if not same and np.shares_memory(out, volume):
+        raise EngineError("output buffer partly overlaps the input volume")
+
+
+def deliver(result: FloatVolume, out: FloatVolume | None) -> FloatVolume:
+    """`result` as an engine returns it: copied into `out` when the caller gave one."""
+    if out is None or out is result:
+        return result
+    out[...] = result
+    return out

@@ -51,7 +51,13 @@ from safetensors.numpy import load as _safetensors_load
 from safetensors.numpy import save as _safetensors_save
 
 from engine import __version__
-from engine.interface import EngineError, EngineIdentity, FloatVolume, SeriesGeometry
+from engine.interface import (
+    EngineError,
+    EngineIdentity,
+    FloatVolume,
+    SeriesGeometry,
+    check_output_buffer,
+)
 
 ENGINE_KIND: Final = "linear-filter"
 FORMAT_NAME: Final = "ltdiff-node/linear-filter"
@@ -203,11 +209,13 @@ class LinearFilterEngine:
         *,
         seed: int = 0,
         noise_hu: float | None = None,
+        out: FloatVolume | None = None,
     ) -> FloatVolume:
         """Filter each slice of a [slices, rows, cols] HU volume; float32 HU out, same shape.
 
         `seed` and `noise_hu` are ignored: the filter is deterministic and the same at every
-        noise level.
+        noise level. `out` may be `volume_hu` itself (each chunk of slices is copied into the
+        FFT buffer before its output is written).
         """
         del seed, noise_hu
         volume = np.asarray(volume_hu)
@@ -216,6 +224,7 @@ class LinearFilterEngine:
                 f"expected a volume [slices, rows, cols] with at least 2 x 2 pixels per slice, "
                 f"got shape {volume.shape}"
             )
+        check_output_buffer(volume, out)
         row_mm, col_mm = (float(s) for s in geometry.pixel_spacing_mm)
         if not (math.isfinite(row_mm) and math.isfinite(col_mm) and row_mm > 0 and col_mm > 0):
             raise EngineError(f"pixel spacing must be positive, got {geometry.pixel_spacing_mm}")
@@ -223,28 +232,65 @@ class LinearFilterEngine:
             raise EngineError("the input volume contains NaN or infinite values")
 
         n_slices, rows, cols = volume.shape
-        pad_r = (min(PAD_PX, rows - 1), _good_fft_size(rows + 2 * min(PAD_PX, rows - 1)))
-        pad_c = (min(PAD_PX, cols - 1), _good_fft_size(cols + 2 * min(PAD_PX, cols - 1)))
-        padded_shape = (pad_r[1], pad_c[1])
-        gain = self.transfer_function(padded_shape, (row_mm, col_mm))
-        apply_gain = _gain_filter(gain, padded_shape, self._fft)
-        out = np.empty(volume.shape, dtype=np.float32)
+        padding = MirrorPadding.around(rows, cols)
+        gain = self.transfer_function(padding.padded_shape, (row_mm, col_mm))
+        filter_into = _gain_filter(gain, padding, self._fft)
+        output = np.empty(volume.shape, dtype=np.float32) if out is None else out
         for start in range(0, n_slices, CHUNK_SLICES):
             chunk = volume[start : start + CHUNK_SLICES].astype(np.float32, copy=False)
-            padded = np.pad(
-                chunk,
-                (
-                    (0, 0),
-                    (pad_r[0], pad_r[1] - rows - pad_r[0]),
-                    (pad_c[0], pad_c[1] - cols - pad_c[0]),
-                ),
-                mode="symmetric",
-            )
-            filtered = apply_gain(padded)
-            out[start : start + CHUNK_SLICES] = filtered[
-                :, pad_r[0] : pad_r[0] + rows, pad_c[0] : pad_c[0] + cols
-            ]
-        return out
+            filter_into(chunk, output[start : start + CHUNK_SLICES])
+        return output
+
+
+@dataclass(frozen=True)
+class MirrorPadding:
+    """Where a slice sits in its FFT frame, and which slice pixel each border pixel mirrors
+    (numpy's "symmetric" padding: the edge pixel repeated, then the image reflected).
+
+    before: (rows, cols) of padding above and left of the slice.
+    padded_shape: the FFT frame, a fast FFT size in each dimension.
+    row_source / col_source: for each frame row (column), the slice row (column) it shows.
+    """
+
+    rows: int
+    cols: int
+    before: tuple[int, int]
+    padded_shape: tuple[int, int]
+    row_source: npt.NDArray[np.intp] = field(repr=False)
+    col_source: npt.NDArray[np.intp] = field(repr=False)
+
+    @classmethod
+    def around(cls, rows: int, cols: int) -> MirrorPadding:
+        r0, c0 = min(PAD_PX, rows - 1), min(PAD_PX, cols - 1)
+        frame = (_good_fft_size(rows + 2 * r0), _good_fft_size(cols + 2 * c0))
+        row_source = np.pad(np.arange(rows), (r0, frame[0] - rows - r0), mode="symmetric")
+        col_source = np.pad(np.arange(cols), (c0, frame[1] - cols - c0), mode="symmetric")
+        return cls(rows, cols, (r0, c0), frame, row_source, col_source)
+
+    @property
+    def inside(self) -> tuple[slice, slice]:
+        """The slice's own pixels within the frame."""
+        r0, c0 = self.before
+        return slice(r0, r0 + self.rows), slice(c0, c0 + self.cols)
+
+    def pad(self, stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """A new [n, frame rows, frame cols] array: each slice of `stack`, mirror-padded."""
+        (r0, c0), (fr, fc) = self.before, self.padded_shape
+        return np.pad(
+            stack, ((0, 0), (r0, fr - self.rows - r0), (c0, fc - self.cols - c0)), "symmetric"
+        )
+
+    def fill_border(self, frames: npt.NDArray[Any]) -> None:
+        """Mirror the slice pixels of `frames` [n, frame rows, frame cols] (already in place at
+        `inside`) into the frame's border, in place; the same as `pad` for any dtype."""
+        rows, cols = self.inside
+        r0, c0 = self.before
+        top, bottom = slice(0, r0), slice(rows.stop, None)
+        frames[:, top, cols] = frames[:, r0 + self.row_source[top], cols]
+        frames[:, bottom, cols] = frames[:, r0 + self.row_source[bottom], cols]
+        left, right = slice(0, c0), slice(cols.stop, None)
+        frames[:, :, left] = frames[:, :, c0 + self.col_source[left]]
+        frames[:, :, right] = frames[:, :, c0 + self.col_source[right]]
 
 
 FftBackend = Literal["auto", "torch", "numpy"]
@@ -275,19 +321,22 @@ def resolve_fft_backend(backend: FftBackend) -> Literal["torch", "numpy"]:
 
 
 def _torch_gain_filter(
-    gain: npt.NDArray[np.float32], padded_shape: tuple[int, int]
-) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+    gain: npt.NDArray[np.float32], padding: MirrorPadding
+) -> Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], None]:
     """`_gain_filter` in torch, two slices per complex FFT.
 
     G is real and even (it depends on |f| only, and the FFT grid's frequencies at k and n - k are
     exact negatives), so for real slices a and b, ifft2(G fft2(a + ib)) = (G * a) + i (G * b):
     one complex transform pair filters two slices. In torch that costs less than half of
     rfft2 + irfft2 per slice (whose complex-to-real 2-D transform is the slow part).
+    The slices go straight into the complex buffer's real and imaginary planes and are mirror-
+    padded there (both planes at once), and the output is cropped straight out of it: no padded
+    or filtered copy of a chunk is made.
     """
     torch = _torch_or_none()
     if torch is None:  # resolve_fft_backend chose torch, so it imported then
         raise EngineError("torch cannot be imported")
-    rows, cols = padded_shape
+    rows, cols = padding.padded_shape
     full = np.empty((rows, cols), dtype=np.float32)
     half = gain.shape[1]
     full[:, :half] = gain
@@ -295,52 +344,53 @@ def _torch_gain_filter(
     negative = np.arange(half, cols)
     full[:, half:] = gain[(-np.arange(rows)) % rows][:, cols - negative]
     gain_t = torch.from_numpy(full).to(torch.complex64)
+    inside = (slice(None), *padding.inside)
 
-    # One set of buffers for the whole volume (every chunk but the last has the same size):
-    # allocating them per chunk leaves the freed memory with the allocator, not the system.
-    buffers: dict[int, tuple[npt.NDArray[np.complex64], Any, Any]] = {}
+    # One set of buffers for the whole volume (every chunk but the last has the same size or
+    # less): allocating them per chunk leaves the freed memory with the allocator, not the system.
+    buffers: list[tuple[npt.NDArray[np.complex64], Any, Any]] = []
 
-    def filter_pairs(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def filter_pairs(stack: npt.NDArray[np.float32], out: npt.NDArray[np.float32]) -> None:
         n = stack.shape[0]
         m = (n + 1) // 2
-        if m not in buffers:
+        if not buffers or buffers[0][0].shape[0] < m:
             buffers.clear()
-            pairs = np.empty((m, rows, cols), dtype=np.complex64)
-            pairs_t = torch.from_numpy(pairs)
-            buffers[m] = (pairs, pairs_t, torch.empty_like(pairs_t))
-        pairs, pairs_t, spectrum = buffers[m]
-        pairs.real[:] = stack[0::2]
-        pairs.imag[: n // 2] = stack[1::2]
-        pairs.imag[n // 2 :] = 0.0  # an odd slice out pairs with zeros
+            whole = np.empty((m, rows, cols), dtype=np.complex64)
+            whole_t = torch.from_numpy(whole)
+            buffers.append((whole, whole_t, torch.empty_like(whole_t)))
+        whole, whole_t, whole_spectrum = buffers[0]
+        pairs, pairs_t, spectrum = whole[:m], whole_t[:m], whole_spectrum[:m]
+        pairs.real[inside] = stack[0::2]
+        pairs.imag[: n // 2][inside] = stack[1::2]
+        if n % 2:
+            pairs.imag[n // 2 :][inside] = 0.0  # an odd slice out pairs with zeros
+        padding.fill_border(pairs)
         with torch.inference_mode():
             torch.fft.fft2(pairs_t, out=spectrum)
             spectrum *= gain_t
             torch.fft.ifft2(spectrum, out=pairs_t)  # the filtered pairs, back in `pairs`
-        out = np.empty(stack.shape, dtype=np.float32)
-        out[0::2] = pairs.real
-        out[1::2] = pairs.imag[: n // 2]
-        return out
+        out[0::2] = pairs.real[inside]
+        out[1::2] = pairs.imag[: n // 2][inside]
 
     return filter_pairs
 
 
 def _gain_filter(
     gain: npt.NDArray[np.float32],
-    padded_shape: tuple[int, int],
+    padding: MirrorPadding,
     backend: Literal["torch", "numpy"],
-) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
-    """A function that multiplies the 2-D spectrum of each slice of a float32 [n, rows, cols]
-    stack by `gain` (on the rfft2 grid) and returns the real result, float32."""
+) -> Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], None]:
+    """A function `(stack, out)` that mirror-pads each slice of a float32 [n, rows, cols] stack,
+    multiplies its 2-D spectrum by `gain` (on the rfft2 grid of the padded frame) and writes the
+    real result, cropped back to [n, rows, cols], into `out` (float32, may be `stack` itself)."""
     if backend == "torch":
-        return _torch_gain_filter(gain, padded_shape)
+        return _torch_gain_filter(gain, padding)
+    inside = (slice(None), *padding.inside)
 
-    def with_numpy(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        spectrum = np.fft.rfft2(stack)
+    def with_numpy(stack: npt.NDArray[np.float32], out: npt.NDArray[np.float32]) -> None:
+        spectrum = np.fft.rfft2(padding.pad(stack))
         spectrum *= gain
-        result: npt.NDArray[np.float32] = np.fft.irfft2(spectrum, s=padded_shape).astype(
-            np.float32, copy=False
-        )
-        return result
+        out[...] = np.fft.irfft2(spectrum, s=padding.padded_shape)[inside]
 
     return with_numpy
 

@@ -38,7 +38,13 @@ from torch import Tensor, nn
 
 from engine import __version__
 from engine.envelope import ValidatedEnvelope
-from engine.interface import EngineError, EngineIdentity, FloatVolume, SeriesGeometry
+from engine.interface import (
+    EngineError,
+    EngineIdentity,
+    FloatVolume,
+    SeriesGeometry,
+    check_output_buffer,
+)
 from engine.ltdiff.latent_diffusion import (
     NoiseSchedule,
     series_condition_vector,
@@ -263,26 +269,30 @@ class LTDiffEngine:
         *,
         seed: int = 0,
         noise_hu: float | None = None,
+        out: FloatVolume | None = None,
     ) -> FloatVolume:
         """Map a Br40d-like HU volume [slices, rows, cols] to a Bl64d-like one (float32 HU).
 
         noise_hu: the series' noise level when it was measured on more slices than `volume_hu`
-        holds (training validates on a few slices of a series); None measures it here."""
+        holds (training validates on a few slices of a series); None measures it here.
+        out: as in `engine.interface.Engine`; may be `volume_hu` itself (the noise is measured,
+        and each batch read, before any output is written over it)."""
         volume = np.asarray(volume_hu)
         if volume.ndim != 3 or min(volume.shape[1:]) < 2:
             raise EngineError(f"expected a volume [slices, rows, cols], got shape {volume.shape}")
+        check_output_buffer(volume, out)
         if not np.all(np.isfinite(volume)):
             raise EngineError("the input volume contains NaN or infinite values")
         sampler = self._new_sampler() if self._denoiser is not None else None
         series = self._series_condition(volume, geometry, noise_hu)
-        out = np.empty(volume.shape, dtype=np.float32)
+        output = np.empty(volume.shape, dtype=np.float32) if out is None else out
         norm = self._weights.normalization
         with torch.inference_mode():
             for start in range(0, volume.shape[0], self._batch):
                 chunk = norm.to_model(volume[start : start + self._batch].astype(np.float32))
                 result = self._run_batch(chunk, start, seed, sampler, series)
-                out[start : start + len(chunk)] = norm.to_hu(result)
-        return out
+                output[start : start + len(chunk)] = norm.to_hu(result)
+        return output
 
     def _series_condition(
         self, volume: np.ndarray, geometry: SeriesGeometry, noise_hu: float | None

@@ -193,6 +193,17 @@ def test_pixel_padding_is_preserved(tmp_path):
     assert (out.pixel_array[~padded] == src.pixel_array[~padded] + 100).all()
 
 
+def test_an_output_written_over_a_padded_source_is_refused(tmp_path):
+    """The padding pixels come from the source volume: an engine output in that same memory
+    would silently lose them."""
+    loaded = _loaded(tmp_path, n=1)
+    loaded.datasets[0].PixelPaddingValue = 24
+    with pytest.raises(DerivedSeriesError, match="Pixel Padding"):
+        _build(loaded, loaded.volume_hu)
+    loaded.datasets[0].PixelPaddingValue = None
+    assert len(_build(loaded, loaded.volume_hu).datasets) == 1
+
+
 def test_lossy_source_stays_marked_lossy(tmp_path):
     path = get_testdata_file("693_J2KI.dcm")
     if path is None:

@@ -25,7 +25,13 @@ from engine.envelope_policy import (
     measure_loaded,
     series_header_values,
 )
-from engine.interface import EngineError, EngineIdentity, FloatVolume, SeriesGeometry
+from engine.interface import (
+    EngineError,
+    EngineIdentity,
+    FloatVolume,
+    SeriesGeometry,
+    deliver,
+)
 from engine.noise_level import measure_noise_hu
 from engine.pipeline import standardize_series
 from engine.series_io import load_series
@@ -60,10 +66,11 @@ class FakeEngine:
         *,
         seed: int = 0,
         noise_hu: float | None = None,
+        out: FloatVolume | None = None,
     ) -> FloatVolume:
         self.runs += 1
         self.noise_given.append(noise_hu)
-        return volume_hu + np.float32(self.offset)
+        return deliver(volume_hu + np.float32(self.offset), out)
 
 
 class Measure:

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from engine.interface import EngineIdentity, FloatVolume, SeriesGeometry
+from engine.interface import EngineIdentity, FloatVolume, SeriesGeometry, deliver
 from engine.synthetic import make_ct_series
 from evaluation.ccc import ccc_per_feature, summarize_by_class
 from evaluation.eval_report import write_report
@@ -150,9 +150,10 @@ class _FakeEngine:
         *,
         seed: int = 0,
         noise_hu: float | None = None,
+        out: FloatVolume | None = None,
     ) -> FloatVolume:
         del geometry, seed
-        return ((volume_hu - 40.0) * self.gain + 40.0).astype(np.float32)
+        return deliver(((volume_hu - 40.0) * self.gain + 40.0).astype(np.float32), out)
 
 
 def write_pair(root: Path) -> Path:

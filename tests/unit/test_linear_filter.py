@@ -16,6 +16,7 @@ from engine.linear_filter import (
     CHUNK_SLICES,
     LinearFilter,
     LinearFilterEngine,
+    MirrorPadding,
     load_linear_filter,
     save_linear_filter,
     shipped_weights_path,
@@ -146,6 +147,52 @@ def test_torch_and_numpy_ffts_give_the_same_filter(
     np.testing.assert_allclose(
         with_torch.standardize(volume[-1:], geometry(spacing, 1)), expected[-1:], atol=0.02
     )
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(2, 3), (13, 7), (40, 37), (512, 512)])
+def test_mirror_padding_in_place_matches_numpy_symmetric_pad(rows: int, cols: int) -> None:
+    """The torch path pads inside its complex buffer (`fill_border`); it must put the same pixels
+    there as np.pad(mode="symmetric"), also where the border is wider than the slice (13 rows
+    get 12 above and 15 below)."""
+    padding = MirrorPadding.around(rows, cols)
+    stack = np.random.default_rng(2).normal(size=(3, rows, cols)).astype(np.float32)
+    expected = padding.pad(stack)
+    frames = np.zeros((3, *padding.padded_shape), dtype=np.complex64)
+    frames.real[(slice(None), *padding.inside)] = stack
+    frames.imag[(slice(None), *padding.inside)] = -stack
+    padding.fill_border(frames)
+    np.testing.assert_array_equal(frames.real, expected)
+    np.testing.assert_array_equal(frames.imag, -expected)
+
+
+@pytest.mark.parametrize("fft", ["torch", "numpy"])
+def test_output_can_be_written_over_the_input(fft: str) -> None:
+    """`out=volume` (what the node's pipeline does) gives the same pixels as a new output."""
+    if fft == "torch":
+        pytest.importorskip("torch")
+    volume = np.random.default_rng(3).normal(0, 100, (CHUNK_SLICES + 5, 30, 26))
+    volume = volume.astype(np.float32)
+    engine = LinearFilterEngine(ramp_filter(), weights_sha256="0" * 64, fft=fft)  # type: ignore[arg-type]
+    geo = geometry((0.7, 0.8), volume.shape[0])
+    expected = engine.standardize(volume, geo)
+    separate = np.full_like(volume, np.nan)
+    assert engine.standardize(volume, geo, out=separate) is separate
+    np.testing.assert_array_equal(separate, expected)
+    assert engine.standardize(volume, geo, out=volume) is volume
+    np.testing.assert_array_equal(volume, expected)
+
+
+def test_an_unusable_output_buffer_is_refused() -> None:
+    engine = engine_of(ramp_filter())
+    volume = np.zeros((4, 8, 8), np.float32)
+    geo = geometry((0.7, 0.7), 4)
+    with pytest.raises(EngineError, match="output buffer"):
+        engine.standardize(volume, geo, out=np.zeros((4, 8, 8), np.float64))  # type: ignore[arg-type]
+    with pytest.raises(EngineError, match="output buffer"):
+        engine.standardize(volume, geo, out=np.zeros((3, 8, 8), np.float32))
+    bigger = np.zeros((5, 8, 8), np.float32)
+    with pytest.raises(EngineError, match="partly overlaps"):
+        engine.standardize(bigger[:4], geo, out=bigger[1:])
 
 
 def test_an_unknown_fft_backend_is_refused() -> None:

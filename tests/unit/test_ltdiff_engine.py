@@ -81,6 +81,16 @@ def test_batches_are_bounded_and_do_not_change_the_result(monkeypatch: pytest.Mo
     np.testing.assert_allclose(out_small, out_big, atol=1e-2)
 
 
+def test_output_written_over_the_input_is_the_same_series() -> None:
+    """`out=volume` (the node's pipeline): the noise is measured and each batch read before any
+    output lands on it, so the result equals a separate output's."""
+    vol = _volume(5)
+    engine = _engine(batch_slices=2)
+    expected = engine.standardize(vol, _geometry(5), seed=9)
+    assert engine.standardize(vol, _geometry(5), seed=9, out=vol) is vol
+    np.testing.assert_array_equal(vol, expected)
+
+
 def test_slice_noise_depends_on_seed_and_index_only() -> None:
     assert slice_seed(5, 0) == slice_seed(5, 0)
     assert len({slice_seed(5, k) for k in range(100)} | {slice_seed(6, 0)}) == 101

@@ -8,10 +8,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 
 from engine.derived import DerivedSeriesOptions
-from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume, SeriesGeometry
+from engine.interface import (
+    Engine,
+    EngineError,
+    EngineIdentity,
+    FloatVolume,
+    SeriesGeometry,
+    deliver,
+)
 from engine.pipeline import seed_for_series, standardize_series, write_series
 from engine.series_io import SeriesError, load_series
 from engine.synthetic import make_ct_series
@@ -37,10 +44,11 @@ class IdentityEngine:
         *,
         seed: int = 0,
         noise_hu: float | None = None,
+        out: FloatVolume | None = None,
     ) -> FloatVolume:
         self.seeds.append(seed)
         self.geometries.append(geometry)
-        return volume_hu.copy()
+        return deliver(volume_hu.copy(), out)
 
 
 class ShapeBreakingEngine(IdentityEngine):
@@ -51,6 +59,7 @@ class ShapeBreakingEngine(IdentityEngine):
         *,
         seed: int = 0,
         noise_hu: float | None = None,
+        out: FloatVolume | None = None,
     ) -> FloatVolume:
         return volume_hu[:, :-1, :].copy()
 
@@ -114,6 +123,47 @@ def test_our_own_output_is_refused(tmp_path):
 def test_engine_returning_wrong_shape_is_an_engine_error(tmp_path):
     with pytest.raises(EngineError, match="shape"):
         standardize_series(_source(tmp_path, n=2), ShapeBreakingEngine())
+
+
+class OffsetEngine(IdentityEngine):
+    """+100 HU everywhere; records whether it was asked to write over its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.over_input: list[bool] = []
+
+    def standardize(
+        self,
+        volume_hu: FloatVolume,
+        geometry: SeriesGeometry,
+        *,
+        seed: int = 0,
+        noise_hu: float | None = None,
+        out: FloatVolume | None = None,
+    ) -> FloatVolume:
+        self.over_input.append(out is volume_hu)
+        return deliver(volume_hu + np.float32(100.0), out)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_the_engine_writes_over_the_source_volume_unless_padding_needs_it(tmp_path, padding):
+    """Without Pixel Padding the source HU are dead once the engine read them, so the engine
+    gets them as its output buffer; with padding the build needs them and they stay."""
+    paths = _source(tmp_path, n=2)
+    if padding:
+        for path in paths:
+            ds = dcmread(path)
+            ds.add_new("PixelPaddingValue", "US", 24)  # stored 24 = -1000 HU: the air outside
+            ds.save_as(path)
+    engine = OffsetEngine()
+    result = standardize_series(paths, engine, now=NOW)
+    assert engine.over_input == [not padding]
+    source = load_series(paths).volume_hu
+    derived = load_series(write_series(result.datasets, tmp_path / "out")).volume_hu
+    air = source == -1000.0
+    assert air.any()
+    np.testing.assert_allclose(derived[~air], source[~air] + 100.0, atol=0.5)
+    np.testing.assert_allclose(derived[air], -1000.0 if padding else -900.0, atol=0.5)
 
 
 def test_write_series_leaves_no_partial_files_and_reads_back(tmp_path):
