@@ -14,10 +14,12 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -239,21 +241,34 @@ def standardize_series(
     )
 
 
+WRITER_THREADS: Final = 4
+"""Threads that write and fsync a series' files (`write_series`) while the caller's thread
+encodes the next one: writing a new file and fsyncing it wait on the disk (0.5-4 ms per 526 KB
+file on the 2-core benchmark machine), and they release the GIL while they wait."""
+
+
 def write_series(datasets: Sequence[Dataset], out_dir: str | PathLike[str]) -> list[Path]:
     """Write each dataset as `<out_dir>/<SOPInstanceUID>.dcm` (DICOM File Format, PS3.10).
 
     Each file is written under a temporary name, flushed and fsynced, then renamed, so a reader
     never sees a partial file; the directory is fsynced at the end. Returns the paths in order.
     The bytes are those of `dcmwrite(enforce_file_format=True)`; the elements the datasets
-    share are encoded once (`engine.part10_writer.SeriesEncoder`).
+    share are encoded once (`engine.part10_writer.SeriesEncoder`). This thread encodes, up to
+    WRITER_THREADS threads write and fsync; the first error (in dataset order) is raised once
+    every write already started has ended, and no temporary file is left behind.
     """
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     encoder = SeriesEncoder()
-    written = []
-    for ds in datasets:
-        final = directory / f"{ds.SOPInstanceUID}.dcm"
-        write_replacing(final, encoder.encode_pieces(ds), mode=0o666, sync_directory=False)
-        written.append(final)
+    written = [directory / f"{ds.SOPInstanceUID}.dcm" for ds in datasets]
+    with ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="series-writer") as writers:
+        pending = []
+        for ds, final in zip(datasets, written, strict=True):
+            pieces = encoder.encode_pieces(ds)
+            pending.append(
+                writers.submit(write_replacing, final, pieces, mode=0o666, sync_directory=False)
+            )
+        for write in pending:
+            write.result()
     fsync_directory(directory)
     return written

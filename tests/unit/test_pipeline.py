@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
 from datetime import datetime
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pydicom
 import pytest
 from pydicom import dcmread, dcmwrite
 
+from engine import durable
 from engine.derived import DerivedSeriesOptions
 from engine.interface import (
     Engine,
@@ -164,6 +167,29 @@ def test_the_engine_writes_over_the_source_volume_unless_padding_needs_it(tmp_pa
     assert air.any()
     np.testing.assert_allclose(derived[~air], source[~air] + 100.0, atol=0.5)
     np.testing.assert_allclose(derived[air], -1000.0 if padding else -900.0, atol=0.5)
+
+
+def test_a_failed_write_raises_its_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Files are written by a pool of threads: the disk's error (ENOSPC here) still reaches the
+    caller as raised, after the other writes ended, and no temporary file stays behind."""
+    result = standardize_series(_source(tmp_path, n=6), IdentityEngine(), now=NOW)
+    real = durable.write_pieces
+    calls = itertools.count()
+
+    def third_fails(fd, pieces):
+        if next(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, pieces)
+
+    monkeypatch.setattr(durable, "write_pieces", third_fails)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left") as raised:
+        write_series(result.datasets, out)
+    assert raised.value.errno == errno.ENOSPC
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 5 and not any(name.endswith(durable.TEMPORARY_SUFFIX) for name in left)
+    for name in left:
+        assert pydicom.dcmread(out / name).SOPInstanceUID == name.removesuffix(".dcm")
 
 
 def test_write_series_leaves_no_partial_files_and_reads_back(tmp_path):
