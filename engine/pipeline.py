@@ -243,8 +243,8 @@ def standardize_series(
 
 WRITER_THREADS: Final = 4
 """Threads that write and fsync a series' files (`write_series`) while the caller's thread
-encodes the next one: writing a new file and fsyncing it wait on the disk (0.5-4 ms per 526 KB
-file on the 2-core benchmark machine), and they release the GIL while they wait."""
+encodes the next one: writing a new file and fsyncing it wait on the disk (a millisecond or
+several per 526 KB file, `benchmarks/bench_disk.py`), and they release the GIL while they wait."""
 
 
 def write_series(datasets: Sequence[Dataset], out_dir: str | PathLike[str]) -> list[Path]:
