@@ -100,8 +100,9 @@ class EngineError(RuntimeError):
 
 def check_output_buffer(volume: npt.NDArray[np.generic], out: FloatVolume | None) -> None:
     """Raise EngineError unless `out` is None or a writeable float32 array of `volume`'s shape
-    that is either `volume` itself or does not overlap it (an engine writes chunk k of the
-    output only after reading chunk k of the input, which a partial overlap would break)."""
+    that is either `volume` itself or lies outside its memory bounds (an engine writes chunk k
+    of the output only after reading chunk k of the input, which a partial overlap would
+    break)."""
     if out is None:
         return
     if out.shape != volume.shape or out.dtype != np.float32 or not out.flags.writeable:
@@ -114,7 +115,7 @@ def check_output_buffer(volume: npt.NDArray[np.generic], out: FloatVolume | None
         and out.strides == volume.strides
         and out.dtype == volume.dtype
     )
-    if not same and np.shares_memory(out, volume):
+    if not same and np.may_share_memory(out, volume):  # bounds only: never slow
         raise EngineError("output buffer partly overlaps the input volume")
 
 
