@@ -162,6 +162,9 @@ class DestinationConfig:
     max_attempts: int = 10
     backoff_initial_s: float = 10.0
     backoff_max_s: float = 900.0
+    # TCP connection to the destination (a host that does not answer at all would otherwise
+    # hold its exporter for the operating system's connect timeout, about two minutes).
+    connect_timeout_s: float = 10.0
     # Association negotiation, and the wait for the peer to close after a release or abort.
     acse_timeout_s: float = 10.0
     # Wait for the peer's answer to one C-STORE; past it the association is aborted and the
@@ -732,6 +735,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             ),
             backoff_max_s=t.number(
                 "backoff_max_s", DestinationConfig.backoff_max_s, 0.01, 7 * 86400.0
+            ),
+            connect_timeout_s=t.number(
+                "connect_timeout_s", DestinationConfig.connect_timeout_s, 1.0, 600.0
             ),
             acse_timeout_s=t.number("acse_timeout_s", DestinationConfig.acse_timeout_s, 1.0, 600.0),
             dimse_timeout_s=t.number(

@@ -174,6 +174,7 @@ def _guard_answers(assoc: Association) -> None:
 
 def _new_ae(dest: DestinationConfig, calling_ae: str) -> AE:
     ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = dest.connect_timeout_s
     ae.acse_timeout = dest.acse_timeout_s
     ae.network_timeout = dest.network_timeout_s
     ae.dimse_timeout = dest.dimse_timeout_s

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -195,6 +196,48 @@ def test_unanswered_c_store_is_given_up_after_dimse_timeout_and_retried(
     assert [e["attempts"] for e in exports].count(0) == len(series) - 1, (
         "only the unanswered instance counts an attempt; the others went out on a new association"
     )
+
+
+@pytest.fixture
+def silent_host() -> Iterator[int]:
+    """A port whose host never answers a connection attempt (its SYN is dropped), like a PACS
+    that is switched off or behind a firewall that drops packets: a listening socket with a
+    full accept queue, which Linux answers by dropping new SYNs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        with pytest.raises(TimeoutError):
+            probe.connect(("127.0.0.1", port))
+    finally:
+        probe.close()
+    yield port
+    for sock in (*fillers, listener):
+        sock.close()
+
+
+def test_a_host_that_never_answers_fails_after_connect_timeout(silent_host, tmp_path):
+    """Without a connect timeout the operating system's (about two minutes) would hold the
+    destination's exporter on every attempt."""
+    dest = DestinationConfig(
+        name="silent", ae_title="SILENT", host="127.0.0.1", port=silent_host, connect_timeout_s=1.0
+    )
+    started = time.monotonic()
+    ok, why = export.echo(dest, "LTDIFF")
+    assert not ok, why
+    series = write_series(tmp_path / "src", n_slices=2, size=16, uid_seed="silent")
+    result = send_paths(dest, "LTDIFF", series)
+    assert result.sent == [] and len(result.failed) == len(series), result
+    assert time.monotonic() - started < 30.0, "two connection attempts of 1 s each"
 
 
 # ---- kill -9 mid-export ------------------------------------------------------------------------

@@ -95,6 +95,10 @@ def test_shipped_config_file_is_valid_and_documents_the_defaults():
             "destinations[0].dimse_timeout_s = 0: expected a number from 1.0 to 3600.0",
         ),
         ({"destinations": [_dest(acse_timeout_s=601)]}, "destinations[0].acse_timeout_s = 601"),
+        (
+            {"destinations": [_dest(connect_timeout_s=0.5)]},
+            "destinations[0].connect_timeout_s = 0.5",
+        ),
         ({"destinations": [_dest(network_timeout_s="30")]}, "destinations[0].network_timeout_s"),
         (
             {"destinations": [_dest(association_close_delay_s=-1)]},
@@ -121,13 +125,12 @@ def test_invalid_values_are_rejected_with_the_key_named(data, message):
 
 def test_destination_timeouts_have_defaults_that_detect_a_stall_within_a_minute():
     (dest,) = parse_config({"destinations": [_dest()]}).destinations
-    assert (dest.acse_timeout_s, dest.dimse_timeout_s, dest.network_timeout_s) == (10, 30, 30)
+    timeouts = ("connect_timeout_s", "acse_timeout_s", "dimse_timeout_s", "network_timeout_s")
+    assert tuple(getattr(dest, t) for t in timeouts) == (10, 10, 30, 30)
     assert dest.dimse_timeout_s + dest.acse_timeout_s < 60, "no answer + abort, under a minute"
     (shipped,) = load_config(REPO / "config" / "ltdiff-node.toml").destinations
-    assert (shipped.acse_timeout_s, shipped.dimse_timeout_s, shipped.network_timeout_s) == (
-        dest.acse_timeout_s,
-        dest.dimse_timeout_s,
-        dest.network_timeout_s,
+    assert tuple(getattr(shipped, t) for t in timeouts) == tuple(
+        getattr(dest, t) for t in timeouts
     ), "config/ltdiff-node.toml documents the defaults"
     (custom,) = parse_config({"destinations": [_dest(dimse_timeout_s=2.5)]}).destinations
     assert custom.dimse_timeout_s == 2.5
