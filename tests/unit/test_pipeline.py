@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom import dcmread, dcmwrite
+from pydicom import dcmwrite
 
 from engine import durable
 from engine.derived import DerivedSeriesOptions
@@ -30,11 +30,14 @@ NOW = datetime(2024, 5, 6, 7, 8, 9)
 
 
 class IdentityEngine:
-    """Returns its input; records the seed and geometry it was given."""
+    """Returns its input plus `offset_hu`; records the seed and geometry it was given and
+    whether it was asked to write over its input."""
 
-    def __init__(self) -> None:
+    def __init__(self, offset_hu: float = 0.0) -> None:
+        self.offset_hu = np.float32(offset_hu)
         self.seeds: list[int] = []
         self.geometries: list[SeriesGeometry] = []
+        self.over_input: list[bool] = []
 
     @property
     def identity(self) -> EngineIdentity:
@@ -51,7 +54,8 @@ class IdentityEngine:
     ) -> FloatVolume:
         self.seeds.append(seed)
         self.geometries.append(geometry)
-        return deliver(volume_hu.copy(), out)
+        self.over_input.append(out is volume_hu)
+        return deliver(volume_hu + self.offset_hu, out)
 
 
 class ShapeBreakingEngine(IdentityEngine):
@@ -128,26 +132,6 @@ def test_engine_returning_wrong_shape_is_an_engine_error(tmp_path):
         standardize_series(_source(tmp_path, n=2), ShapeBreakingEngine())
 
 
-class OffsetEngine(IdentityEngine):
-    """+100 HU everywhere; records whether it was asked to write over its input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.over_input: list[bool] = []
-
-    def standardize(
-        self,
-        volume_hu: FloatVolume,
-        geometry: SeriesGeometry,
-        *,
-        seed: int = 0,
-        noise_hu: float | None = None,
-        out: FloatVolume | None = None,
-    ) -> FloatVolume:
-        self.over_input.append(out is volume_hu)
-        return deliver(volume_hu + np.float32(100.0), out)
-
-
 @pytest.mark.parametrize("padding", [False, True])
 def test_the_engine_writes_over_the_source_volume_unless_padding_needs_it(tmp_path, padding):
     """Without Pixel Padding the source HU are dead once the engine read them, so the engine
@@ -155,10 +139,10 @@ def test_the_engine_writes_over_the_source_volume_unless_padding_needs_it(tmp_pa
     paths = _source(tmp_path, n=2)
     if padding:
         for path in paths:
-            ds = dcmread(path)
+            ds = pydicom.dcmread(path)
             ds.add_new("PixelPaddingValue", "US", 24)  # stored 24 = -1000 HU: the air outside
             ds.save_as(path)
-    engine = OffsetEngine()
+    engine = IdentityEngine(offset_hu=100.0)
     result = standardize_series(paths, engine, now=NOW)
     assert engine.over_input == [not padding]
     source = load_series(paths).volume_hu
