@@ -341,9 +341,12 @@ def hu_to_stored(hu: npt.NDArray[np.floating], ref_ds: Dataset) -> tuple[StoredA
     if low <= min(ends) and max(ends) <= high:
         stored = np.empty(source.shape, dtype=dtype)
         flat_in, flat_out = source.reshape(-1), stored.reshape(-1)
+        scratch = np.empty(min(flat_in.size, _BLOCK), dtype=np.float64)
         for start in range(0, flat_in.size, _BLOCK):
             block = slice(start, start + _BLOCK)
-            flat_out[block] = _hu_to_stored_values(flat_in[block], slope, intercept)
+            values = scratch[: flat_in[block].size]
+            values[...] = flat_in[block]
+            flat_out[block] = _to_stored_in_place(values, slope, intercept)
         return stored, 0
     scaled = _hu_to_stored_values(source, slope, intercept)
     clipped = int(np.count_nonzero(scaled < low) + np.count_nonzero(scaled > high))
@@ -358,17 +361,22 @@ _BLOCK = 16384
 def _hu_to_stored_values(
     hu: npt.NDArray[np.generic], slope: float, intercept: float
 ) -> npt.NDArray[np.float64]:
-    """round((hu - intercept) / slope), half to even, in float64, in a new array. Subtracting 0
-    and dividing by 1 are exact, so they are skipped."""
-    scaled = np.empty(hu.shape, dtype=np.float64)
+    """round((hu - intercept) / slope), half to even, in float64, in a new array."""
+    return _to_stored_in_place(np.array(hu, dtype=np.float64), slope, intercept)
+
+
+def _to_stored_in_place(
+    values: npt.NDArray[np.float64], slope: float, intercept: float
+) -> npt.NDArray[np.float64]:
+    """`values` (HU, float64) replaced by round((values - intercept) / slope), half to even, and
+    returned. The HU were made float64 first, so each operation is the float64 one whatever
+    the input's dtype; subtracting 0 and dividing by 1 are exact, so they are skipped."""
     if intercept != 0.0:
-        np.subtract(hu, intercept, out=scaled, dtype=np.float64)
-    else:
-        scaled[...] = hu
+        np.subtract(values, intercept, out=values)
     if slope != 1.0:
-        np.divide(scaled, slope, out=scaled)
-    np.rint(scaled, out=scaled)
-    return scaled
+        np.divide(values, slope, out=values)
+    np.rint(values, out=values)
+    return values
 
 
 def write_pixels(ds: Dataset, stored: StoredArray) -> None:

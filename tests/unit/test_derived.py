@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+import engine.derived as derived_module
 from engine.derived import (
     CODE_EDGE_ENHANCEMENT,
     CODE_FRAMES_EXTRACTED,
@@ -320,3 +322,56 @@ def test_sources_read_lazily_or_fully_decoded_give_the_same_bytes_and_stay_uncha
     derived = pydicom.dcmread(io.BytesIO(lazy[0]))
     assert derived.InstitutionName == "Klinik Süd"
     assert derived.ProcedureCodeSequence[0].CodeMeaning == "Prozedur Ä"
+
+
+@pytest.mark.parametrize(
+    ("vr", "raw", "implicit"),
+    [
+        ("CS", b"CT", False),
+        ("CS", b"  ", False),
+        ("UI", b"\x00", False),
+        ("UI", b"1.2.3\x00", False),
+        ("DS", b"", False),
+        ("DS", b"-1024 ", False),
+        ("IS", b" ", False),
+        ("CS", b"\\", False),  # two empty values: a MultiValue, not ""
+        ("US", b"\x00\x00", False),  # binary zero is a value
+        ("US", b"", False),
+        ("CS", b"  ", True),  # implicit VR: told by decoding
+        ("US", b"\x00\x00", True),
+    ],
+)
+def test_type1_emptiness_is_told_from_raw_bytes_as_decoding_would(vr, raw, implicit):
+    """Validation decides "missing or empty" on the undecoded bytes of copied source elements
+    (decoding them all cost a sixth of the build); the answer must be what `ds.get(keyword) in
+    (None, "")` says after decoding."""
+    tag = pydicom.tag.Tag("Modality" if vr != "US" else "Rows")
+    if vr in ("DS", "IS", "UI"):
+        tag = pydicom.tag.Tag(
+            {"DS": "RescaleIntercept", "IS": "InstanceNumber", "UI": "SOPInstanceUID"}[vr]
+        )
+    element = pydicom.dataelem.RawDataElement(
+        tag, None if implicit else vr, len(raw), raw, 0, implicit, True
+    )
+    ds = pydicom.Dataset({tag: element})
+    decoded = pydicom.Dataset({tag: element}).get(tag)
+    expected = decoded is None or decoded.value in (None, "")
+    assert derived_module._is_empty(ds, tag) is expected
+    if not implicit:
+        assert isinstance(ds.get_item(tag), pydicom.dataelem.RawDataElement), "left undecoded"
+    assert derived_module._is_empty(pydicom.Dataset(), tag)
+
+
+def test_shallow_copy_is_copy_copy():
+    """`_shallow_copy` stands in for copy.copy of a DataElement; it is only that while pydicom
+    keeps an element's state in its __dict__ with no copy hooks of its own."""
+    for hook in ("__copy__", "__getstate__", "__setstate__", "__slots__"):
+        assert hook not in vars(pydicom.dataelem.DataElement), hook
+    element = pydicom.dataelem.DataElement(0x00080060, "CS", "CT")
+    element.private_creator = None
+    duplicate = derived_module._shallow_copy(element)
+    assert duplicate is not element
+    assert type(duplicate) is type(element)
+    assert vars(duplicate) == vars(copy.copy(element))
+    duplicate.value = "MR"
+    assert element.value == "CT"
