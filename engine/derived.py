@@ -406,8 +406,9 @@ def _copy_source(
     copied (`_copy_element`), so the source is never changed through them."""
     decisions: dict[BaseTag, bool] = {} if copied is None else copied
     out: dict[BaseTag, DataElement | RawDataElement] = {}
-    for element in src.elements():
-        tag = element.tag
+    # items(), not elements(): the same undecoded elements without sorting the tags (the
+    # writer sorts them) or looking each one up again.
+    for tag, element in src.items():
         keep = decisions.get(tag)
         if keep is None:
             keep = decisions[tag] = _is_copied(Tag(tag), multi_frame=multi_frame)
@@ -567,7 +568,7 @@ class DerivedSeriesBuilder:
         src = loaded.datasets[source.dataset_index]
         multi_frame = source.frame_number is not None
         ds = Dataset(_copy_source(src, multi_frame=multi_frame, copied=self._copied[multi_frame]))
-        for element in ds.elements():
+        for element in list(ds.values()):
             if element.VR == "SQ" and isinstance(element, DataElement):
                 ds[element.tag] = element  # as Dataset.__setitem__ files a sequence
         if multi_frame:
