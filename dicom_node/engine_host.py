@@ -382,10 +382,26 @@ def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
 _context_lock = threading.Lock()
 
 
+NUMPY_HUGEPAGE_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
+"""numpy asks the kernel for transparent huge pages for its large arrays (madvise) unless this
+environment variable is "0" when numpy is imported."""
+
+
+def engine_process_environment() -> None:
+    """Set what the engine processes inherit, before the fork server that starts them does:
+    numpy's large arrays on small pages (NUMPY_MADVISE_HUGEPAGE=0) unless the node's own
+    environment sets the variable. Every job writes a fresh series volume (315 MB for 300
+    slices); with huge pages its first touch took 0.08 s by the median but 0.6 s one time in
+    ten and up to 1.7 s on the development machine, with small pages 0.17 s and at most 0.26 s
+    (`benchmarks/bench_first_touch.py`): a little more by the median, never the long stall."""
+    os.environ.setdefault(NUMPY_HUGEPAGE_VARIABLE, "0")
+
+
 def _context(config: NodeConfig) -> multiprocessing.context.ForkServerContext:
     """The fork-server context; the server preloads the engine modules, torch among them (the
-    learned engines run in it and the linear filter does its FFTs with it). The preload list is
-    fixed when the server first starts."""
+    learned engines run in it and the linear filter does its FFTs with it). The preload list and
+    the environment (`engine_process_environment`) are fixed when the server first starts."""
+    engine_process_environment()
     ctx = multiprocessing.get_context("forkserver")
     with _context_lock:
         modules = ["dicom_node.engine_host", "torch"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from dicom_node.config import EngineConfig, NodeConfig
-from dicom_node.engine_host import EngineCache, derived_options
+from dicom_node.engine_host import EngineCache, derived_options, engine_process_environment
 from dicom_node.logs import configure_process, safe_error_text
 from dicom_node.offline import JobOutcome, JobStatus, PlannedJob
 from engine.cpu_threads import share_cpus
@@ -138,6 +138,7 @@ def _work(job: PlannedJob, output: Path) -> JobOutcome:
 
 
 def _context(jobs: Sequence[PlannedJob]) -> multiprocessing.context.ForkServerContext:
+    engine_process_environment()  # inherited by the fork server when this starts it
     ctx = multiprocessing.get_context("forkserver")
     modules = ["dicom_node.offline_runner"]
     if any(k != LINEAR_FILTER_KIND for j in jobs for k in (j.engine.kind, j.fallback.kind)):
