@@ -832,7 +832,8 @@ def _is_empty(ds: Dataset, tag: BaseTag) -> bool:
     if tag not in ds:
         return True
     element = ds.get_item(tag)
-    if isinstance(element, RawDataElement) and element.VR is not None:
+    # Implicit VR (None) and UN are decoded with the dictionary's VR: decode those to tell.
+    if isinstance(element, RawDataElement) and element.VR not in (None, "UN"):
         raw = element.value
         if not raw:
             return True
