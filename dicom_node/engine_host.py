@@ -393,7 +393,9 @@ def engine_process_environment() -> None:
     environment sets the variable. Every job writes a fresh series volume (315 MB for 300
     slices); with huge pages its first touch took 0.08 s by the median but 0.6 s one time in
     ten and up to 1.7 s on the development machine, with small pages 0.17 s and at most 0.26 s
-    (`benchmarks/bench_first_touch.py`): a little more by the median, never the long stall."""
+    (`benchmarks/bench_first_touch.py`): a little more by the median, never the long stall.
+    It is set in this process's environment, so the node's other children (receiver processes)
+    inherit it too; none of them holds large arrays."""
     os.environ.setdefault(NUMPY_HUGEPAGE_VARIABLE, "0")
 
 
