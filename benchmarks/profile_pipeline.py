@@ -3,13 +3,18 @@
 Writes a synthetic series (default 300 slices, Explicit VR Little Endian, 12-bit storage like the
 scanners') to a temporary folder, then times each stage alone, per slice: read + decode
 (`load_series`), the envelope measurement (`measure_loaded`, the noise level on up to 16
-slices), build + encode of the derived series (`build_derived_series`), the encoding alone
-(`SeriesEncoder`, in memory) and writing the files (`write_series`: encoding, writing, fsync;
-not part of `standardize_series`): wall time and this process's CPU time (on
-a busy machine the CPU time is the steadier figure; writing also waits for fsync). With
+slices), the build of the derived series (`build_derived_series`, no encoding), the encoding
+alone (`SeriesEncoder`, in memory, of a freshly built series) and writing the files
+(`write_series`: encoding, writing, fsync; not part of `standardize_series`): wall time and this
+process's CPU time (on a busy machine the CPU time is the steadier figure; writing also waits
+for fsync). `--repeats R` runs each stage R times and prints the minimum and the median. With
 `--profile STAGE` it prints the cProfile of that stage instead.
 
-Run: `.venv/bin/python benchmarks/profile_pipeline.py [--slices 300] [--profile build]`.
+Before / after on one machine: run this script alternately with `PYTHONPATH` set to each
+checkout (`git archive COMMIT | tar -x -C DIR`); the script imports `engine` from there.
+
+Run: `.venv/bin/python benchmarks/profile_pipeline.py [--slices 300] [--repeats R]
+[--profile build]`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,19 +56,41 @@ def _series(tmp: Path, n: int, size: int) -> list[Path]:
     return paths
 
 
-def _timed(label: str, n: int, fn: Callable[[], Any], profile: bool) -> Any:
+def _timed(
+    label: str,
+    n: int,
+    fn: Callable[[Any], Any],
+    profile: bool,
+    *,
+    repeats: int = 1,
+    prepare: Callable[[], Any] = lambda: None,
+) -> Any:
+    """Run `fn(prepare())` `repeats` times (`prepare` untimed) and print wall and CPU time per
+    slice: the one run, or the minimum and median of several. Returns the last result."""
     if profile:
         profiler = cProfile.Profile()
-        result = profiler.runcall(fn)
+        result = profiler.runcall(fn, prepare())
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
         return result
-    start, cpu_start = time.perf_counter(), time.process_time()
-    result = fn()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    print(
-        f"{label:28} {seconds:7.2f} s  {1000.0 * seconds / n:7.2f} ms/slice  "
-        f"CPU {1000.0 * cpu / n:7.2f} ms/slice"
-    )
+    walls, cpus = [], []
+    for _ in range(repeats):
+        argument = prepare()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = fn(argument)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    if repeats == 1:
+        print(
+            f"{label:28} {walls[0]:7.2f} s  {1000.0 * walls[0] / n:7.2f} ms/slice  "
+            f"CPU {1000.0 * cpus[0] / n:7.2f} ms/slice"
+        )
+    else:
+        wall_ms = [1000.0 * w / n for w in (min(walls), statistics.median(walls))]
+        cpu_ms = [1000.0 * c / n for c in (min(cpus), statistics.median(cpus))]
+        print(
+            f"{label:28} {wall_ms[0]:7.2f} / {wall_ms[1]:7.2f} ms/slice  "
+            f"CPU {cpu_ms[0]:7.2f} / {cpu_ms[1]:7.2f} ms/slice  (min / median of {repeats})"
+        )
     return result
 
 
@@ -77,36 +105,50 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--profile", choices=("load", "envelope", "build", "encode", "write"))
     args = parser.parse_args(argv)
-    n = args.slices
+    n, repeats = args.slices, max(1, args.repeats)
     with tempfile.TemporaryDirectory(prefix="ltdiff-profile-") as tmp:
         (Path(tmp) / "in").mkdir()
         paths = _series(Path(tmp) / "in", n, args.size)
         print(f"{n} slices of {args.size} x {args.size}")
-        loaded = _timed("read + decode", n, lambda: load_series(paths), args.profile == "load")
+        loaded = _timed(
+            "read + decode",
+            n,
+            lambda _: load_series(paths),
+            args.profile == "load",
+            repeats=repeats,
+        )
         _timed(
-            "envelope measurement", n, lambda: measure_loaded(loaded), args.profile == "envelope"
+            "envelope measurement",
+            n,
+            lambda _: measure_loaded(loaded),
+            args.profile == "envelope",
+            repeats=repeats,
         )
         output = loaded.volume_hu + np.float32(1.0)
-        derived = _timed(
-            "build + encode",
-            n,
-            lambda: build_derived_series(loaded, output, IDENTITY),
-            args.profile == "build",
-        )
-        fresh = build_derived_series(loaded, output, IDENTITY)  # encoding decodes elements
+
+        def build() -> Any:
+            return build_derived_series(loaded, output, IDENTITY)
+
+        _timed("build", n, lambda _: build(), args.profile == "build", repeats=repeats)
+        # Encoding decodes the elements it copies, so each encoding gets a freshly built series.
         _timed(
             "encode only (no files)",
             n,
-            lambda: _encode_all(fresh.datasets),
+            lambda fresh: _encode_all(fresh.datasets),
             args.profile == "encode",
+            repeats=repeats,
+            prepare=build,
         )
         _timed(
             "write (not in the pipeline)",
             n,
-            lambda: write_series(derived.datasets, Path(tmp) / "out"),
+            lambda fresh: write_series(fresh.datasets, Path(tmp) / "out"),
             args.profile == "write",
+            repeats=repeats,
+            prepare=build,
         )
     return 0
 
