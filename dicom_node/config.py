@@ -112,6 +112,22 @@ class JobsConfig:
     # Added to the engine processes' niceness: reception (DICOM associations, at the node's own
     # priority) comes first when both want the CPU, so a running engine does not slow it.
     engine_nice: int = 10
+    # Decoded pixels (MB) an idle engine process may hold of a series still being received,
+    # read ahead of its job (engine/read_ahead.py); 0 turns reading ahead off; None (unset):
+    # DEFAULT_READ_AHEAD_MB, at most a quarter of memory_max_mb.
+    read_ahead_mb: int | None = None
+
+    @property
+    def read_ahead_bytes(self) -> int:
+        if self.read_ahead_mb is not None:
+            return self.read_ahead_mb << 20
+        if self.memory_max_mb:
+            return min(DEFAULT_READ_AHEAD_MB, self.memory_max_mb // 4) << 20
+        return DEFAULT_READ_AHEAD_MB << 20
+
+
+#: What an engine process reads ahead by default: 1000 slices of 512 x 512 (4 MB per 1000 px^2).
+DEFAULT_READ_AHEAD_MB = 1024
 
 
 @dataclass(frozen=True)
@@ -676,12 +692,20 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
             "disk_full_retry_s", JobsConfig.disk_full_retry_s, 0.1, 86400.0
         ),
         engine_nice=jt.integer("engine_nice", JobsConfig.engine_nice, 0, 19),
+        read_ahead_mb=jt.integer_or_none("read_ahead_mb", 0, 10**6),
     )
     jt.reject_unknown()
     if 0 < jobs.memory_max_mb < 256:
         raise ConfigError(
             f"jobs.memory_max_mb = {jobs.memory_max_mb}: an engine needs at least 256 MB "
             "(0 disables the limit)"
+        )
+    if jobs.memory_max_mb and (jobs.read_ahead_mb or 0) > jobs.memory_max_mb // 4:
+        raise ConfigError(
+            f"jobs.read_ahead_mb = {jobs.read_ahead_mb} is more than a quarter of "
+            f"jobs.memory_max_mb = {jobs.memory_max_mb}: the pixels read ahead are copied into "
+            "the job's volume, so for a moment the engine process holds both; lower "
+            "read_ahead_mb or raise memory_max_mb"
         )
 
     engines: list[EngineConfig] = []

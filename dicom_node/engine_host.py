@@ -59,6 +59,7 @@ from engine.envelope_policy import (
 )
 from engine.interface import Engine, EngineError
 from engine.pipeline import prepare_series, write_series
+from engine.read_ahead import ReadAhead
 from engine.registry import LINEAR_FILTER_KIND, EngineOptions, load_engine
 
 log = get_logger("dicom_node.engine_host")
@@ -89,6 +90,17 @@ class EngineJob:
     route: str | None = None  # the routing rule's name (for the logs)
     outside_envelope: OutsideEnvelope = OutsideEnvelope.FALLBACK  # the route's policy
     fallback_engine: str | None = None  # [engines.NAME]; None: the built-in linear filter
+    series_uid: str = ""  # the source series (what was read ahead is used only for it)
+
+
+@dataclass(frozen=True)
+class ReadAheadHint:
+    """Files of a series still being received that will probably be this engine's next job:
+    the engine process reads and decodes them while it is idle (engine.read_ahead), and stops
+    for the next message. No answer is sent. `paths` None: forget what was read ahead."""
+
+    series_uid: str
+    paths: tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -211,9 +223,12 @@ def run_job(
     engines: EngineCache,
     config: NodeConfig,
     device: str,
+    *,
     on_written: Callable[[tuple[OutputFile, ...]], None] | None = None,
+    read_ahead: ReadAhead | None = None,
 ) -> EngineResult | EngineFailure:
     """Standardize one series into `job.out_dir`. Never raises for a job's own problems.
+    `read_ahead`: files of the series the engine process read while it was idle.
 
     The derived series is built and written in chunks of WRITE_CHUNK files; `on_written` hears
     each chunk but the last once it is durable (the last comes with the EngineResult), so the
@@ -230,7 +245,11 @@ def run_job(
             job.outside_envelope, lambda: engines.fallback(job.fallback_engine, device)
         )
         prepared = prepare_series(
-            job.paths, engines.get(job.engine, device), derived_options(config), envelope=policy
+            job.paths,
+            engines.get(job.engine, device),
+            derived_options(config),
+            envelope=policy,
+            read_ahead=read_ahead,
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -265,6 +284,7 @@ def run_job(
         "kernel_out": ran.target_kernel,
         "clipped_pixels": int(clipped),
         "decode_ms": round(prepared.timings.decode_ms, 1),
+        "read_ahead_files": read_ahead.taken if read_ahead is not None else 0,
         "engine_ms": round(prepared.timings.engine_ms, 1),
         "encode_ms": round(build_s * 1000.0, 1),
         "processing_ms": round((time.monotonic() - t0) * 1000, 1),
@@ -362,19 +382,44 @@ def _child_main(conn: Connection, config: NodeConfig, device: str) -> None:
     if device == "cpu":
         share_cpus(sum(1 for d in config.workers if d == "cpu"))
     conn.send(("ready", os.getpid()))
+    read_ahead = ReadAhead(config.jobs.read_ahead_bytes)
     while True:
         try:
-            job = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             return
-        if job is None:
+        if message is None:
             return
+        if isinstance(message, ReadAheadHint):
+            _read_ahead(read_ahead, message, conn)
+            continue
+        job = message
 
         def progress(outputs: tuple[OutputFile, ...]) -> None:
             conn.send(EngineProgress(outputs))
 
-        conn.send(run_job(job, engines, config, device, on_written=progress))
+        taken_from = read_ahead if read_ahead.series_key == job.series_uid else None
+        conn.send(run_job(job, engines, config, device, on_written=progress, read_ahead=taken_from))
+        read_ahead.clear()
         _release_free_memory()  # before the next job is read, after the answer went out
+
+
+def _read_ahead(read_ahead: ReadAhead, hint: ReadAheadHint, conn: Connection) -> None:
+    """Read the hinted files until done, or until the next message (a job) arrives."""
+    if hint.paths is None:
+        read_ahead.clear()
+        return
+    started = time.perf_counter()
+    added = read_ahead.read(hint.series_uid, hint.paths, interrupted=conn.poll)
+    if added:
+        log.debug(
+            "engine.read_ahead",
+            series_uid=hint.series_uid,
+            files=added,
+            held=len(read_ahead),
+            held_mb=read_ahead.bytes_held >> 20,
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
 
 # ---- the parent side -----------------------------------------------------------------------------
@@ -526,6 +571,18 @@ class EngineProcess:
                 self._kill()
                 self._forget()
                 return EngineInterrupted()
+
+    def hint_read_ahead(self, hint: ReadAheadHint) -> bool:
+        """Between jobs: pass the engine process files to read ahead (no answer comes back).
+        False when there is no running engine process to take it."""
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None or not proc.is_alive():
+            return False
+        try:
+            conn.send(hint)
+        except OSError:
+            return False
+        return True
 
     def _crashed(self, reason: str) -> EngineCrash:
         self._kill()

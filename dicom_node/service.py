@@ -82,6 +82,7 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.server: Any = None
         self._last_purge = 0.0
+        self._read_ahead_worker: EngineWorker | None = None  # set when the workers start
         self.started_at = time.time()
         self.phase = Phase.STARTING
         self.metrics = NodeMetrics(config.routes)
@@ -164,6 +165,8 @@ class Node:
             )
             for i, device in enumerate(self.config.workers)
         ]
+        # The first worker's engine process reads ahead the series that will be its next job.
+        self._read_ahead_worker = workers[0] if workers else None
         try:
             for worker in workers:
                 worker.start_engine()
@@ -320,11 +323,27 @@ class Node:
             self._last_purge = now
             self._purge(now)
         closed = {r.series.series_uid for r in ready}
+        self._choose_read_ahead([s for s in receiving if s.series_uid not in closed])
         return next_stable_at(
             [s for s in receiving if s.series_uid not in closed],
             self.config.assembly,
             self.started_at,
         )
+
+    def _choose_read_ahead(self, receiving: list[SeriesRow]) -> None:
+        """Point the read-ahead worker at the series still receiving that a rule will send to
+        an engine and that becomes stable first (its last instance is the oldest); None when
+        there is none."""
+        worker = self._read_ahead_worker
+        if worker is None or not self.config.jobs.read_ahead_bytes:
+            return
+        routed = [
+            s
+            for s in receiving
+            if decide(s.header, self.config.routes, own_output=s.own_output).rule is not None
+        ]
+        first = min(routed, key=lambda s: s.last_received, default=None)
+        worker.read_ahead(None if first is None else first.series_uid)
 
     def _route(self, series: SeriesRow, why: str, now: float) -> None:
         """Close the series revision read by the scheduler; if a late instance changed the

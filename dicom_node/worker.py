@@ -43,6 +43,7 @@ from dicom_node.engine_host import (
     EngineResult,
     FailureKind,
     OutputFile,
+    ReadAheadHint,
     outside_envelope_fields,
 )
 from dicom_node.logs import get_logger
@@ -117,6 +118,11 @@ class EngineWorker(threading.Thread):
         self._db_down = _Condition(
             self.name, "worker.database_unavailable", "worker.database_available"
         )
+        # Read ahead (engine/read_ahead.py): the series the scheduler expects next, and what
+        # this worker has already passed to its engine process of it.
+        self._read_ahead_series: str | None = None
+        self._hinted_series: str | None = None
+        self._hinted_paths: set[str] = set()
 
     def start_engine(self) -> None:
         """Start the engine process and load its engines: EngineError stops the node's start."""
@@ -139,6 +145,7 @@ class EngineWorker(threading.Thread):
             return
         job = self._db(lambda: self.store.claim_job(self.name, (JobKind.STANDARDIZE,)))
         if job is None:
+            self._hint_read_ahead()
             self._idle(self.config.assembly.poll_interval_s)
             return
         log.info(
@@ -160,6 +167,37 @@ class EngineWorker(threading.Thread):
                 )
             )
         self.on_done()
+
+    def read_ahead(self, series_uid: str | None) -> None:
+        """Called by the scheduler: the series still receiving that will probably be the next
+        job (None: none). The worker passes its files to the engine process while idle."""
+        if series_uid != self._read_ahead_series:
+            self._read_ahead_series = series_uid
+            self.wake.set()
+
+    def _hint_read_ahead(self) -> None:
+        """Pass the engine process the files of the expected series it has not been given yet
+        (or tell it to forget them when there is none)."""
+        target = self._read_ahead_series
+        if target is None:
+            if self._hinted_series is not None:
+                self.engine.hint_read_ahead(ReadAheadHint(self._hinted_series, None))
+                self._forget_hints()
+            return
+        if target != self._hinted_series:
+            self._forget_hints()
+        try:
+            instances = self.store.instances(target)
+        except sqlite3.Error:
+            return  # reading ahead is an optimisation; the job will read the files
+        paths = tuple(str(path) for _, _, path in instances if str(path) not in self._hinted_paths)
+        if paths and self.engine.hint_read_ahead(ReadAheadHint(target, paths)):
+            self._hinted_series = target
+            self._hinted_paths.update(paths)
+
+    def _forget_hints(self) -> None:
+        self._hinted_series = None
+        self._hinted_paths = set()
 
     def _idle(self, seconds: float) -> None:
         self.wake.wait(seconds)
@@ -209,7 +247,9 @@ class EngineWorker(threading.Thread):
             route=job.rule,
             outside_envelope=OutsideEnvelope.FALLBACK if route is None else route.outside_envelope,
             fallback_engine=None if route is None else route.fallback_engine,
+            series_uid=job.series_uid,
         )
+        self._forget_hints()  # the engine process drops what it read ahead after the job
         try:
             outcome: EngineOutcome = self.engine.run(
                 request, self.stop_event, on_written=lambda chunk: self._queue_early(job, chunk)

@@ -34,6 +34,7 @@ from engine.durable import fsync_directory, write_replacing
 from engine.envelope_policy import EnvelopeCheck, EnvelopePolicy, choose_engine, measure_loaded
 from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
 from engine.part10_writer import SeriesEncoder
+from engine.read_ahead import ReadAhead
 from engine.series_io import LoadedSeries, SeriesError, load_series
 
 
@@ -130,14 +131,16 @@ def prepare_series(
     seed: int | None = None,
     now: datetime | None = None,
     envelope: EnvelopePolicy | None = None,
+    read_ahead: ReadAhead | None = None,
 ) -> PreparedSeries:
     """Read one CT series from `paths` and standardize it with `engine`; the derived instances
     are built on demand by the returned builder (`standardize_series` builds them all).
 
-    Arguments and exceptions as for `standardize_series`; the builder raises DerivedSeriesError.
+    `read_ahead`: files of the series already read and decoded (`load_series`). Other arguments
+    and exceptions as for `standardize_series`; the builder raises DerivedSeriesError.
     """
     started = time.perf_counter()
-    loaded = load_series(paths)
+    loaded = load_series(paths, read_ahead)
     if any(is_ltdiff_output(ds) for ds in loaded.datasets):
         raise SeriesError(
             f"series {loaded.series_instance_uid} is ltdiff-node output; it is not standardized "

@@ -38,6 +38,7 @@ from pydicom.errors import InvalidDicomError
 from engine.dicom_facts import CT_SOP_CLASSES, MULTI_FRAME_CT_SOP_CLASSES, functional_group_items
 from engine.interface import FloatVolume, SeriesGeometry
 from engine.pixels import PixelFormatError, dataset_frames_to_hu, frame_count
+from engine.read_ahead import ReadAhead
 
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 SPACING_TOLERANCE_MM = 1e-3
@@ -176,7 +177,8 @@ def _read(path: Path) -> Dataset:
     return ds
 
 
-def _check_instance(ds: Dataset, name: str) -> None:
+def check_instance(ds: Dataset, name: str) -> None:
+    """SeriesError unless `ds` is a CT image instance with the attributes a series needs."""
     label = f"file {name} (instance {ds.get('SOPInstanceUID', 'without SOPInstanceUID')})"
     modality = ds.get("Modality")
     if modality != "CT":
@@ -233,9 +235,13 @@ def _normal(orientation: Sequence[float]) -> np.ndarray:
     return np.cross(row, col)
 
 
-def load_series(paths: Iterable[str | PathLike[str]]) -> LoadedSeries:
+def load_series(
+    paths: Iterable[str | PathLike[str]], read_ahead: ReadAhead | None = None
+) -> LoadedSeries:
     """Read, validate, order and decode the files of one CT series.
 
+    `read_ahead`: files already read and decoded (engine.read_ahead); each one it still holds
+    is taken from it instead of being read again, with the same result.
     Raises SeriesError when the files are not one consistent CT series (mixed series, sizes,
     orientations or spacings; different instances at one position; non-CT objects) and
     PixelFormatError when pixel data cannot be decoded to HU.
@@ -247,9 +253,11 @@ def load_series(paths: Iterable[str | PathLike[str]]) -> LoadedSeries:
     names: list[str] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
+    ahead: dict[int, FloatVolume] = {}  # id(dataset) -> its HU frames, read ahead
     for path in sorted(path_list):
-        ds = _read(path)
-        _check_instance(ds, path.name)
+        entry = read_ahead.take(path) if read_ahead is not None else None
+        ds = _read(path) if entry is None else entry.dataset
+        check_instance(ds, path.name)
         sop_uid = str(ds.SOPInstanceUID)
         if sop_uid in seen:
             notes.append(
@@ -260,6 +268,8 @@ def load_series(paths: Iterable[str | PathLike[str]]) -> LoadedSeries:
         seen[sop_uid] = path.name
         datasets.append(ds)
         names.append(path.name)
+        if entry is not None:
+            ahead[id(ds)] = entry.hu_frames
 
     series_uids = sorted({str(ds.SeriesInstanceUID) for ds in datasets})
     if len(series_uids) != 1:
@@ -333,6 +343,11 @@ def load_series(paths: Iterable[str | PathLike[str]]) -> LoadedSeries:
     new_index = {old: new for new, old in enumerate(order_of_dataset)}
     for slot, s in enumerate(ordered):
         ds = datasets[s.dataset_index]
+        if id(ds) in ahead:
+            volume[slot] = ahead[id(ds)][(s.frame_number or 1) - 1]
+            if s.frame_number is None:  # freed as it is copied: the peak stays one volume
+                del ahead[id(ds)]
+            continue
         try:
             if frame_count(ds) == 1:  # one slice: decoded straight into the volume
                 dataset_frames_to_hu(ds, out=volume[slot : slot + 1])

@@ -221,6 +221,20 @@ def test_reception_limits_and_jobs_have_documented_defaults_and_are_validated():
             parse_config(data)
 
 
+def test_read_ahead_defaults_to_1_gb_within_a_quarter_of_the_engine_memory_limit():
+    assert parse_config({}).jobs.read_ahead_bytes == 1024 << 20
+    assert parse_config({"jobs": {"memory_max_mb": 2048}}).jobs.read_ahead_bytes == 512 << 20
+    assert parse_config({"jobs": {"memory_max_mb": 0}}).jobs.read_ahead_bytes == 1024 << 20
+    assert parse_config({"jobs": {"read_ahead_mb": 0}}).jobs.read_ahead_bytes == 0
+    assert parse_config({"jobs": {"read_ahead_mb": 2048}}).jobs.read_ahead_bytes == 2048 << 20
+    for data, message in (
+        ({"jobs": {"read_ahead_mb": 2049}}, "jobs.read_ahead_mb = 2049 is more than a quarter"),
+        ({"jobs": {"read_ahead_mb": -1}}, "jobs.read_ahead_mb = -1: expected an integer"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config(data)
+
+
 def test_route_envelope_policy_defaults_to_the_built_in_linear_fallback():
     (rule,) = parse_config({}).routes
     assert rule.outside_envelope is OutsideEnvelope.FALLBACK and rule.fallback_engine is None
