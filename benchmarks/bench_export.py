@@ -13,8 +13,9 @@ are sent to a peer (one association unless said), R times, interleaved:
 
 Peers: DCMTK storescp (no fsync: the sender's own cost shows) and Orthanc (Debian's, its
 defaults: what a PACS takes). For the node it prints the wall time and the CPU time of this
-process (exporter and DUL threads) per instance; for storescu the wall time. Medians over the
-repeats, with min-max.
+process (exporter and DUL threads) per instance; for storescu the wall time; for every sender
+the CPU time the peer process spent meanwhile (Linux: /proc/PID/stat; what the PACS's own work
+costs a machine it shares with the node). Medians over the repeats, with min-max.
 
 Usage: python benchmarks/bench_export.py [--instances 300] [--repeats 3] [--peers storescp,orthanc]
 """
@@ -22,6 +23,7 @@ Usage: python benchmarks/bench_export.py [--instances 300] [--repeats 3] [--peer
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -108,7 +110,13 @@ def _send_storescu(port: int, ae_title: str, folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def _storescp(root: Path) -> tuple[int, Callable[[], None]]:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _storescp(root: Path) -> tuple[int, int, Callable[[], None]]:
     port = free_port()
     out = root / "storescp"
     out.mkdir()
@@ -129,7 +137,7 @@ def _storescp(root: Path) -> tuple[int, Callable[[], None]]:
         return probe.returncode == 0
 
     wait_until(listening, timeout=30)
-    return port, proc.kill
+    return port, proc.pid, proc.kill
 
 
 def _median(values: list[float]) -> str:
@@ -156,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 orthanc = start_orthanc(exe, root / "orthanc")
                 port, ae_title, stop = orthanc.dicom_port, orthanc.aet, orthanc.stop
+                peer_pid = orthanc.process.pid
             elif peer == "storescp":
-                port, stop = _storescp(root)
+                port, peer_pid, stop = _storescp(root)
                 ae_title = "ANY-SCP"
             else:
                 parser.error(f"unknown peer {peer!r}")
@@ -172,30 +181,37 @@ def main(argv: list[str] | None = None) -> int:
             )
             wall: dict[str, list[float]] = {s: [] for s in SENDERS}
             cpu: dict[str, list[float]] = {s: [] for s in SENDERS[:3]}
+            peer_cpu: dict[str, list[float]] = {s: [] for s in SENDERS}
             try:
                 for _ in range(args.repeats):
                     for sender in SENDERS:
+                        before = process_cpu_s(peer_pid)
                         if sender == "storescu":
                             wall[sender].append(_send_storescu(port, ae_title, folder))
-                            continue
-                        w, c = _send_node(
-                            dest,
-                            rows,
-                            direct=sender != "node, pynetdicom",
-                            associations=2 if sender == "node, direct x2" else 1,
-                        )
-                        wall[sender].append(w)
-                        cpu[sender].append(c)
+                        else:
+                            w, c = _send_node(
+                                dest,
+                                rows,
+                                direct=sender != "node, pynetdicom",
+                                associations=2 if sender == "node, direct x2" else 1,
+                            )
+                            wall[sender].append(w)
+                            cpu[sender].append(c)
+                        peer_cpu[sender].append(process_cpu_s(peer_pid) - before)
             finally:
                 stop()
             n = args.instances
             print(f"\n{n} instances to {peer}, {args.repeats} repeats:")
-            print("| sender | wall s, median (min-max) | instances/s | node CPU ms/instance |")
-            print("| --- | --: | --: | --: |")
+            print(
+                "| sender | wall s, median (min-max) | instances/s | node CPU ms/instance "
+                f"| {peer} CPU ms/instance |"
+            )
+            print("| --- | --: | --: | --: | --: |")
             for sender in SENDERS:
                 per = f"{statistics.median(cpu[sender]) / n * 1000:.2f}" if sender in cpu else "-"
+                peer_per = f"{statistics.median(peer_cpu[sender]) / n * 1000:.2f}"
                 rate = n / statistics.median(wall[sender])
-                print(f"| {sender} | {_median(wall[sender])} | {rate:.0f} | {per} |")
+                print(f"| {sender} | {_median(wall[sender])} | {rate:.0f} | {per} | {peer_per} |")
     return 0
 
 

@@ -123,6 +123,7 @@ class EngineWorker(threading.Thread):
         self._read_ahead_series: str | None = None
         self._hinted_series: str | None = None
         self._hinted_paths: set[str] = set()
+        self._read_ahead_failed: str | None = None  # the series whose read-ahead hit a defect
 
     def start_engine(self) -> None:
         """Start the engine process and load its engines: EngineError stops the node's start."""
@@ -145,7 +146,7 @@ class EngineWorker(threading.Thread):
             return
         job = self._db(lambda: self.store.claim_job(self.name, (JobKind.STANDARDIZE,)))
         if job is None:
-            self._hint_read_ahead()
+            self._read_ahead_safely()
             self._idle(self.config.assembly.poll_interval_s)
             return
         log.info(
@@ -174,6 +175,18 @@ class EngineWorker(threading.Thread):
         if series_uid != self._read_ahead_series:
             self._read_ahead_series = series_uid
             self.wake.set()
+
+    def _read_ahead_safely(self) -> None:
+        """Reading ahead is an optimisation: a defect in it is logged once per series and
+        never delays a job."""
+        target = self._read_ahead_series
+        if target is not None and target == self._read_ahead_failed:
+            return
+        try:
+            self._hint_read_ahead()
+        except Exception:
+            log.exception("worker.read_ahead_error", worker=self.name, series_uid=target)
+            self._read_ahead_failed = target
 
     def _hint_read_ahead(self) -> None:
         """Pass the engine process the files of the expected series it has not been given yet

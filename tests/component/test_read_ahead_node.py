@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from pydicom import dcmread
+from structlog.testing import capture_logs
 from tests_support import node_config, wait_until, write_series
 
 from dicom_node.engine_host import (
@@ -155,6 +156,36 @@ def test_the_worker_passes_each_file_once_and_the_end_of_the_series(tmp_path):
     worker._run_once()
     assert recorder.hints[-1] == ReadAheadHint("1.9.1", None)
     assert len(recorder.hints) == 3, "forgotten once"
+    store.close()
+
+
+def test_a_defect_in_reading_ahead_is_logged_once_and_does_not_stop_the_worker(tmp_path):
+    config = node_config(tmp_path / "state", None)
+    store = JobStore(tmp_path / "db.sqlite3")
+    worker = EngineWorker(
+        "cpu",
+        0,
+        store,
+        config=config,
+        stop=threading.Event(),
+        wake=threading.Event(),
+        on_done=lambda: None,
+    )
+    recorder = _HintRecorder()
+    worker.engine = recorder  # type: ignore[assignment]
+    store.record_instance(_record("1.9.2", 1), now=1.0)
+    real = store.instances
+    store.instances = lambda uid: (_ for _ in ()).throw(RuntimeError("a bug"))  # type: ignore[method-assign]
+    worker.read_ahead("1.9.2")
+    with capture_logs() as logs:
+        worker._run_once()
+        worker._run_once()
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["worker.read_ahead_error"]
+    store.instances = real  # type: ignore[method-assign]
+    worker.read_ahead("1.9.3")  # another series is tried again
+    store.record_instance(_record("1.9.3", 1), now=1.1)
+    worker._run_once()
+    assert [h.series_uid for h in recorder.hints] == ["1.9.3"]
     store.close()
 
 
