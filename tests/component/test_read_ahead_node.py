@@ -4,11 +4,11 @@ reads them while idle and hands them to that series' job only (engine/read_ahead
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
 from pydicom import dcmread
-from structlog.testing import capture_logs
 from tests_support import node_config, wait_until, write_series
 
 from dicom_node.engine_host import (
@@ -159,7 +159,7 @@ def test_the_worker_passes_each_file_once_and_the_end_of_the_series(tmp_path):
     store.close()
 
 
-def test_a_defect_in_reading_ahead_is_logged_once_and_does_not_stop_the_worker(tmp_path):
+def test_a_defect_in_reading_ahead_is_logged_once_and_does_not_stop_the_worker(tmp_path, caplog):
     config = node_config(tmp_path / "state", None)
     store = JobStore(tmp_path / "db.sqlite3")
     worker = EngineWorker(
@@ -177,10 +177,11 @@ def test_a_defect_in_reading_ahead_is_logged_once_and_does_not_stop_the_worker(t
     real = store.instances
     store.instances = lambda uid: (_ for _ in ()).throw(RuntimeError("a bug"))  # type: ignore[method-assign]
     worker.read_ahead("1.9.2")
-    with capture_logs() as logs:
-        worker._run_once()
-        worker._run_once()
-    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["worker.read_ahead_error"]
+    caplog.set_level(logging.ERROR)
+    worker._run_once()
+    worker._run_once()
+    events = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    assert [e.get("event") for e in events] == ["worker.read_ahead_error"], "logged once"
     store.instances = real  # type: ignore[method-assign]
     worker.read_ahead("1.9.3")  # another series is tried again
     store.record_instance(_record("1.9.3", 1), now=1.1)
