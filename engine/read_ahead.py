@@ -31,7 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from engine.interface import FloatVolume
-from engine.pixels import dataset_frames_to_hu
+from engine.pixels import dataset_frames_to_hu, frame_count
 
 #: The elements whose value is the pixel data (not kept: the HU frames replace them).
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -96,15 +96,16 @@ class ReadAhead:
         if series_key != self.series_key:
             self.clear()
             self.series_key = series_key
-        for path in paths:
+        for given in paths:
+            path = str(Path(given))  # the key `take` looks up
             if path not in self._entries and path not in self._failed:
                 self._pending.setdefault(path, None)
         added = 0
         while self._pending and not self.full and not interrupted():
             path = next(iter(self._pending))
             del self._pending[path]
-            entry = _read_file(Path(path))
-            if entry is None or self._bytes + entry.hu_frames.nbytes > self.max_bytes:
+            entry = _read_file(Path(path), self.max_bytes - self._bytes)
+            if entry is None:
                 self._failed.add(path)  # not tried again for this series
                 continue
             self._entries[path] = entry
@@ -134,8 +135,10 @@ class ReadAhead:
         return entry
 
 
-def _read_file(path: Path) -> ReadFile | None:
-    """Parse, check and decode one file; None for anything the job must see for itself."""
+def _read_file(path: Path, room: int) -> ReadFile | None:
+    """Parse, check and decode one file whose decoded pixels fit in `room` bytes (known from
+    its header before decoding, so that an idle process never decodes what it cannot keep);
+    None for anything else, which the job reads for itself."""
     # Imported here: series_io imports this module's ReadFile.
     from engine.series_io import check_instance  # noqa: PLC0415
 
@@ -144,6 +147,8 @@ def _read_file(path: Path) -> ReadFile | None:
             identity = file_identity(os.fstat(f.fileno()))
             ds = pydicom.dcmread(f)
         check_instance(ds, path.name)
+        if int(ds.Rows) * int(ds.Columns) * frame_count(ds) * 4 > room:
+            return None
         hu = dataset_frames_to_hu(ds)
     except Exception:  # noqa: BLE001 - whatever it is, the job reads the file and reports it
         return None

@@ -86,6 +86,11 @@ def test_a_full_cache_or_an_interruption_leaves_the_rest_to_the_job(tmp_path):
     _same_series(load_series(files, small), load_series(files))
     assert small.taken == 2
 
+    one_short = ReadAhead(max_bytes=2 * SLICE_BYTES - 1)
+    assert one_short.read("s", _paths(files)) == 1 and not one_short.full
+    assert one_short.pending == 0, "the rest did not fit: left to the job"
+    _same_series(load_series(files, one_short), load_series(files))
+
     asked = iter([False, True])
     cache = ReadAhead(max_bytes=1 << 30)
     assert cache.read("s", _paths(files), interrupted=lambda: next(asked, True)) == 1
