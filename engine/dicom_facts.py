@@ -23,6 +23,10 @@ MULTI_FRAME_CT_SOP_CLASSES = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTI
 #: Every CT Storage SOP Class the node accepts and the engine reads.
 CT_SOP_CLASSES = (CTImageStorage, *MULTI_FRAME_CT_SOP_CLASSES)
 
+#: The elements that hold an image's pixel data (PS3.3 C.7.6.3, C.7.6.24): what the engine
+#: decodes, and what it drops once decoded (the derived series never copies them).
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 MAX_UID_LENGTH = 64
 

@@ -30,11 +30,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from engine.dicom_facts import PIXEL_DATA_KEYWORDS
 from engine.interface import FloatVolume
 from engine.pixels import dataset_frames_to_hu, frame_count
-
-#: The elements whose value is the pixel data (not kept: the HU frames replace them).
-PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 FileIdentity = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 
