@@ -255,6 +255,7 @@ class Running:
     aet: str
     count: Callable[[], int]
     stop: Callable[[], None]
+    pid: int | None = None  # the receiver's process, where known (its CPU: bench_turnaround)
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -316,6 +317,7 @@ def start_orthanc_receiver(work: Path) -> Running:
         orthanc.aet,
         lambda: int(orthanc.rest("/statistics")["CountInstances"]),
         orthanc.stop,
+        orthanc.process.pid,
     )
 
 

@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -378,6 +378,55 @@ class DuringTrial:
     idle_rate: float
     busy_rate: float
     overlap: float  # share of the second send during which the first job was still open
+    #: CPU seconds each role spent during the second send (`cpu_by_role`)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+
+CPU_ROLES = ("node process", "receiver processes", "engine processes", "Orthanc")
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds so far) of a process; None when it is gone (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _is_receiver(pid: int) -> bool:
+    try:
+        return b"dicom_node.receiver_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def cpu_by_role(node_pid: int, orthanc_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of the node process, of its receiver processes, of its other
+    descendants (the fork server and the engine processes forked from it), and of Orthanc.
+    Processes that have exited are not counted."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None:
+                stats[int(entry.name)] = stat
+    node = stats.get(node_pid)
+    cpu = dict.fromkeys(CPU_ROLES, 0.0)
+    if node is None:
+        return cpu
+    cpu["node process"] = node[1]
+    descendants, frontier = set(), {node_pid}
+    while frontier:
+        frontier = {pid for pid, st in stats.items() if st[0] in frontier} - descendants
+        descendants |= frontier
+    for pid in descendants:
+        role = "receiver processes" if _is_receiver(pid) else "engine processes"
+        cpu[role] += stats[pid][1]
+    if orthanc_pid is not None and orthanc_pid in stats:
+        cpu["Orthanc"] = stats[orthanc_pid][1]
+    return cpu
 
 
 def during_processing_trial(
@@ -402,9 +451,11 @@ def during_processing_trial(
                 "the first job to start",
                 poll=0.01,
             )
+            before = cpu_by_role(child.proc.pid, orthanc.pid)
             t0 = time.time()
             busy_s = send(storescu, _to(child), second, 1)
             t1 = time.time()
+            after = cpu_by_role(child.proc.pid, orthanc.pid)
             _wait(
                 lambda: job_state(child.database, series_uid) in ("done", "failed"),
                 TRIAL_TIMEOUT_S,
@@ -419,7 +470,8 @@ def during_processing_trial(
     finally:
         orthanc.stop()
     overlap = max(0.0, min(t1, float(row["finished_at"])) - t0) / (t1 - t0)
-    return DuringTrial(len(first) / idle_s, len(second) / busy_s, overlap)
+    spent = {role: after[role] - before[role] for role in CPU_ROLES}
+    return DuringTrial(len(first) / idle_s, len(second) / busy_s, overlap, spent)
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -470,7 +522,10 @@ def report(
             f"busy {_stats([r.busy_rate for r in runs])} inst/s, "
             f"busy / idle {_stats([r.busy_rate / r.idle_rate for r in runs])}, "
             f"share of the second send overlapping the first job "
-            f"{_stats([r.overlap for r in runs])}"
+            f"{_stats([r.overlap for r in runs])}; CPU s during the second send: "
+            + ", ".join(
+                f"{role} {_stats([r.cpu_s.get(role, 0.0) for r in runs])}" for role in CPU_ROLES
+            )
         )
     return "\n".join(lines)
 

@@ -30,6 +30,8 @@ def test_benchmark_prints_the_stages_the_floor_and_reception_while_processing(
     assert re.search(r"^\| \*\*turnaround, stable age excluded\*\* \| [\d.]+ ", out, re.M), out
     assert re.search(r"^\| node export / storescu \| [\d.]+ ", out, re.M), out
     assert re.search(r"busy / idle [\d.]+ ", out), out
+    for role in ("node process", "receiver processes", "engine processes", "Orthanc"):
+        assert re.search(rf"CPU s during the second send: .*{role} [\d.]+ ", out), out
     assert list(tmp_path.iterdir()) == [], "work folder left behind"
 
 
