@@ -23,7 +23,6 @@ Usage: python benchmarks/bench_export.py [--instances 300] [--repeats 3] [--peer
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_receive import process_stat
 from pydicom import dcmread
 
 from dicom_node import export
@@ -111,9 +111,9 @@ def _send_storescu(port: int, ae_title: str, folder: Path) -> float:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (Linux /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of process `pid` so far (0 once it is gone)."""
+    stat = process_stat(pid)
+    return 0.0 if stat is None else stat[1]
 
 
 def _storescp(root: Path) -> tuple[int, int, Callable[[], None]]:

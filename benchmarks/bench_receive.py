@@ -258,6 +258,16 @@ class Running:
     pid: int | None = None  # the receiver's process, where known (its CPU: bench_turnaround)
 
 
+def process_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds so far) of a process, from /proc/PID/stat
+    (Linux); None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _terminate(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     if proc.poll() is None:
         proc.terminate()

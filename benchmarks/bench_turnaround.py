@@ -57,7 +57,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bench_receive import PeerMissingError, Running, _terminate, send, start_orthanc_receiver
+from bench_receive import (
+    PeerMissingError,
+    Running,
+    _terminate,
+    process_stat,
+    send,
+    start_orthanc_receiver,
+)
 from pydicom import dcmread
 
 from dicom_node.config import AssemblyConfig
@@ -385,16 +392,6 @@ class DuringTrial:
 CPU_ROLES = ("node process", "receiver processes", "engine processes", "Orthanc")
 
 
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds so far) of a process; None when it is gone (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
-
-
 def _is_receiver(pid: int) -> bool:
     try:
         return b"dicom_node.receiver_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -409,7 +406,7 @@ def cpu_by_role(node_pid: int, orthanc_pid: int | None) -> dict[str, float]:
     stats = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
+            stat = process_stat(int(entry.name))
             if stat is not None:
                 stats[int(entry.name)] = stat
     node = stats.get(node_pid)

@@ -27,6 +27,14 @@ CT_SOP_CLASSES = (CTImageStorage, *MULTI_FRAME_CT_SOP_CLASSES)
 #: decodes, and what it drops once decoded (the derived series never copies them).
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
+
+def drop_pixel_data(ds: Dataset) -> None:
+    """Delete the pixel data elements of `ds` (PIXEL_DATA_KEYWORDS), where present."""
+    for keyword in PIXEL_DATA_KEYWORDS:
+        if keyword in ds:
+            del ds[keyword]
+
+
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 MAX_UID_LENGTH = 64
 

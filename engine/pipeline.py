@@ -30,7 +30,7 @@ from engine.derived import (
     declares_pixel_padding,
     is_ltdiff_output,
 )
-from engine.dicom_facts import PIXEL_DATA_KEYWORDS
+from engine.dicom_facts import drop_pixel_data
 from engine.durable import fsync_directory, write_replacing
 from engine.envelope_policy import EnvelopeCheck, EnvelopePolicy, choose_engine, measure_loaded
 from engine.interface import Engine, EngineError, EngineIdentity, FloatVolume
@@ -200,9 +200,7 @@ def _drop_source_pixels(loaded: LoadedSeries) -> None:
     """The source pixels were decoded into `loaded.volume_hu`; their encoded bytes (a third of the
     series' memory) are not needed to build the derived series, which never copies them."""
     for ds in loaded.datasets:
-        for keyword in PIXEL_DATA_KEYWORDS:
-            if keyword in ds:
-                del ds[keyword]
+        drop_pixel_data(ds)
 
 
 def standardize_series(

@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from engine.dicom_facts import PIXEL_DATA_KEYWORDS
+from engine.dicom_facts import drop_pixel_data
 from engine.interface import FloatVolume
 from engine.pixels import dataset_frames_to_hu, frame_count
 
@@ -150,7 +150,5 @@ def _read_file(path: Path, room: int) -> ReadFile | None:
         hu = dataset_frames_to_hu(ds)
     except Exception:  # noqa: BLE001 - whatever it is, the job reads the file and reports it
         return None
-    for keyword in PIXEL_DATA_KEYWORDS:
-        if keyword in ds:
-            del ds[keyword]
+    drop_pixel_data(ds)
     return ReadFile(ds, np.ascontiguousarray(hu, dtype=np.float32), identity)

@@ -253,7 +253,7 @@ def load_series(
     names: list[str] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
-    ahead: dict[int, FloatVolume] = {}  # id(dataset) -> its HU frames, read ahead
+    ahead: dict[int, FloatVolume] = {}  # index in `datasets` -> its HU frames, read ahead
     for path in sorted(path_list):
         entry = read_ahead.take(path) if read_ahead is not None else None
         ds = _read(path) if entry is None else entry.dataset
@@ -269,7 +269,7 @@ def load_series(
         datasets.append(ds)
         names.append(path.name)
         if entry is not None:
-            ahead[id(ds)] = entry.hu_frames
+            ahead[len(datasets) - 1] = entry.hu_frames
 
     series_uids = sorted({str(ds.SeriesInstanceUID) for ds in datasets})
     if len(series_uids) != 1:
@@ -343,10 +343,10 @@ def load_series(
     new_index = {old: new for new, old in enumerate(order_of_dataset)}
     for slot, s in enumerate(ordered):
         ds = datasets[s.dataset_index]
-        if id(ds) in ahead:
-            volume[slot] = ahead[id(ds)][(s.frame_number or 1) - 1]
+        if s.dataset_index in ahead:
+            volume[slot] = ahead[s.dataset_index][(s.frame_number or 1) - 1]
             if s.frame_number is None:  # freed as it is copied: the peak stays one volume
-                del ahead[id(ds)]
+                del ahead[s.dataset_index]
             continue
         try:
             if frame_count(ds) == 1:  # one slice: decoded straight into the volume
