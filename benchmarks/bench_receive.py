@@ -21,12 +21,20 @@ receiver and association count, the ratios node/Orthanc and node/storescp of tho
 the same ratios within each repeat (the two trials ran back to back, so drift between repeats
 cancels out) with their median and range. A missing peer is reported and left out of the table.
 
+`--load none,engine` runs every trial under each load, back to back: `engine` is a background
+process doing what the node's engine process does during a job (benchmarks/engine_load.py: the
+linear filter in a loop, at the engine's nice 10), `engine-idle` the same under SCHED_IDLE. Each
+receiver's rate under a load is printed beside its idle rate (busy / idle within each run), so
+what processing costs the node's reception can be read against what the same load costs
+Orthanc and storescp on the same machine.
+
 `--profile DIR` instruments the node process in its 1-association trials
 (benchmarks/receive_profile.py): wall time per stage of the receive path per instance, written
 under DIR and printed; `--cprofile` adds a cProfile per thread there (slows the node).
 
 Usage: python benchmarks/bench_receive.py [--instances 300] [--repeats 3] [--associations 1,4]
-       [--receivers storescp,orthanc,pynetdicom,node] [--profile DIR [--cprofile]]
+       [--receivers storescp,orthanc,pynetdicom,node] [--load none,engine,engine-idle]
+       [--profile DIR [--cprofile]]
 """
 
 from __future__ import annotations
@@ -72,8 +80,11 @@ LABELS = {
     "node": "ltdiff-node",
     "node-inprocess": "ltdiff-node, receiver_processes = 0",
 }
-#: Ratios printed under the table: (numerator, denominator).
+#: Ratios printed under the table: (numerator, denominator), for each load.
 RATIOS = (("node", "orthanc"), ("node", "storescp"), ("node-inprocess", "orthanc"))
+#: Background loads (--load): none, or the engine's work at its nice or under SCHED_IDLE.
+LOADS = ("none", "engine", "engine-idle")
+LOAD_LABELS = {"engine": "engine load (nice 10)", "engine-idle": "engine load (SCHED_IDLE)"}
 STARTUP_TIMEOUT_S = 120
 
 
@@ -113,6 +124,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="profile the node process, write under DIR (its 1-association trials run with "
         "receiver_processes = 0: the profile instruments the node process)",
     )
+    parser.add_argument(
+        "--load",
+        type=_loads,
+        default=("none",),
+        help="comma-separated background loads, each trial run under each (default: none; "
+        "engine: the engine's work at nice 10, engine-idle: the same under SCHED_IDLE)",
+    )
     parser.add_argument("--cprofile", action="store_true", help="with --profile: cProfile too")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it")
     # Internal: the pynetdicom and node receivers run this script in a child process.
@@ -144,6 +162,27 @@ def _receivers(text: str) -> tuple[str, ...]:
             f"choose from {','.join(RECEIVERS)}"
         )
     return tuple(n for n in RECEIVERS if n in names)  # table order, no repeats
+
+
+def _loads(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in LOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown load(s) {','.join(unknown) or '(none)'}; choose from {','.join(LOADS)}"
+        )
+    return tuple(n for n in LOADS if n in names)
+
+
+def trial_name(receiver: str, load: str) -> str:
+    """The name a (receiver, load) pair's rates are kept under: the receiver's own without a
+    load, `receiver+load` under one."""
+    return receiver if load == "none" else f"{receiver}+{load}"
+
+
+def label(name: str) -> str:
+    receiver, _, load = name.partition("+")
+    return LABELS[receiver] + (f", {LOAD_LABELS[load]}" if load else "")
 
 
 def _associations(text: str) -> tuple[int, ...]:
@@ -181,25 +220,40 @@ def format_table(
     associations: Sequence[int],
     *,
     skipped: dict[str, str] | None = None,
+    loads: Sequence[str] = ("none",),
 ) -> str:
-    """A Markdown table of median instances/s, then the ratios of RATIOS where both exist."""
+    """A Markdown table of median instances/s per receiver and load, then the ratios of RATIOS
+    under each load and each receiver's busy / idle, where both exist."""
     heads = [f"{a} association{'s' if a > 1 else ''}" for a in associations]
     lines = [
         "| receiver | " + " | ".join(heads) + " |",
         "| --- | " + " | ".join("--:" for _ in heads) + " |",
     ]
     skipped = skipped or {}
-    for name in receivers:
-        if name in skipped:
-            continue
-        cells = [_rate(med.get((name, a))) for a in associations]
-        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
-    for num, den in RATIOS:
-        if num in receivers and den in receivers and num not in skipped and den not in skipped:
-            cells = [_ratio(med.get((num, a)), med.get((den, a))) for a in associations]
-            lines.append(f"| {num} / {den} | " + " | ".join(cells) + " |")
+    present = [name for name in receivers if name not in skipped]
+    for name in present:
+        for load in loads:
+            row = trial_name(name, load)
+            cells = [_rate(med.get((row, a))) for a in associations]
+            lines.append(f"| {label(row)} | " + " | ".join(cells) + " |")
+    for num, den in _ratio_pairs(present, loads):
+        cells = [_ratio(med.get((num, a)), med.get((den, a))) for a in associations]
+        lines.append(f"| {num} / {den} | " + " | ".join(cells) + " |")
     lines.extend(f"skipped {name}: {why}" for name, why in skipped.items())
     return "\n".join(lines)
+
+
+def _ratio_pairs(receivers: Sequence[str], loads: Sequence[str]) -> list[tuple[str, str]]:
+    """RATIOS under each load, then each receiver under each load against itself without."""
+    pairs = [
+        (trial_name(num, load), trial_name(den, load))
+        for load in loads
+        for num, den in RATIOS
+        if num in receivers and den in receivers
+    ]
+    if "none" in loads:
+        pairs += [(trial_name(r, load), r) for r in receivers for load in loads if load != "none"]
+    return pairs
 
 
 RunKey = tuple[str, int, int]  # (receiver, associations, repeat)
@@ -216,14 +270,15 @@ def paired_ratios(runs: dict[RunKey, float], num: str, den: str, associations: i
 
 
 def format_paired(
-    runs: dict[RunKey, float], receivers: Sequence[str], associations: Sequence[int]
+    runs: dict[RunKey, float],
+    receivers: Sequence[str],
+    associations: Sequence[int],
+    loads: Sequence[str] = ("none",),
 ) -> str:
-    """One line per ratio of RATIOS and association count: each repeat's ratio, and their
-    median and range."""
+    """One line per ratio (`_ratio_pairs`) and association count: each repeat's ratio, and
+    their median and range."""
     lines = []
-    for num, den in RATIOS:
-        if num not in receivers or den not in receivers:
-            continue
+    for num, den in _ratio_pairs(receivers, loads):
         for a in associations:
             ratios = paired_ratios(runs, num, den, a)
             if not ratios:
@@ -476,17 +531,28 @@ def run_trial(
     *,
     profile: Path | None = None,
     cprofile: bool = False,
-) -> float:
+    load: str = "none",
+) -> tuple[float, float]:
+    """(instances/s, CPU seconds the background load used during the send: 0 without one)."""
+    from engine_load import start_engine_load  # noqa: PLC0415 - it imports this module
+
     work.mkdir(parents=True)
     running = STARTERS[name](work, profile, cprofile)
     try:
-        elapsed = send(storescu, running, files, associations)
+        background = None if load == "none" else start_engine_load(sched_idle=load != "engine")
+        try:
+            cpu_before = 0.0 if background is None else background.cpu_s()
+            elapsed = send(storescu, running, files, associations)
+            load_cpu = 0.0 if background is None else background.cpu_s() - cpu_before
+        finally:
+            if background is not None:
+                background.stop()
         stored = running.count()
     finally:
         running.stop()
     if stored != len(files):
         raise TrialError(f"stored {stored} of {len(files)} instances")
-    return len(files) / elapsed
+    return len(files) / elapsed, load_cpu
 
 
 def _on_sigterm(_signum: int, _frame: object) -> NoReturn:
@@ -516,8 +582,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nmedian instances/s over {args.repeats} run(s) of {args.instances} instances "
         f"(storescu, TCP_NODELAY=1, loopback, {os.cpu_count()} CPUs):\n"
     )
-    print(format_table(medians(rates), args.receivers, args.associations, skipped=skipped))
-    paired = format_paired(runs, args.receivers, args.associations)
+    print(
+        format_table(
+            medians(rates), args.receivers, args.associations, skipped=skipped, loads=args.load
+        )
+    )
+    present = [r for r in args.receivers if r not in skipped]
+    paired = format_paired(runs, present, args.associations, args.load)
     if paired:
         print("\nratios within each run (trials back to back):")
         print(paired)
@@ -530,43 +601,56 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_all(
     args: argparse.Namespace, storescu: str, files: list[Path], work: Path
 ) -> tuple[dict[Key, list[float]], dict[str, str], int, dict[RunKey, float]]:
-    """Rates per (receiver, associations), receivers skipped (and why), failed trials, and the
-    rate of each (receiver, associations, repeat) that succeeded."""
-    rates: dict[Key, list[float]] = {(r, a): [] for r in args.receivers for a in args.associations}
+    """Rates per (trial name, associations), receivers skipped (and why), failed trials, and
+    the rate of each (trial name, associations, repeat) that succeeded; a trial name is the
+    receiver's, with the load after a '+' (`trial_name`)."""
+    rates: dict[Key, list[float]] = {
+        (trial_name(r, load), a): []
+        for r in args.receivers
+        for load in args.load
+        for a in args.associations
+    }
     runs: dict[RunKey, float] = {}
     skipped: dict[str, str] = {}
     trial = failures = 0
-    # Interleaved (repeat, associations, receiver) so drift on the machine hits all alike.
+    # Interleaved (repeat, associations, receiver, load) so drift on the machine hits all alike
+    # and each receiver's loaded trial runs right after its unloaded one.
     for repeat in range(args.repeats):
         for assoc in args.associations:
-            for name in args.receivers:
-                if name in skipped:
-                    continue
-                trial += 1
-                profile = args.profile if name == "node" and assoc == 1 else None
-                try:
-                    rate = run_trial(
-                        name,
-                        storescu,
-                        files,
-                        assoc,
-                        work / f"trial-{trial}",
-                        profile=profile,
-                        cprofile=args.cprofile,
+            for receiver in args.receivers:
+                for load in args.load:
+                    if receiver in skipped:
+                        continue
+                    trial += 1
+                    name = trial_name(receiver, load)
+                    profile = args.profile if name == "node" and assoc == 1 else None
+                    try:
+                        rate, load_cpu = run_trial(
+                            receiver,
+                            storescu,
+                            files,
+                            assoc,
+                            work / f"trial-{trial}",
+                            profile=profile,
+                            cprofile=args.cprofile,
+                            load=load,
+                        )
+                    except PeerMissingError as exc:
+                        skipped[receiver] = str(exc)
+                        print(f"{receiver}: skipped, {exc}", file=sys.stderr)
+                        continue
+                    except (TrialError, RuntimeError) as exc:
+                        print(f"{name} x{assoc} run {repeat + 1}: FAILED: {exc}", file=sys.stderr)
+                        failures += 1
+                        continue
+                    finally:
+                        shutil.rmtree(work / f"trial-{trial}", ignore_errors=True)
+                    rates[(name, assoc)].append(rate)
+                    runs[(name, assoc, repeat)] = rate
+                    used = f" (the load used {load_cpu:.2f} s of CPU)" if load != "none" else ""
+                    print(
+                        f"{name:<10} {assoc} assoc run {repeat + 1}: {rate:6.0f} instances/s{used}"
                     )
-                except PeerMissingError as exc:
-                    skipped[name] = str(exc)
-                    print(f"{name}: skipped, {exc}", file=sys.stderr)
-                    continue
-                except (TrialError, RuntimeError) as exc:
-                    print(f"{name} x{assoc} run {repeat + 1}: FAILED: {exc}", file=sys.stderr)
-                    failures += 1
-                    continue
-                finally:
-                    shutil.rmtree(work / f"trial-{trial}", ignore_errors=True)
-                rates[(name, assoc)].append(rate)
-                runs[(name, assoc, repeat)] = rate
-                print(f"{name:<10} {assoc} assoc run {repeat + 1}: {rate:6.0f} instances/s")
     return rates, skipped, failures, runs
 
 

@@ -131,3 +131,56 @@ def test_ratios_within_each_run_pair_trials_of_the_same_repeat_only(bench: Modul
     assert bench.paired_ratios(runs, "node", "orthanc", 4) == []
     text = bench.format_paired(runs, ("node", "orthanc"), (1, 4))
     assert text == "node / orthanc, 1 association: per run 0.50 1.50; median 1.00x (0.50-1.50)"
+
+
+def test_loads_default_to_none_keep_their_order_and_unknown_loads_are_refused(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.parse_args([]).load == ("none",)
+    assert bench.parse_args(["--load", "engine-idle, none,engine"]).load == (
+        "none",
+        "engine",
+        "engine-idle",
+    )
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--load", "engine,gpu"])
+    assert "unknown load(s) gpu" in capsys.readouterr().err
+
+
+def test_a_loaded_trial_has_its_own_row_its_ratios_and_its_busy_over_idle(
+    bench: ModuleType,
+) -> None:
+    assert bench.trial_name("node", "none") == "node"
+    assert bench.trial_name("node", "engine") == "node+engine"
+    med = {
+        ("orthanc", 1): 200.0,
+        ("orthanc+engine", 1): 160.0,
+        ("node", 1): 250.0,
+        ("node+engine", 1): 200.0,
+    }
+    lines = bench.format_table(med, ("orthanc", "node"), (1,), loads=("none", "engine")).split("\n")
+    assert "| Orthanc (fsync per file), engine load (nice 10) | 160 |" in lines
+    assert "| ltdiff-node, engine load (nice 10) | 200 |" in lines
+    assert "| node / orthanc | 1.25x |" in lines
+    assert "| node+engine / orthanc+engine | 1.25x |" in lines
+    assert "| orthanc+engine / orthanc | 0.80x |" in lines
+    assert "| node+engine / node | 0.80x |" in lines
+    # Without an unloaded trial there is no busy / idle to print.
+    only_loaded = bench.format_table(med, ("orthanc", "node"), (1,), loads=("engine",))
+    assert "| node+engine / orthanc+engine | 1.25x |" in only_loaded
+    assert "node+engine / node" not in only_loaded
+
+
+def test_busy_over_idle_within_each_run_pairs_a_receivers_trials_of_the_same_repeat(
+    bench: ModuleType,
+) -> None:
+    runs = {
+        ("node", 1, 0): 200.0,
+        ("node+engine-idle", 1, 0): 150.0,
+        ("node", 1, 1): 100.0,
+        ("node+engine-idle", 1, 1): 90.0,
+    }
+    text = bench.format_paired(runs, ("node",), (1,), ("none", "engine-idle"))
+    assert text == (
+        "node+engine-idle / node, 1 association: per run 0.75 0.90; median 0.82x (0.75-0.90)"
+    )
