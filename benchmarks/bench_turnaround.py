@@ -387,6 +387,8 @@ class DuringTrial:
     overlap: float  # share of the second send during which the first job was still open
     #: CPU seconds each role spent during the second send (`cpu_by_role`)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    first_job_s: float = 0.0  # the first job, claimed -> finished
+    paused_s: float = 0.0  # of which its engine process was paused for reception
 
 
 CPU_ROLES = ("node process", "receiver processes", "engine processes", "Orthanc")
@@ -462,13 +464,22 @@ def during_processing_trial(
             child.stop()
         with _db(child.database) as conn:
             row = conn.execute(
-                "SELECT finished_at FROM jobs WHERE series_uid=?", (series_uid,)
+                "SELECT started_at, finished_at, summary_json FROM jobs WHERE series_uid=?",
+                (series_uid,),
             ).fetchone()
     finally:
         orthanc.stop()
     overlap = max(0.0, min(t1, float(row["finished_at"])) - t0) / (t1 - t0)
     spent = {role: after[role] - before[role] for role in CPU_ROLES}
-    return DuringTrial(len(first) / idle_s, len(second) / busy_s, overlap, spent)
+    summary = json.loads(row["summary_json"] or "{}")
+    return DuringTrial(
+        len(first) / idle_s,
+        len(second) / busy_s,
+        overlap,
+        spent,
+        first_job_s=float(row["finished_at"]) - float(row["started_at"]),
+        paused_s=float(summary.get("paused_for_reception_s", 0.0)),
+    )
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -523,6 +534,8 @@ def report(
             + ", ".join(
                 f"{role} {_stats([r.cpu_s.get(role, 0.0) for r in runs])}" for role in CPU_ROLES
             )
+            + f"; the first job took {_stats([r.first_job_s for r in runs])} s, paused for "
+            f"reception {_stats([r.paused_s for r in runs])} s of it"
         )
     return "\n".join(lines)
 

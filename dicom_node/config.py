@@ -116,6 +116,10 @@ class JobsConfig:
     # read ahead of its job (engine/read_ahead.py); 0 turns reading ahead off; None (unset):
     # DEFAULT_READ_AHEAD_MB, at most a quarter of memory_max_mb.
     read_ahead_mb: int | None = None
+    # Reception first (dicom_node/reception_first.py): a running job's engine process is paused
+    # while instances arrive, at most this many seconds per job in all (then it runs to the end
+    # whatever arrives); 0 never pauses. The pauses do not count against timeout_s.
+    reception_first_s: float = 60.0
 
     @property
     def read_ahead_bytes(self) -> int:
@@ -693,6 +697,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path()) -> NodeConfig
         ),
         engine_nice=jt.integer("engine_nice", JobsConfig.engine_nice, 0, 19),
         read_ahead_mb=jt.integer_or_none("read_ahead_mb", 0, 10**6),
+        reception_first_s=jt.number(
+            "reception_first_s", JobsConfig.reception_first_s, 0.0, 86400.0
+        ),
     )
     jt.reject_unknown()
     if 0 < jobs.memory_max_mb < 256:

@@ -48,6 +48,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import BUILTIN_FALLBACK, EngineConfig, NodeConfig
 from dicom_node.logs import configure_process, get_logger, safe_error_text
+from dicom_node.reception_first import LastInstanceAt, PauseAction, ReceptionPause
 from engine.cpu_threads import share_cpus
 from engine.derived import DerivedSeriesOptions
 from engine.envelope_policy import (
@@ -473,13 +474,24 @@ def resident_bytes(pid: int) -> int | None:
 class EngineProcess:
     """One worker's engine process: started on demand, watched while it runs a job."""
 
-    def __init__(self, config: NodeConfig, device: str, name: str) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        device: str,
+        name: str,
+        last_instance_at: LastInstanceAt | None = None,
+    ) -> None:
         self.config = config
         self.device = device
         self.name = name
+        # When the node last received an instance: a running job pauses while reception is
+        # active (dicom_node/reception_first.py); None: never pauses.
+        self.last_instance_at = last_instance_at
         self._proc: Any = None  # multiprocessing.Process of the fork-server context
         self._conn: Connection | None = None
+        self._stopped = False  # the engine process is paused (SIGSTOP) for reception
         self.peak_rss = 0
+        self.pause: ReceptionPause | None = None  # the current (or last) job's pauses
 
     @property
     def pid(self) -> int | None:
@@ -533,13 +545,45 @@ class EngineProcess:
         if conn is None:
             raise EngineError("the engine process has no connection")
         limit = self.config.jobs.memory_max_mb << 20
-        deadline = time.monotonic() + self.config.jobs.timeout_s
+        started = time.monotonic()
         self.peak_rss = 0
+        pause = self.pause = ReceptionPause(self.config.jobs.reception_first_s)
         try:
             conn.send(job)
         except OSError:
             return self._crashed(f"the engine process is gone (exit code {proc.exitcode})")
+        try:
+            outcome = self._watch(
+                job,
+                proc=proc,
+                conn=conn,
+                stop=stop,
+                on_written=on_written,
+                started=started,
+                limit=limit,
+                pause=pause,
+            )
+        finally:
+            self._continue()  # a result can come in just before a pause
+        if isinstance(outcome, EngineResult) and pause.pauses:
+            # processing_ms (wall time in the engine process) includes these pauses
+            outcome.summary["paused_for_reception_s"] = round(pause.paused_s(time.monotonic()), 3)
+        return outcome
+
+    def _watch(
+        self,
+        job: EngineJob,
+        *,
+        proc: Any,
+        conn: Connection,
+        stop: threading.Event,
+        on_written: Callable[[tuple[OutputFile, ...]], None] | None,
+        started: float,
+        limit: int,
+        pause: ReceptionPause,
+    ) -> EngineOutcome:
         while True:
+            self._pause_for_reception(pause, job)
             try:
                 if conn.poll(_POLL_S):
                     message: EngineResult | EngineFailure | EngineProgress = conn.recv()
@@ -561,7 +605,9 @@ class EngineProcess:
                     f"engine process killed: resident memory {rss >> 20} MB above "
                     f"jobs.memory_max_mb = {limit >> 20}"
                 )
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            # The time paused for reception does not count against jobs.timeout_s.
+            if now - started - pause.paused_s(now) > self.config.jobs.timeout_s:
                 self._kill()
                 return self._crashed(
                     f"engine process killed: the job ran longer than jobs.timeout_s = "
@@ -571,6 +617,28 @@ class EngineProcess:
                 self._kill()
                 self._forget()
                 return EngineInterrupted()
+
+    def _pause_for_reception(self, pause: ReceptionPause, job: EngineJob) -> None:
+        """Stop (SIGSTOP) or continue (SIGCONT) the engine process as `pause` says."""
+        if self.last_instance_at is None or pause.budget_s <= 0:
+            return
+        action = pause.update(time.monotonic(), self.last_instance_at())
+        if action is PauseAction.PAUSE:
+            self._signal(signal.SIGSTOP)
+            self._stopped = True
+            log.debug("engine_process.paused_for_reception", worker=self.name, job=job.job_id)
+        elif action is PauseAction.RESUME:
+            self._continue()
+
+    def _signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(self._proc.pid, signum)
+
+    def _continue(self) -> None:
+        """Continue a paused engine process (before it is told to stop, killed or asked)."""
+        if self._stopped and self._proc is not None:
+            self._signal(signal.SIGCONT)
+        self._stopped = False
 
     def hint_read_ahead(self, hint: ReadAheadHint) -> bool:
         """Between jobs: pass the engine process files to read ahead (no answer comes back).
@@ -593,6 +661,7 @@ class EngineProcess:
         proc = self._proc
         if proc is None or not proc.is_alive():
             return
+        self._continue()
         proc.terminate()
         proc.join(_STOP_GRACE_S)
         if proc.is_alive():
@@ -609,6 +678,7 @@ class EngineProcess:
         proc, conn = self._proc, self._conn
         if proc is None:
             return
+        self._continue()
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.send(None)

@@ -138,6 +138,9 @@ class NodeMetrics:
         self.registry = CollectorRegistry()
         # Called before each exposition: applies what receiver processes reported (receivers.py)
         self.refresh: Callable[[], None] | None = None
+        # time.monotonic() of the last instance received (any status), None before the first:
+        # running jobs pause while reception is active (dicom_node/reception_first.py)
+        self.last_instance_at: float | None = None
         ProcessCollector(registry=self.registry)  # process_* : CPU, resident memory, open files
         Info("ltdiff_node_build", "The running ltdiff-node.", registry=self.registry).info(
             {"version": version}
@@ -200,6 +203,7 @@ class NodeMetrics:
                 self.engine_fallbacks.labels(route.name, route.engine, outcome.value)
 
     def instance_received(self, status: int, *, duplicate: bool = False) -> None:
+        self.last_instance_at = time.monotonic()
         self.instances_received.labels(DUPLICATE if duplicate else status_label(status)).inc()
 
     def association_rejected(self, reason: RejectionReason) -> None:

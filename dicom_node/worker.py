@@ -113,7 +113,9 @@ class EngineWorker(threading.Thread):
         self.stop_event = stop
         self.wake = wake
         self.on_done = on_done
-        self.engine = EngineProcess(config, device, self.name)
+        self.engine = EngineProcess(
+            config, device, self.name, last_instance_at=lambda: self.metrics.last_instance_at
+        )
         self._low_disk = _Condition(self.name, "worker.waiting_for_disk", "worker.disk_available")
         self._db_down = _Condition(
             self.name, "worker.database_unavailable", "worker.database_available"

@@ -32,6 +32,7 @@ def test_benchmark_prints_the_stages_the_floor_and_reception_while_processing(
     assert re.search(r"busy / idle [\d.]+ ", out), out
     for role in ("node process", "receiver processes", "engine processes", "Orthanc"):
         assert re.search(rf"CPU s during the second send: .*{role} [\d.]+ ", out), out
+    assert re.search(r"the first job took [\d.]+ .* paused for reception [\d.]+ ", out), out
     assert list(tmp_path.iterdir()) == [], "work folder left behind"
 
 

@@ -317,3 +317,10 @@ def test_association_close_delay_defaults_to_5_s_and_stays_below_the_network_tim
     assert short.association_close_delay_s == 2.0, "the default never reaches the timeout"
     (off,) = parse_config({"destinations": [_dest(association_close_delay_s=0)]}).destinations
     assert off.association_close_delay_s == 0.0
+
+
+def test_reception_first_defaults_to_a_minute_a_job_and_zero_turns_it_off():
+    assert parse_config({}).jobs.reception_first_s == 60.0
+    assert parse_config({"jobs": {"reception_first_s": 0}}).jobs.reception_first_s == 0.0
+    with pytest.raises(ConfigError, match=re.escape("jobs.reception_first_s = -1: expected")):
+        parse_config({"jobs": {"reception_first_s": -1}})

@@ -498,3 +498,15 @@ def test_alert_rules_are_a_prometheus_rule_file_on_metrics_the_node_exports(tmp_
         'up{job="ltdiff-node"}',
     ):
         assert needed in exprs, f"an alert on {needed}"
+
+
+def test_every_instance_received_marks_when_reception_was_last_active() -> None:
+    """Running jobs pause while reception is active (dicom_node/reception_first.py): any
+    instance counts, a refused or duplicate one too."""
+    metrics = NodeMetrics()
+    assert metrics.last_instance_at is None
+    for status, duplicate in ((statuses.OUT_OF_RESOURCES, False), (statuses.SUCCESS, True)):
+        before = time.monotonic()
+        metrics.instance_received(status, duplicate=duplicate)
+        assert metrics.last_instance_at is not None
+        assert before <= metrics.last_instance_at <= time.monotonic()
