@@ -491,7 +491,6 @@ class EngineProcess:
         self._conn: Connection | None = None
         self._stopped = False  # the engine process is paused (SIGSTOP) for reception
         self.peak_rss = 0
-        self.pause: ReceptionPause | None = None  # the current (or last) job's pauses
 
     @property
     def pid(self) -> int | None:
@@ -547,7 +546,7 @@ class EngineProcess:
         limit = self.config.jobs.memory_max_mb << 20
         started = time.monotonic()
         self.peak_rss = 0
-        pause = self.pause = ReceptionPause(self.config.jobs.reception_first_s)
+        pause = ReceptionPause(self.config.jobs.reception_first_s)
         try:
             conn.send(job)
         except OSError:
@@ -583,9 +582,14 @@ class EngineProcess:
         pause: ReceptionPause,
     ) -> EngineOutcome:
         while True:
-            self._pause_for_reception(pause, job)
+            self._pause_for_reception(pause, job, conn)
             try:
-                if conn.poll(_POLL_S):
+                if self._stopped:
+                    # Never read from a stopped engine process: a message it was writing may
+                    # be incomplete, and recv() would wait for the rest, which cannot come
+                    # until this thread continues the process.
+                    stop.wait(_POLL_S)
+                elif conn.poll(_POLL_S):
                     message: EngineResult | EngineFailure | EngineProgress = conn.recv()
                     if not isinstance(message, EngineProgress):
                         return message
@@ -618,9 +622,12 @@ class EngineProcess:
                 self._forget()
                 return EngineInterrupted()
 
-    def _pause_for_reception(self, pause: ReceptionPause, job: EngineJob) -> None:
-        """Stop (SIGSTOP) or continue (SIGCONT) the engine process as `pause` says."""
+    def _pause_for_reception(self, pause: ReceptionPause, job: EngineJob, conn: Connection) -> None:
+        """Stop (SIGSTOP) or continue (SIGCONT) the engine process as `pause` says; never stop
+        it while a message from it waits to be read (it may be the result, or half of it)."""
         if self.last_instance_at is None or pause.budget_s <= 0:
+            return
+        if not self._stopped and conn.poll(0):
             return
         action = pause.update(time.monotonic(), self.last_instance_at())
         if action is PauseAction.PAUSE:
@@ -631,8 +638,9 @@ class EngineProcess:
             self._continue()
 
     def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, TypeError):
-            os.kill(self._proc.pid, signum)
+        if self._proc is not None and self._proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signum)
 
     def _continue(self) -> None:
         """Continue a paused engine process (before it is told to stop, killed or asked)."""

@@ -5,8 +5,10 @@ stopped while instances arrive, continues once reception is quiet or its budget
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from pydicom import dcmread
@@ -19,6 +21,7 @@ from dicom_node.engine_host import (
     EngineJob,
     EngineOutcome,
     EngineProcess,
+    EngineProgress,
     EngineResult,
 )
 from dicom_node.metrics import NodeMetrics
@@ -159,3 +162,53 @@ def test_the_worker_pauses_its_jobs_on_what_the_nodes_metrics_received(tmp_path)
         assert worker.engine.last_instance_at() == metrics.last_instance_at
     finally:
         store.close()
+
+
+def _answers_with_a_long_result(conn: Connection) -> None:
+    """A stand-in engine process: one chunk written, then a result larger than a pipe holds
+    (a 300-slice series' result is some 60 KB), so it is still writing when the node looks."""
+    conn.recv()
+    conn.send(EngineProgress(()))
+    conn.send(EngineResult((), "1.2.3", {"padding": "x" * 400_000}))
+    conn.recv()  # until the node closes it
+
+
+def test_a_result_being_written_when_reception_starts_is_read_whole(tmp_path):
+    """Stopping the engine process halfway through a message and then reading it would wait
+    for ever: the rest can only come once the same thread continues the process. (If the
+    node stopped it anyway, the job would end after the 2 s budget at best.)"""
+    config = _config(tmp_path, budget_s=2.0)
+    reception = _Reception()
+    reception.active = False
+    engine = EngineProcess(config, "cpu", "reception-half", reception.last_instance_at)
+    parent_conn, child_conn = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(
+        target=_answers_with_a_long_result, args=(child_conn,), daemon=True
+    )
+    child.start()
+    child_conn.close()
+    engine._proc, engine._conn = child, parent_conn
+
+    def reception_starts(_outputs: object) -> None:
+        # Once the result's first bytes are in, its writer is blocked halfway (400 KB is more
+        # than the socket holds) until the node reads: that is when reception starts.
+        wait_until(lambda: parent_conn.poll(0), 60, "the result to start")
+        reception.active = True
+
+    job = EngineJob(1, "linear", ("unused",), str(tmp_path / "out"))
+    done: list[EngineOutcome] = []
+    thread = threading.Thread(
+        target=lambda: done.append(engine.run(job, threading.Event(), reception_starts)),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        thread.join(60)
+        assert done, "the node waited for the rest of a message from a stopped process"
+        (outcome,) = done
+        assert isinstance(outcome, EngineResult)
+        assert len(outcome.summary["padding"]) == 400_000
+        assert "paused_for_reception_s" not in outcome.summary, "not stopped while it wrote"
+    finally:
+        engine.close()
+        child.join(10)
