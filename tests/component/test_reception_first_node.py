@@ -99,28 +99,26 @@ def test_a_job_is_stopped_while_reception_is_active_and_finishes_once_it_is_quie
         engine.close()
 
 
-def test_a_sender_that_never_stops_delays_a_job_by_the_budget_only(tmp_path):
-    config = _config(tmp_path, budget_s=0.5)
+def _run_while_always_receiving(tmp_path: Path, budget_s: float) -> EngineResult:
+    config = _config(tmp_path, budget_s=budget_s)
     engine = EngineProcess(config, "cpu", "reception-budget", _Reception().last_instance_at)
     engine.start()
     try:
         outcome = _Running(engine, _job(tmp_path, config), threading.Event()).result()
-        assert isinstance(outcome, EngineResult), outcome
-        assert 0.5 <= outcome.summary["paused_for_reception_s"] < 5.0
     finally:
         engine.close()
+    assert isinstance(outcome, EngineResult), outcome
+    return outcome
+
+
+def test_a_sender_that_never_stops_delays_a_job_by_the_budget_only(tmp_path):
+    outcome = _run_while_always_receiving(tmp_path, budget_s=0.5)
+    assert 0.5 <= outcome.summary["paused_for_reception_s"] < 5.0
 
 
 def test_a_budget_of_zero_never_stops_the_engine_process(tmp_path):
-    config = _config(tmp_path, budget_s=0.0)
-    engine = EngineProcess(config, "cpu", "reception-off", _Reception().last_instance_at)
-    engine.start()
-    try:
-        outcome = _Running(engine, _job(tmp_path, config), threading.Event()).result()
-        assert isinstance(outcome, EngineResult), outcome
-        assert "paused_for_reception_s" not in outcome.summary
-    finally:
-        engine.close()
+    outcome = _run_while_always_receiving(tmp_path, budget_s=0.0)
+    assert "paused_for_reception_s" not in outcome.summary
 
 
 def test_a_stopped_engine_process_is_killed_when_the_node_stops(tmp_path):
