@@ -153,25 +153,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _receivers(text: str) -> tuple[str, ...]:
+def _choices(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Comma-separated names out of `known`, in `known`'s order (the table's), no repeats."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in RECEIVERS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown receiver(s) {','.join(unknown) or '(none)'}; "
-            f"choose from {','.join(RECEIVERS)}"
+            f"unknown {what}(s) {','.join(unknown) or '(none)'}; choose from {','.join(known)}"
         )
-    return tuple(n for n in RECEIVERS if n in names)  # table order, no repeats
+    return tuple(n for n in known if n in names)
+
+
+def _receivers(text: str) -> tuple[str, ...]:
+    return _choices(text, RECEIVERS, "receiver")
 
 
 def _loads(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in LOADS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown load(s) {','.join(unknown) or '(none)'}; choose from {','.join(LOADS)}"
-        )
-    return tuple(n for n in LOADS if n in names)
+    return _choices(text, LOADS, "load")
 
 
 def trial_name(receiver: str, load: str) -> str:

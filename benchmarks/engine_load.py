@@ -27,8 +27,6 @@ from bench_receive import process_stat
 
 from dicom_node.config import JobsConfig
 
-STARTUP_TIMEOUT_S = 120
-
 
 @dataclass
 class EngineLoad:
@@ -42,13 +40,10 @@ class EngineLoad:
         stat = process_stat(self.proc.pid)
         return 0.0 if stat is None else stat[1] - self.cpu_at_ready
 
-    def stop(self) -> float:
-        """Kill it; the CPU seconds it used since it was ready."""
-        used = self.cpu_s()
+    def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        return used
 
 
 def start_engine_load(
